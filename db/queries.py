@@ -1,0 +1,142 @@
+"""Read models for the CLI: worklist rows and a study's full record, as plain JSON-ready dicts.
+
+Keys follow SPEC.md (``study_uid``, ``status``, ``reason``, ``probability``, ...). No patient
+name, ID or birth date is stored, so none can be shown.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session, selectinload
+
+from db.models import Delivery, Instance, Output, Series, Study
+
+
+def _iso(value: datetime | None) -> str | None:
+    return value.isoformat() if value else None
+
+
+def _outputs(study: Study, latest_only: bool) -> list[dict[str, Any]]:
+    rows: list[dict[str, Any]] = []
+    for output in study.outputs:
+        if latest_only and output.generation != study.generation:
+            continue
+        for delivery in output.deliveries:
+            rows.append({"sop_instance_uid": output.sop_instance_uid, "kind": output.kind,
+                         "destination": delivery.destination, "state": delivery.state,
+                         "status_code": delivery.status_code, "attempts": delivery.attempts,
+                         "generation": output.generation, "path": output.path,
+                         "acknowledged_at": _iso(delivery.acknowledged_at),
+                         "error": delivery.error})
+        if not output.deliveries:
+            rows.append({"sop_instance_uid": output.sop_instance_uid, "kind": output.kind,
+                         "destination": None, "state": "stored", "status_code": None,
+                         "attempts": 0, "generation": output.generation, "path": output.path,
+                         "acknowledged_at": None, "error": None})
+    return rows
+
+
+def _row(study: Study, instances: int) -> dict[str, Any]:
+    return {
+        "study_uid": study.study_uid,
+        "status": study.status,
+        "reason": study.reason,
+        "probability": study.probability,
+        "positive": study.positive,
+        "threshold": study.threshold,
+        "priority": study.priority,
+        "model_version": study.model_version,
+        "instances": instances,
+        "calling_ae": study.calling_ae,
+        "accession_number": study.accession_number,
+        "generation": study.generation,
+        "attempts": study.attempts,
+        "first_instance_at": _iso(study.first_instance_at),
+        "last_instance_at": _iso(study.last_instance_at),
+        "completed_at": _iso(study.completed_at),
+        "queued_at": _iso(study.queued_at),
+        "analysis_started_at": _iso(study.analysis_started_at),
+        "analysed_at": _iso(study.analysed_at),
+        "delivered_at": _iso(study.delivered_at),
+        "outputs": _outputs(study, latest_only=True),
+    }
+
+
+def _instance_counts(session: Session, study_ids: Sequence[int]) -> dict[int, int]:
+    if not study_ids:
+        return {}
+    rows = session.execute(
+        select(Instance.study_id, func.count())
+        .where(Instance.study_id.in_(study_ids))
+        .group_by(Instance.study_id)
+    ).all()
+    return {study_id: count for study_id, count in rows}
+
+
+def worklist_rows(
+    session: Session, *, status: str | None = None, limit: int | None = None
+) -> list[dict[str, Any]]:
+    """Studies, urgent first; ties by time waiting (oldest first)."""
+    query = (
+        select(Study)
+        .options(selectinload(Study.outputs).selectinload(Output.deliveries))
+        .order_by(Study.priority.desc(), Study.first_instance_at.asc(), Study.id)
+    )
+    if status:
+        query = query.where(Study.status == status)
+    if limit:
+        query = query.limit(limit)
+    studies = session.scalars(query).all()
+    counts = _instance_counts(session, [s.id for s in studies])
+    return [_row(study, counts.get(study.id, 0)) for study in studies]
+
+
+def find_study(session: Session, study_uid: str) -> Study | None:
+    return session.scalar(select(Study).where(Study.study_uid == study_uid))
+
+
+def study_detail(session: Session, study_uid: str) -> dict[str, Any] | None:
+    """Everything about one study: series, result, outputs of every analysis, events."""
+    study = session.scalar(
+        select(Study)
+        .where(Study.study_uid == study_uid)
+        .options(selectinload(Study.outputs).selectinload(Output.deliveries),
+                 selectinload(Study.events), selectinload(Study.series))
+    )
+    if study is None:
+        return None
+    counts = dict(
+        session.execute(
+            select(Instance.series_id, func.count())
+            .where(Instance.study_id == study.id)
+            .group_by(Instance.series_id)
+        ).all()
+    )
+    detail = _row(study, sum(counts.values()))
+    detail["series"] = [
+        {"series_uid": s.series_uid, "modality": s.modality, "series_number": s.series_number,
+         "description": s.description, "instances": counts.get(s.id, 0),
+         "analysed": s.series_uid == study.analysed_series_uid}
+        for s in study.series
+    ]
+    detail["analysed_series_uid"] = study.analysed_series_uid
+    detail["slice_probabilities"] = study.slice_probabilities
+    detail["timings"] = study.timings
+    detail["all_outputs"] = _outputs(study, latest_only=False)
+    detail["events"] = [
+        {"at": _iso(e.at), "from": e.from_status, "to": e.to_status, "detail": e.detail}
+        for e in study.events
+    ]
+    return detail
+
+
+def delivery_count(session: Session) -> int:
+    return int(session.scalar(select(func.count()).select_from(Delivery)) or 0)
+
+
+def series_count(session: Session) -> int:
+    return int(session.scalar(select(func.count()).select_from(Series)) or 0)

@@ -1,0 +1,43 @@
+"""What the listener and the workers agree on about the broker: task names, queues, settings.
+
+The broker carries only study ids; everything else is read from the worklist. Celery is
+configured here (not in ``worker``) so that the listener can publish without importing the worker.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from db.settings import Settings
+
+TRIAGE_TASK = "hrct.triage_study"
+DELIVER_TASK = "hrct.deliver_study"
+TASK_FOR_OUTBOX = {"triage": TRIAGE_TASK, "deliver": DELIVER_TASK}
+QUEUE = "hrct"
+
+
+def celery_config(settings: Settings) -> dict[str, Any]:
+    """Celery settings shared by the publisher (listener) and the consumers (workers)."""
+    return {
+        "broker_url": settings.resolved_broker_url,
+        "task_default_queue": QUEUE,
+        # No result backend: outcomes are recorded in the worklist, not in the broker.
+        "task_ignore_result": True,
+        "result_backend": None,
+        # A message is acknowledged only when its task has run, and given back when the worker
+        # process dies, so a killed worker loses nothing; the worklist claim makes a second
+        # delivery harmless.
+        "task_acks_late": True,
+        "task_reject_on_worker_lost": True,
+        # One study at a time per worker process: a GPU worker should not hoard queued studies.
+        "worker_prefetch_multiplier": 1,
+        "worker_hijack_root_logger": False,
+        "broker_connection_retry_on_startup": True,
+        # Publishing must not hang the listener when the broker is down: the outbox keeps the
+        # message and the dispatcher tries again on its next round.
+        "task_publish_retry_policy": {"max_retries": 2, "interval_start": 0.2,
+                                      "interval_step": 0.5, "interval_max": 1.0},
+        # Redis: a message not acknowledged within the lease is handed to another worker.
+        "broker_transport_options": {"visibility_timeout": int(settings.lease_seconds) + 60,
+                                     "polling_interval": 0.5},
+    }

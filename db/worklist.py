@@ -1,0 +1,599 @@
+"""The named state transitions of a study.
+
+Every function here runs inside the caller's transaction (``db.session.transaction``) and never
+commits by itself, so a state change and the outbox row announcing it land together or not at all.
+The contract each transition keeps:
+
+* ``record_instance``: the instance row exists when it returns; an identical resend changes
+  nothing; a new or changed instance of a study that was already complete re-opens it.
+* ``complete_ready_studies``: a study moves to ``queued`` only after the quiet period and only when
+  no open association has fed it; the same transaction writes its ``triage`` outbox row.
+* ``claim``: at most one worker holds a study at a time; a lease that lapses (worker killed) lets
+  another take it. Everything a worker records afterwards is checked against its claim token, so
+  a superseded analysis records nothing.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from enum import Enum
+from typing import Any
+
+from sqlalchemy import and_, exists, or_, select, update
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.orm import Session
+
+from db.models import (
+    Association,
+    Delivery,
+    DeliveryState,
+    Event,
+    Instance,
+    OutboxRow,
+    Output,
+    Series,
+    Study,
+    StudyStatus,
+)
+from db.priority import priority_for
+
+TRIAGE = "triage"
+DELIVER = "deliver"
+
+_ANSWERED = (StudyStatus.DONE, StudyStatus.FAILED, StudyStatus.NOT_APPLICABLE)
+
+
+class Recorded(Enum):
+    NEW = "new"
+    IDENTICAL = "identical"  # same SOP Instance UID, same bytes: nothing changed
+    REPLACED = "replaced"  # same SOP Instance UID, different bytes: newest kept
+
+
+@dataclass(frozen=True)
+class InstanceFacts:
+    """What the listener learned from one stored instance (no patient identifiers)."""
+
+    study_uid: str
+    series_uid: str
+    sop_instance_uid: str
+    sop_class_uid: str
+    transfer_syntax_uid: str
+    path: str
+    size_bytes: int
+    sha256: str
+    modality: str | None = None
+    series_number: int | None = None
+    series_description: str | None = None
+    accession_number: str | None = None
+    calling_ae: str | None = None
+
+
+@dataclass(frozen=True)
+class Claim:
+    """A worker's hold on one analysis of a study."""
+
+    study_id: int
+    study_uid: str
+    token: str
+    generation: int
+    attempts: int
+
+
+@dataclass(frozen=True)
+class OutputRecord:
+    kind: str
+    sop_instance_uid: str
+    sop_class_uid: str
+    series_uid: str
+    path: str
+
+
+@dataclass(frozen=True)
+class AnalysisRecord:
+    probability: float
+    positive: bool
+    threshold: float
+    model_version: str
+    series_uid: str
+    slice_probabilities: list[Any]
+    timings: dict[str, float]
+
+
+def _transition(
+    session: Session, study: Study, to_status: str, now: datetime, detail: str | None = None
+) -> None:
+    session.add(
+        Event(study_id=study.id, at=now, from_status=study.status, to_status=to_status,
+              detail=detail)
+    )
+    study.status = to_status
+    study.priority = priority_for(to_status, study.positive, study.probability)
+
+
+def _insert_ignore(session: Session, model: type[Any], values: dict[str, Any]) -> None:
+    """INSERT that does nothing when a unique key already exists (two associations racing)."""
+    dialect = session.get_bind().dialect.name
+    module: Any = postgresql if dialect == "postgresql" else sqlite
+    session.execute(module.insert(model).values(**values).on_conflict_do_nothing())
+
+
+# --- associations -------------------------------------------------------------------------
+
+
+def open_association(
+    session: Session,
+    *,
+    calling_ae: str,
+    called_ae: str,
+    peer_address: str,
+    peer_port: int,
+    now: datetime,
+    state: str = "open",
+    rejection_reason: str | None = None,
+) -> int:
+    row = Association(
+        calling_ae=calling_ae[:16], called_ae=called_ae[:16], peer_address=peer_address,
+        peer_port=peer_port, state=state, started_at=now, rejection_reason=rejection_reason,
+        ended_at=now if state != "open" else None,
+    )
+    session.add(row)
+    session.flush()
+    return row.id
+
+
+def close_association(session: Session, association_id: int, *, state: str, now: datetime) -> None:
+    session.execute(
+        update(Association)
+        .where(Association.id == association_id, Association.state == "open")
+        .values(state=state, ended_at=now)
+    )
+
+
+def count_store(session: Session, association_id: int | None, *, size: int, ok: bool) -> None:
+    if association_id is None:
+        return
+    values: dict[str, Any] = (
+        {"instances": Association.instances + 1, "bytes": Association.bytes + size}
+        if ok
+        else {"failures": Association.failures + 1}
+    )
+    session.execute(update(Association).where(Association.id == association_id).values(**values))
+
+
+def close_orphaned_associations(session: Session, *, now: datetime) -> int:
+    """At listener start: associations still 'open' belonged to a process that died."""
+    result = session.execute(
+        update(Association).where(Association.state == "open").values(state="orphaned", ended_at=now)
+    )
+    return int(getattr(result, "rowcount", 0) or 0)
+
+
+# --- ingest -------------------------------------------------------------------------------
+
+
+def record_instance(
+    session: Session, facts: InstanceFacts, *, association_id: int | None, now: datetime
+) -> Recorded:
+    existing = session.scalar(
+        select(Instance).where(Instance.sop_instance_uid == facts.sop_instance_uid)
+    )
+    if existing is not None and existing.sha256 == facts.sha256:
+        return Recorded.IDENTICAL
+
+    _insert_ignore(session, Study, {"study_uid": facts.study_uid, "status": StudyStatus.RECEIVING,
+                                    "priority": priority_for(StudyStatus.RECEIVING, None, None),
+                                    "generation": 0, "attempts": 0, "updated_at": now})
+    study = session.scalars(
+        select(Study).where(Study.study_uid == facts.study_uid).with_for_update()
+    ).one()
+    _insert_ignore(session, Series, {"study_id": study.id, "series_uid": facts.series_uid,
+                                     "modality": facts.modality,
+                                     "series_number": facts.series_number,
+                                     "description": (facts.series_description or "")[:64]})
+    series = session.scalars(select(Series).where(Series.series_uid == facts.series_uid)).one()
+
+    if existing is None:
+        outcome = Recorded.NEW
+        session.add(
+            Instance(
+                study_id=study.id, series_id=series.id, association_id=association_id,
+                sop_instance_uid=facts.sop_instance_uid, sop_class_uid=facts.sop_class_uid,
+                transfer_syntax_uid=facts.transfer_syntax_uid, path=facts.path,
+                size_bytes=facts.size_bytes, sha256=facts.sha256, received_at=now,
+            )
+        )
+    else:
+        outcome = Recorded.REPLACED
+        existing.association_id = association_id
+        existing.transfer_syntax_uid = facts.transfer_syntax_uid
+        existing.sop_class_uid = facts.sop_class_uid
+        existing.path = facts.path
+        existing.size_bytes = facts.size_bytes
+        existing.sha256 = facts.sha256
+        existing.received_at = now
+
+    if study.first_instance_at is None:
+        study.first_instance_at = now
+    study.last_instance_at = now
+    study.calling_ae = facts.calling_ae or study.calling_ae
+    study.accession_number = facts.accession_number or study.accession_number
+    if study.status != StudyStatus.RECEIVING:
+        detail = (
+            "instance replaced with different content" if outcome is Recorded.REPLACED
+            else "instance arrived after completion"
+        )
+        study.claim_token = None
+        _transition(session, study, StudyStatus.RECEIVING, now, f"{detail}; will analyse again")
+    session.flush()
+    return outcome
+
+
+def complete_ready_studies(session: Session, *, quiet_seconds: float, now: datetime) -> list[int]:
+    """Queue every study whose quiet period has passed and that no open association feeds."""
+    fed_by_open_association = exists().where(
+        Instance.study_id == Study.id,
+        Instance.association_id == Association.id,
+        Association.state == "open",
+    )
+    ready = session.scalars(
+        select(Study)
+        .where(
+            Study.status == StudyStatus.RECEIVING,
+            Study.last_instance_at <= now - timedelta(seconds=quiet_seconds),
+            ~fed_by_open_association,
+        )
+        .with_for_update(skip_locked=True)
+    ).all()
+    for study in ready:
+        _queue(session, study, now, f"quiet for {quiet_seconds:g} s")
+        study.completed_at = now
+    return [study.id for study in ready]
+
+
+def _queue(session: Session, study: Study, now: datetime, detail: str) -> None:
+    study.generation += 1
+    study.attempts = 0
+    study.claim_token = None
+    study.lease_until = None
+    study.reason = None
+    study.queued_at = now
+    _retire_outbox(session, study.id)
+    session.add(OutboxRow(study_id=study.id, task=TRIAGE, generation=study.generation,
+                          created_at=now))
+    _transition(session, study, StudyStatus.QUEUED, now, detail)
+
+
+def _retire_outbox(session: Session, study_id: int, task: str | None = None) -> None:
+    where = [OutboxRow.study_id == study_id, OutboxRow.done_at.is_(None)]
+    if task is not None:
+        where.append(OutboxRow.task == task)
+    session.execute(update(OutboxRow).where(*where).values(done_at=OutboxRow.created_at))
+
+
+# --- the outbox -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Publication:
+    outbox_id: int
+    study_id: int
+    task: str
+
+
+def due_publications(
+    session: Session, *, now: datetime, republish_seconds: float, limit: int = 100
+) -> list[Publication]:
+    """Outbox rows to hand to the broker now: never published, or published long ago and still
+    not taken (a broker that lost the message, a worker that died holding it)."""
+    stale = now - timedelta(seconds=republish_seconds)
+    rows = session.execute(
+        select(OutboxRow, Study)
+        .join(Study, Study.id == OutboxRow.study_id)
+        .where(
+            OutboxRow.done_at.is_(None),
+            or_(OutboxRow.not_before.is_(None), OutboxRow.not_before <= now),
+            or_(OutboxRow.published_at.is_(None), OutboxRow.published_at <= stale),
+        )
+        .order_by(Study.priority.desc(), OutboxRow.id)
+        .limit(limit)
+    ).all()
+    due: list[Publication] = []
+    for row, study in rows:
+        wanted = StudyStatus.DELIVERING if row.task == DELIVER else StudyStatus.QUEUED
+        lease_lapsed = (
+            row.task == TRIAGE
+            and study.status == StudyStatus.PROCESSING
+            and (study.lease_until is None or study.lease_until <= now)
+        )
+        if row.generation != study.generation or (study.status != wanted and not lease_lapsed):
+            if study.status != StudyStatus.PROCESSING:
+                row.done_at = now  # overtaken: nothing left for this row to announce
+            continue
+        due.append(Publication(row.id, study.id, row.task))
+    return due
+
+
+def mark_published(session: Session, outbox_ids: Iterable[int], *, now: datetime) -> None:
+    ids = list(outbox_ids)
+    if ids:
+        session.execute(
+            update(OutboxRow)
+            .where(OutboxRow.id.in_(ids))
+            .values(published_at=now, publish_count=OutboxRow.publish_count + 1)
+        )
+
+
+# --- analysis -------------------------------------------------------------------------------
+
+
+def claim(
+    session: Session, study_id: int, *, worker: str, lease_seconds: float, now: datetime
+) -> Claim | None:
+    """Take the study for analysis, or return None when it is not ours to take."""
+    token = str(uuid.uuid4())
+    result = session.execute(
+        update(Study)
+        .where(
+            Study.id == study_id,
+            or_(
+                Study.status == StudyStatus.QUEUED,
+                and_(Study.status == StudyStatus.PROCESSING, Study.lease_until <= now),
+            ),
+        )
+        .values(
+            claim_token=token, claimed_by=worker[:200],
+            lease_until=now + timedelta(seconds=lease_seconds),
+            attempts=Study.attempts + 1, analysis_started_at=now,
+        )
+        .execution_options(synchronize_session=False)
+    )
+    if getattr(result, "rowcount", 0) != 1:
+        return None
+    study = session.get(Study, study_id, populate_existing=True)
+    assert study is not None
+    retaken = study.status == StudyStatus.PROCESSING
+    _transition(session, study, StudyStatus.PROCESSING, now,
+                f"{'lease lapsed; ' if retaken else ''}attempt {study.attempts} by {worker}")
+    return Claim(study.id, study.study_uid, token, study.generation, study.attempts)
+
+
+def _held(session: Session, claim: Claim) -> Study | None:
+    return session.scalars(
+        select(Study)
+        .where(Study.id == claim.study_id, Study.claim_token == claim.token,
+               Study.status == StudyStatus.PROCESSING)
+        .with_for_update()
+    ).one_or_none()
+
+
+def analysis_inputs(session: Session, study_id: int) -> list[tuple[str, str]]:
+    """(path, SOP Class UID) of every instance of the study, for series selection."""
+    rows = session.execute(
+        select(Instance.path, Instance.sop_class_uid)
+        .where(Instance.study_id == study_id)
+        .order_by(Instance.id)
+    ).all()
+    return [(path, sop_class) for path, sop_class in rows]
+
+
+def finish_analysis(
+    session: Session,
+    claim: Claim,
+    *,
+    analysis: AnalysisRecord,
+    outputs: Sequence[OutputRecord],
+    destinations: Sequence[str],
+    now: datetime,
+    delivery_grace_seconds: float,
+) -> bool:
+    """Record the result and what must be delivered. False if the claim was overtaken."""
+    study = _held(session, claim)
+    if study is None:
+        return False
+    study.probability = analysis.probability
+    study.positive = analysis.positive
+    study.threshold = analysis.threshold
+    study.model_version = analysis.model_version
+    study.analysed_series_uid = analysis.series_uid
+    study.slice_probabilities = analysis.slice_probabilities
+    study.timings = analysis.timings
+    study.analysed_at = now
+    study.lease_until = None
+    study.reason = None
+    for record in outputs:
+        output = session.scalar(
+            select(Output).where(Output.sop_instance_uid == record.sop_instance_uid)
+        )
+        if output is None:
+            output = Output(study_id=study.id, generation=claim.generation, kind=record.kind,
+                            sop_instance_uid=record.sop_instance_uid,
+                            sop_class_uid=record.sop_class_uid, series_uid=record.series_uid,
+                            path=record.path, created_at=now)
+            session.add(output)
+            session.flush()
+        for destination in destinations:
+            _insert_ignore(session, Delivery, {"output_id": output.id, "destination": destination,
+                                               "state": DeliveryState.PENDING, "attempts": 0})
+    _retire_outbox(session, study.id, TRIAGE)
+    if destinations:
+        # A safety net: if this worker dies before delivering, the dispatcher hands the
+        # delivery to another worker once the grace period is over.
+        session.add(OutboxRow(study_id=study.id, task=DELIVER, generation=claim.generation,
+                              created_at=now,
+                              not_before=now + timedelta(seconds=delivery_grace_seconds)))
+        _transition(session, study, StudyStatus.DELIVERING, now,
+                    f"p={analysis.probability:.3f}; {len(outputs)} outputs to deliver")
+    else:
+        study.delivered_at = now
+        _transition(session, study, StudyStatus.DONE, now,
+                    f"p={analysis.probability:.3f}; no destinations configured")
+    return True
+
+
+def mark_not_applicable(session: Session, claim: Claim, *, reason: str, now: datetime) -> bool:
+    study = _held(session, claim)
+    if study is None:
+        return False
+    study.reason = reason
+    study.lease_until = None
+    study.analysed_at = now
+    _retire_outbox(session, study.id, TRIAGE)
+    _transition(session, study, StudyStatus.NOT_APPLICABLE, now, reason)
+    return True
+
+
+def fail_analysis(
+    session: Session,
+    claim: Claim,
+    *,
+    reason: str,
+    max_attempts: int,
+    retry_after_seconds: float,
+    now: datetime,
+) -> str | None:
+    """Record a failed attempt: queue it again, or end ``failed`` after the last attempt."""
+    study = _held(session, claim)
+    if study is None:
+        return None
+    study.lease_until = None
+    study.claim_token = None
+    study.reason = reason
+    if study.attempts >= max_attempts:
+        _retire_outbox(session, study.id, TRIAGE)
+        _transition(session, study, StudyStatus.FAILED, now,
+                    f"attempt {study.attempts} of {max_attempts} failed: {reason}")
+        return StudyStatus.FAILED
+    _retire_outbox(session, study.id, TRIAGE)
+    session.add(OutboxRow(study_id=study.id, task=TRIAGE, generation=study.generation,
+                          created_at=now,
+                          not_before=now + timedelta(seconds=retry_after_seconds)))
+    _transition(session, study, StudyStatus.QUEUED, now,
+                f"attempt {study.attempts} of {max_attempts} failed: {reason}")
+    return StudyStatus.QUEUED
+
+
+def give_up(session: Session, claim: Claim, *, reason: str, now: datetime) -> bool:
+    """End a study ``failed`` at once (a claim past the attempt limit: a poison study)."""
+    study = _held(session, claim)
+    if study is None:
+        return False
+    study.lease_until = None
+    study.claim_token = None
+    study.reason = reason
+    _retire_outbox(session, study.id, TRIAGE)
+    _transition(session, study, StudyStatus.FAILED, now, reason)
+    return True
+
+
+# --- delivery -------------------------------------------------------------------------------
+
+
+def pending_deliveries(session: Session, study_id: int) -> list[tuple[Delivery, Output]]:
+    """Deliveries of the study's current analysis that no destination has acknowledged yet."""
+    study = session.get(Study, study_id)
+    if study is None or study.status != StudyStatus.DELIVERING:
+        return []
+    rows = session.execute(
+        select(Delivery, Output)
+        .join(Output, Output.id == Delivery.output_id)
+        .where(Output.study_id == study_id, Output.generation == study.generation,
+               Delivery.state == DeliveryState.PENDING)
+        .order_by(Output.kind.desc(), Output.id, Delivery.id)  # SCs before the SR citing them
+    ).all()
+    return [(delivery, output) for delivery, output in rows]
+
+
+def record_delivery(
+    session: Session,
+    delivery_id: int,
+    *,
+    status_code: int | None,
+    error: str | None,
+    max_attempts: int,
+    now: datetime,
+) -> str:
+    delivery = session.get(Delivery, delivery_id)
+    assert delivery is not None
+    delivery.attempts += 1
+    delivery.last_attempt_at = now
+    delivery.status_code = status_code
+    delivery.error = error
+    if error is None:
+        delivery.state = DeliveryState.SENT
+        delivery.acknowledged_at = now
+    elif delivery.attempts >= max_attempts:
+        delivery.state = DeliveryState.FAILED
+    return delivery.state
+
+
+def settle_delivery(
+    session: Session, study_id: int, *, now: datetime, retry_at: datetime
+) -> str | None:
+    """After a round of sending: ``done`` when every output reached every destination,
+    ``failed`` when one gave up, otherwise another round at ``retry_at``."""
+    study = session.scalars(select(Study).where(Study.id == study_id).with_for_update()).one()
+    if study.status != StudyStatus.DELIVERING:
+        return None
+    states = session.scalars(
+        select(Delivery.state)
+        .join(Output, Output.id == Delivery.output_id)
+        .where(Output.study_id == study_id, Output.generation == study.generation)
+    ).all()
+    if all(state == DeliveryState.SENT for state in states):
+        study.delivered_at = now
+        _retire_outbox(session, study_id, DELIVER)
+        _transition(session, study, StudyStatus.DONE, now, f"{len(states)} deliveries acknowledged")
+        return StudyStatus.DONE
+    if DeliveryState.PENDING not in states:
+        failed = session.scalars(
+            select(Delivery)
+            .join(Output, Output.id == Delivery.output_id)
+            .where(Output.study_id == study_id, Output.generation == study.generation,
+                   Delivery.state == DeliveryState.FAILED)
+        ).first()
+        reason = (
+            f"delivery to {failed.destination} failed after {failed.attempts} attempts: "
+            f"{failed.error}" if failed else "delivery failed"
+        )
+        study.reason = reason
+        _retire_outbox(session, study_id, DELIVER)
+        _transition(session, study, StudyStatus.FAILED, now, reason)
+        return StudyStatus.FAILED
+    _retire_outbox(session, study_id, DELIVER)
+    session.add(OutboxRow(study_id=study_id, task=DELIVER, generation=study.generation,
+                          created_at=now, not_before=retry_at))
+    return StudyStatus.DELIVERING
+
+
+# --- operator actions ---------------------------------------------------------------------
+
+
+def requeue(session: Session, study: Study, *, now: datetime, detail: str) -> bool:
+    """Analyse again and deliver again (a new analysis generation, so new output UIDs)."""
+    if study.status == StudyStatus.RECEIVING:
+        return False
+    _queue(session, study, now, detail)
+    return True
+
+
+def resend(session: Session, study: Study, *, now: datetime) -> int:
+    """Send the stored outputs of the latest analysis again, to every destination."""
+    rows = session.scalars(
+        select(Delivery)
+        .join(Output, Output.id == Delivery.output_id)
+        .where(Output.study_id == study.id, Output.generation == study.generation)
+    ).all()
+    for delivery in rows:
+        delivery.state = DeliveryState.PENDING
+        delivery.attempts = 0
+        delivery.error = None
+    if not rows:
+        return 0
+    _retire_outbox(session, study.id, DELIVER)
+    session.add(OutboxRow(study_id=study.id, task=DELIVER, generation=study.generation,
+                          created_at=now))
+    _transition(session, study, StudyStatus.DELIVERING, now, "resend requested")
+    return len(rows)

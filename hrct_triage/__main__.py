@@ -1,0 +1,3 @@
+from hrct_triage.cli import app
+
+app()

@@ -1,0 +1,255 @@
+"""``hrct-triage``: the admin CLI and the entry points of every process.
+
+Exit codes: 0 success; 1 a study or operation failed; 2 bad usage (typer); 3 nothing matched.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import threading
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from db import queries, worklist
+from db.migrate import upgrade
+from db.models import Study, StudyStatus
+from db.session import make_engine, make_sessionmaker, transaction
+from db.settings import Settings, get_settings
+
+app = typer.Typer(help="PACS-integrated triage of chest HRCT for COVID-19 pneumonia.",
+                  no_args_is_help=True, add_completion=False)
+db_app = typer.Typer(help="Worklist database administration.", no_args_is_help=True)
+app.add_typer(db_app, name="db")
+console = Console()
+NOTHING_MATCHED = 3
+
+
+def _logging(level: str = "INFO") -> None:
+    logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def _sessions(settings: Settings) -> Any:
+    return make_sessionmaker(make_engine(settings.resolved_database_url))
+
+
+def _print_json(document: object) -> None:
+    typer.echo(json.dumps(document, indent=2, sort_keys=False))
+
+
+@db_app.command("upgrade")
+def db_upgrade() -> None:
+    """Migrate the worklist database to the newest schema."""
+    settings = get_settings()
+    upgrade(settings.resolved_database_url)
+    console.print("worklist schema is current")
+
+
+@app.command()
+def listen(log_level: str = "INFO") -> None:
+    """Run the DICOM listener and the outbox dispatcher."""
+    from listener.scp import Listener
+
+    _logging(log_level)
+    settings = get_settings()
+    upgrade(settings.resolved_database_url)
+    listener = Listener(settings)
+    listener.start()
+    _wait_for_signal()
+    listener.stop()
+
+
+@app.command()
+def worker(
+    concurrency: Annotated[int, typer.Option(help="analyses at once (one per GPU)")] = 1,
+    queue: Annotated[str, typer.Option(help="broker queue to consume")] = "hrct",
+    pool: Annotated[str, typer.Option(help="Celery pool: prefork or solo")] = "prefork",
+    log_level: str = "INFO",
+) -> None:
+    """Run a Celery worker that analyses and delivers studies."""
+    from worker.celery_app import app as celery_app
+
+    celery_app.worker_main([
+        "worker", "--queues", queue, "--concurrency", str(concurrency), "--pool", pool,
+        "--loglevel", log_level, "--hostname", f"hrct-{os.getpid()}@%h",
+        "--without-mingle", "--without-gossip", "--without-heartbeat",
+    ])
+
+
+@app.command()
+def up(
+    workers: Annotated[int, typer.Option(help="worker processes to start")] = 1,
+    log_level: str = "INFO",
+) -> None:
+    """Run listener, dispatcher and worker(s) on this machine with the configured services."""
+    from hrct_triage.processes import running_gateway
+
+    _logging(log_level)
+    settings = get_settings()
+    upgrade(settings.resolved_database_url)
+    with running_gateway(settings, workers=workers):
+        _wait_for_signal()
+
+
+def _wait_for_signal() -> None:
+    stop = threading.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda *_: stop.set())
+    stop.wait()
+
+
+def _status_style(status: str) -> str:
+    return {"done": "green", "failed": "red", "not_applicable": "yellow",
+            "processing": "cyan", "delivering": "cyan"}.get(status, "white")
+
+
+def render_worklist(rows: list[dict[str, Any]]) -> Table:
+    table = Table(title="Worklist (urgent first)")
+    for column in ("priority", "study_uid", "status", "probability", "result", "instances",
+                   "model", "reason"):
+        table.add_column(column, overflow="fold")
+    for row in rows:
+        probability = row["probability"]
+        result = ("" if row["positive"] is None
+                  else "[bold red]POSITIVE[/]" if row["positive"] else "negative")
+        table.add_row(str(row["priority"]), row["study_uid"],
+                      f"[{_status_style(row['status'])}]{row['status']}[/]",
+                      "" if probability is None else f"{probability:.3f}", result,
+                      str(row["instances"]), row["model_version"] or "", row["reason"] or "")
+    return table
+
+
+@app.command("worklist")
+def worklist_command(
+    status: Annotated[str | None, typer.Option(help="only studies in this state")] = None,
+    limit: Annotated[int | None, typer.Option(help="at most this many rows")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="one JSON document")] = False,
+) -> None:
+    """Studies, urgent first."""
+    if status is not None and status not in StudyStatus.ALL:
+        raise typer.BadParameter(f"unknown status {status!r}; one of {', '.join(StudyStatus.ALL)}")
+    with transaction(_sessions(get_settings())) as session:
+        rows = queries.worklist_rows(session, status=status, limit=limit)
+    if as_json:
+        _print_json(rows)
+    else:
+        console.print(render_worklist(rows))
+
+
+@app.command()
+def show(
+    study_uid: str,
+    as_json: Annotated[bool, typer.Option("--json", help="one JSON document")] = False,
+) -> None:
+    """One study: series, result, outputs and their delivery, timings, events."""
+    with transaction(_sessions(get_settings())) as session:
+        detail = queries.study_detail(session, study_uid)
+    if detail is None:
+        console.print(f"no study {study_uid}", style="red")
+        raise typer.Exit(NOTHING_MATCHED)
+    if as_json:
+        _print_json(detail)
+        return
+    console.print_json(data={k: v for k, v in detail.items()
+                             if k not in ("slice_probabilities", "all_outputs")})
+
+
+@app.command()
+def requeue(
+    study_uids: Annotated[list[str] | None, typer.Argument(help="studies to analyse again")] = None,
+    status: Annotated[str | None, typer.Option(help="every study in this state")] = None,
+    since: Annotated[datetime | None, typer.Option(help="only studies first seen after this")] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="list, change nothing")] = False,
+    yes: Annotated[bool, typer.Option("--yes", "-y", help="no confirmation for many")] = False,
+) -> None:
+    """Analyse again and deliver again (new outputs that supersede the old)."""
+    if not study_uids and not status:
+        raise typer.BadParameter("give study UIDs or --status")
+    with transaction(_sessions(get_settings())) as session:
+        studies = _select_studies(session, study_uids, status, since)
+        if not studies:
+            console.print("no study matched")
+            raise typer.Exit(NOTHING_MATCHED)
+        if dry_run:
+            for study in studies:
+                console.print(f"would requeue {study.study_uid} ({study.status})")
+            return
+        if len(studies) > 10 and not yes:
+            typer.confirm(f"requeue {len(studies)} studies?", abort=True)
+        now = datetime.now(UTC)
+        for study in studies:
+            changed = worklist.requeue(session, study, now=now, detail="requeued by operator")
+            console.print(f"{'requeued' if changed else 'still receiving, left'} {study.study_uid}")
+
+
+def _select_studies(session: Any, uids: list[str] | None, status: str | None,
+                    since: datetime | None) -> list[Study]:
+    from sqlalchemy import select
+
+    query = select(Study)
+    if uids:
+        query = query.where(Study.study_uid.in_(uids))
+    if status:
+        query = query.where(Study.status == status)
+    if since:
+        moment = since if since.tzinfo else since.replace(tzinfo=UTC)
+        query = query.where(Study.first_instance_at >= moment)
+    return list(session.scalars(query.order_by(Study.id)).all())
+
+
+@app.command()
+def resend(study_uids: list[str]) -> None:
+    """Deliver the stored outputs of the latest analysis again."""
+    with transaction(_sessions(get_settings())) as session:
+        studies = _select_studies(session, study_uids, None, None)
+        if not studies:
+            raise typer.Exit(NOTHING_MATCHED)
+        for study in studies:
+            count = worklist.resend(session, study, now=datetime.now(UTC))
+            console.print(f"{study.study_uid}: {count} deliveries to send again")
+
+
+@app.command()
+def phantom(
+    out_dir: Path,
+    covid: Annotated[int, typer.Option(help="COVID-19-like studies")] = 2,
+    healthy: Annotated[int, typer.Option(help="healthy studies (with confounders)")] = 2,
+    slices: Annotated[int, typer.Option(help="slices of the thin lung series")] = 64,
+    seed: Annotated[int, typer.Option(help="same seed, same files")] = 0,
+) -> None:
+    """Write synthetic chest CT studies, one folder each, and labels.csv."""
+    from rich.progress import Progress
+
+    from worker.phantom import write_phantom_studies
+
+    with Progress(console=console) as progress:
+        task = progress.add_task("phantoms", total=covid + healthy)
+        studies = write_phantom_studies(out_dir, covid=covid, healthy=healthy, slices=slices,
+                                        seed=seed,
+                                        progress=lambda done, total: progress.update(
+                                            task, completed=done, total=total))
+    console.print(f"{len(studies)} studies in {out_dir} (labels in {out_dir / 'labels.csv'})")
+
+
+@app.command()
+def demo(
+    out_dir: Annotated[Path, typer.Option(help="where phantoms, spool and PACS files go")] = Path(
+        "demo-out"),
+    covid: int = 2,
+    healthy: int = 2,
+    slices: int = 64,
+    timeout: Annotated[float, typer.Option(help="seconds to wait for the results")] = 600,
+) -> None:
+    """Phantoms -> listener -> worker -> SR and heat maps at a PACS stand-in, on embedded defaults."""
+    from hrct_triage.demo import run_demo
+
+    raise typer.Exit(run_demo(console, out_dir=out_dir, covid=covid, healthy=healthy,
+                              slices=slices, timeout=timeout))

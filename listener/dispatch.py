@@ -1,0 +1,79 @@
+"""The outbox dispatcher and the completion tracker: one round every ``HRCT_POLL_SECONDS``.
+
+A study is queued in the same transaction that writes its outbox row; publishing to the broker
+happens afterwards and is marked only once the broker took the message. A broker outage therefore
+delays a study but never loses it, and a message the broker lost is published again after
+``HRCT_REPUBLISH_SECONDS`` (the worklist claim makes a second copy harmless).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from datetime import UTC, datetime
+
+from celery import Celery
+from sqlalchemy.orm import Session, sessionmaker
+
+from db import worklist
+from db.queue import QUEUE, TASK_FOR_OUTBOX, celery_config
+from db.session import transaction
+from db.settings import Settings
+
+log = logging.getLogger("hrct.dispatch")
+
+
+def publisher_app(settings: Settings) -> Celery:
+    """A Celery app that only publishes by task name: the listener never imports the worker."""
+    app = Celery("hrct-listener")
+    app.conf.update(celery_config(settings))
+    return app
+
+
+class Dispatcher:
+    """Completes quiet studies and publishes due outbox rows."""
+
+    def __init__(self, settings: Settings, sessions: sessionmaker[Session]) -> None:
+        self.settings = settings
+        self.sessions = sessions
+        self.app = publisher_app(settings)
+        self._broker_down_since: datetime | None = None
+
+    def run_once(self, now: datetime | None = None) -> tuple[int, int]:
+        """One round; returns (studies completed, messages published)."""
+        now = now or datetime.now(UTC)
+        with transaction(self.sessions) as session:
+            completed = worklist.complete_ready_studies(
+                session, quiet_seconds=self.settings.quiet_seconds, now=now)
+        for study_id in completed:
+            log.info("study %d complete, queued for analysis", study_id)
+        with transaction(self.sessions) as session:
+            due = worklist.due_publications(
+                session, now=now, republish_seconds=self.settings.republish_seconds)
+        published: list[int] = []
+        for publication in due:
+            try:
+                self.app.send_task(TASK_FOR_OUTBOX[publication.task], args=[publication.study_id],
+                                   queue=QUEUE)
+            except Exception as error:
+                if self._broker_down_since is None:
+                    self._broker_down_since = now
+                    log.error("broker unreachable (%s); %d messages wait in the outbox",
+                              type(error).__name__, len(due) - len(published))
+                break
+            published.append(publication.outbox_id)
+        if published:
+            if self._broker_down_since is not None:
+                log.warning("broker reachable again")
+                self._broker_down_since = None
+            with transaction(self.sessions) as session:
+                worklist.mark_published(session, published, now=now)
+        return len(completed), len(published)
+
+    def run_forever(self, stop: threading.Event) -> None:
+        while not stop.is_set():
+            try:
+                self.run_once()
+            except Exception:
+                log.exception("dispatcher round failed; trying again")
+            stop.wait(self.settings.poll_seconds)

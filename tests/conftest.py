@@ -1,0 +1,156 @@
+"""Shared fixtures: real databases (SQLite file and a fresh PostgreSQL database per test),
+free ports, phantom studies, and the DCMTK peers.
+
+PostgreSQL and Redis are the machine's own (127.0.0.1:5432 trust auth, 127.0.0.1:6379); each
+test gets its own PostgreSQL database and its own Redis database number, so nothing leaks
+between tests.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import psycopg
+import pytest
+from sqlalchemy.orm import Session, sessionmaker
+
+from db.migrate import upgrade
+from db.session import make_engine, make_sessionmaker
+
+PG_ADMIN = os.environ.get("HRCT_TEST_PG", "postgresql://postgres@127.0.0.1:5432/test")
+REDIS_URL = os.environ.get("HRCT_TEST_REDIS", "redis://127.0.0.1:6379")
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+@pytest.fixture
+def postgresql_url() -> Iterator[str]:
+    name = f"hrct_test_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    base = PG_ADMIN.rsplit("/", 1)[0].replace("postgresql://", "postgresql+psycopg://")
+    yield f"{base}/{name}"
+    with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture
+def sqlite_url(tmp_path: Path) -> str:
+    return f"sqlite:///{tmp_path / 'worklist.sqlite'}"
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database_url(request: pytest.FixtureRequest) -> str:
+    """The worklist on both backends the product supports, migrated with Alembic."""
+    url: str = request.getfixturevalue(f"{request.param}_url")
+    upgrade(url)
+    return url
+
+
+@pytest.fixture
+def sessions(database_url: str) -> Iterator[sessionmaker[Session]]:
+    engine = make_engine(database_url)
+    yield make_sessionmaker(engine)
+    engine.dispose()
+
+
+@pytest.fixture(scope="session")
+def phantom_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One COVID-like and one healthy phantom study, 60 thin slices each, plus a non-CT study."""
+    from worker.phantom import write_non_ct_study, write_phantom_studies
+
+    out = tmp_path_factory.mktemp("phantoms")
+    write_phantom_studies(out / "studies", covid=1, healthy=1, slices=60, seed=7)
+    write_non_ct_study(out / "non_ct", seed=7)
+    return out
+
+
+def require_tool(name: str) -> str:
+    path = shutil.which(name)
+    if path is None:
+        pytest.fail(f"{name} is not installed; .ci/run installs dcmtk and dicom3tools")
+    return path
+
+
+def dcmtk_env() -> dict[str, str]:
+    # Without TCP_NODELAY each DCMTK instance stalls ~44 ms on Nagle + delayed ACK.
+    return {**os.environ, "TCP_NODELAY": "1"}
+
+
+def storescu(port: int, *paths: Path, called: str = "HRCT_TRIAGE", calling: str = "CT_SCANNER",
+             extra: tuple[str, ...] = ()) -> subprocess.CompletedProcess[str]:
+    """Send files (or folders, recursively) with DCMTK's storescu, as a scanner would."""
+    require_tool("storescu")
+    args = ["storescu", "-aet", calling, "-aec", called, "+sd", "+r", *extra, "127.0.0.1",
+            str(port), *[str(p) for p in paths]]
+    return subprocess.run(args, env=dcmtk_env(), capture_output=True, text=True, timeout=300,
+                          check=False)
+
+
+def dciodvfy_errors(path: Path) -> list[str]:
+    require_tool("dciodvfy")
+    result = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True, timeout=60,
+                            check=False)
+    return [line for line in (result.stdout + result.stderr).splitlines() if "Error" in line]
+
+
+class StoreSCP:
+    """DCMTK storescp as the PACS: files sorted by study."""
+
+    def __init__(self, folder: Path, ae_title: str = "PACS") -> None:
+        require_tool("storescp")
+        self.folder = folder
+        self.ae_title = ae_title
+        self.port = free_port()
+        self.process: subprocess.Popen[bytes] | None = None
+        folder.mkdir(parents=True, exist_ok=True)
+
+    def start(self) -> StoreSCP:
+        self.process = subprocess.Popen(
+            ["storescp", "-aet", self.ae_title, "-od", str(self.folder), "+xa",
+             "--sort-on-study-uid", "st", str(self.port)],
+            env=dcmtk_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        _wait_for_port(self.port)
+        return self
+
+    def stop(self) -> None:
+        if self.process is not None:
+            self.process.terminate()
+            self.process.wait(timeout=10)
+            self.process = None
+
+    @property
+    def destination(self) -> str:
+        return f"{self.ae_title}@127.0.0.1:{self.port}"
+
+    def files(self) -> list[Path]:
+        return sorted(p for p in self.folder.rglob("*") if p.is_file())
+
+
+def _wait_for_port(port: int, timeout: float = 15) -> None:
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with socket.socket() as probe:
+            if probe.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.05)
+    raise TimeoutError(f"nothing listens on port {port}")
+
+
+@pytest.fixture
+def pacs(tmp_path: Path) -> Iterator[StoreSCP]:
+    scp = StoreSCP(tmp_path / "pacs").start()
+    yield scp
+    scp.stop()

@@ -1,0 +1,76 @@
+"""Plain data that flows between the pipeline stages and into the outputs.
+
+Kept free of torch so that output building and recording can be tested and typed on their own.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import numpy.typing as npt
+
+
+class NotApplicable(Exception):
+    """The study holds no series fit for analysis; ``reason`` names the rule that failed."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What the SR, the worklist and the model card say about the weights that were used."""
+
+    name: str
+    version: str
+    sha256: str | None
+    untrained: bool
+    trained_on: str
+    input_size: int = 224
+    window_width: float = 1200.0
+    window_level: float = -600.0
+    trim_fraction: float = 0.1
+    manufacturer: str = "hrct-triage"
+
+
+@dataclass(frozen=True)
+class SliceResult:
+    """COVID-19 probability of one analysed slice (softmax of the COVID class)."""
+
+    sop_instance_uid: str
+    probability: float
+    frame_number: int | None = None  # 1-based frame of an Enhanced CT instance; None otherwise
+
+
+@dataclass(frozen=True)
+class HeatMap:
+    """One slice chosen for a secondary capture, with its class activation map.
+
+    ``lung_window`` and ``cam`` have the source image's rows x columns; both are in [0, 1].
+    ``weight`` is the slice's share of the study decision (its probability among the kept slices).
+    """
+
+    sop_instance_uid: str
+    weight: float
+    probability: float
+    lung_window: npt.NDArray[np.float32]
+    cam: npt.NDArray[np.float32]
+    frame_number: int | None = None  # 1-based frame of an Enhanced CT instance; None otherwise
+
+
+@dataclass(frozen=True)
+class StudyAnalysis:
+    """The result of analysing one series of a study, as the paper defines it."""
+
+    study_uid: str
+    series_uid: str
+    probability: float
+    threshold: float
+    positive: bool
+    slices: list[SliceResult]  # every analysed (lung) slice, in table order
+    kept: list[str]  # SOP Instance UIDs averaged after trimming each end
+    heatmaps: list[HeatMap]
+    model: ModelInfo
+    timings: dict[str, float] = field(default_factory=dict)

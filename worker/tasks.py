@@ -1,0 +1,64 @@
+"""Celery tasks: an id in, the work in ``worker.jobs``, the outcome in the worklist.
+
+Retries are not Celery's: a failed attempt is recorded and re-queued through the worklist outbox,
+so the attempt count survives worker restarts and a poison study ends ``failed``.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from functools import lru_cache
+from typing import TYPE_CHECKING
+
+from celery.signals import worker_process_init
+
+from db.queue import DELIVER_TASK, TRIAGE_TASK
+from db.session import make_engine, make_sessionmaker
+from db.settings import get_settings
+from worker.celery_app import app
+from worker.jobs import WorkerContext, run_delivery, run_triage
+
+if TYPE_CHECKING:
+    from worker.model import LoadedModel
+
+log = logging.getLogger("hrct.worker")
+_model_lock = threading.Lock()
+
+
+@lru_cache(maxsize=1)
+def _loaded_model() -> LoadedModel:
+    """The model, loaded once per worker process (on the GPU when there is one)."""
+    from worker.checkpoints import default_checkpoint
+    from worker.model import load_model
+
+    settings = get_settings()
+    with _model_lock:
+        return load_model(settings.model_path or default_checkpoint(),
+                          allow_untrained=settings.allow_untrained)
+
+
+@lru_cache(maxsize=1)
+def context() -> WorkerContext:
+    settings = get_settings()
+    sessions = make_sessionmaker(make_engine(settings.resolved_database_url))
+    return WorkerContext(settings=settings, sessions=sessions, model=_loaded_model)
+
+
+@worker_process_init.connect
+def _warm_up(**_: object) -> None:
+    """Load the model when the pool process starts, not when the first urgent study arrives."""
+    try:
+        _loaded_model()
+    except Exception as error:  # recorded per study when a task runs
+        log.error("model could not be loaded: %s", error)
+
+
+@app.task(name=TRIAGE_TASK)
+def triage_study(study_id: int) -> str:
+    return run_triage(context(), study_id)
+
+
+@app.task(name=DELIVER_TASK)
+def deliver_study(study_id: int) -> str:
+    return run_delivery(context(), study_id)
