@@ -24,8 +24,11 @@ from db.models import Study, StudyStatus
 from db.session import make_engine, make_sessionmaker, transaction
 from db.settings import Settings, get_settings
 
-app = typer.Typer(help="PACS-integrated triage of chest HRCT for COVID-19 pneumonia.",
-                  no_args_is_help=True, add_completion=False)
+app = typer.Typer(
+    help="PACS-integrated triage of chest HRCT for COVID-19 pneumonia.",
+    no_args_is_help=True,
+    add_completion=False,
+)
 db_app = typer.Typer(help="Worklist database administration.", no_args_is_help=True)
 app.add_typer(db_app, name="db")
 console = Console()
@@ -33,8 +36,10 @@ NOTHING_MATCHED = 3
 
 
 def _logging(level: str = "INFO") -> None:
-    logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=getattr(logging, level.upper(), logging.INFO),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
 
 
 def _sessions(settings: Settings) -> Any:
@@ -77,11 +82,24 @@ def worker(
     """Run a Celery worker that analyses and delivers studies."""
     from worker.celery_app import app as celery_app
 
-    celery_app.worker_main([
-        "worker", "--queues", queue, "--concurrency", str(concurrency), "--pool", pool,
-        "--loglevel", log_level, "--hostname", f"hrct-{os.getpid()}@%h",
-        "--without-mingle", "--without-gossip", "--without-heartbeat",
-    ])
+    celery_app.worker_main(
+        [
+            "worker",
+            "--queues",
+            queue,
+            "--concurrency",
+            str(concurrency),
+            "--pool",
+            pool,
+            "--loglevel",
+            log_level,
+            "--hostname",
+            f"hrct-{os.getpid()}@%h",
+            "--without-mingle",
+            "--without-gossip",
+            "--without-heartbeat",
+        ]
+    )
 
 
 @app.command()
@@ -107,23 +125,47 @@ def _wait_for_signal() -> None:
 
 
 def _status_style(status: str) -> str:
-    return {"done": "green", "failed": "red", "not_applicable": "yellow",
-            "processing": "cyan", "delivering": "cyan"}.get(status, "white")
+    return {
+        "done": "green",
+        "failed": "red",
+        "not_applicable": "yellow",
+        "processing": "cyan",
+        "delivering": "cyan",
+    }.get(status, "white")
 
 
 def render_worklist(rows: list[dict[str, Any]]) -> Table:
     table = Table(title="Worklist (urgent first)")
-    for column in ("priority", "study_uid", "status", "probability", "result", "instances",
-                   "model", "reason"):
+    for column in (
+        "priority",
+        "study_uid",
+        "status",
+        "probability",
+        "result",
+        "instances",
+        "model",
+        "reason",
+    ):
         table.add_column(column, overflow="fold")
     for row in rows:
         probability = row["probability"]
-        result = ("" if row["positive"] is None
-                  else "[bold red]POSITIVE[/]" if row["positive"] else "negative")
-        table.add_row(str(row["priority"]), row["study_uid"],
-                      f"[{_status_style(row['status'])}]{row['status']}[/]",
-                      "" if probability is None else f"{probability:.3f}", result,
-                      str(row["instances"]), row["model_version"] or "", row["reason"] or "")
+        result = (
+            ""
+            if row["positive"] is None
+            else "[bold red]POSITIVE[/]"
+            if row["positive"]
+            else "negative"
+        )
+        table.add_row(
+            str(row["priority"]),
+            row["study_uid"],
+            f"[{_status_style(row['status'])}]{row['status']}[/]",
+            "" if probability is None else f"{probability:.3f}",
+            result,
+            str(row["instances"]),
+            row["model_version"] or "",
+            row["reason"] or "",
+        )
     return table
 
 
@@ -158,15 +200,18 @@ def show(
     if as_json:
         _print_json(detail)
         return
-    console.print_json(data={k: v for k, v in detail.items()
-                             if k not in ("slice_probabilities", "all_outputs")})
+    console.print_json(
+        data={k: v for k, v in detail.items() if k not in ("slice_probabilities", "all_outputs")}
+    )
 
 
 @app.command()
 def requeue(
     study_uids: Annotated[list[str] | None, typer.Argument(help="studies to analyse again")] = None,
     status: Annotated[str | None, typer.Option(help="every study in this state")] = None,
-    since: Annotated[datetime | None, typer.Option(help="only studies first seen after this")] = None,
+    since: Annotated[
+        datetime | None, typer.Option(help="only studies first seen after this")
+    ] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="list, change nothing")] = False,
     yes: Annotated[bool, typer.Option("--yes", "-y", help="no confirmation for many")] = False,
 ) -> None:
@@ -190,8 +235,9 @@ def requeue(
             console.print(f"{'requeued' if changed else 'still receiving, left'} {study.study_uid}")
 
 
-def _select_studies(session: Any, uids: list[str] | None, status: str | None,
-                    since: datetime | None) -> list[Study]:
+def _select_studies(
+    session: Any, uids: list[str] | None, status: str | None, since: datetime | None
+) -> list[Study]:
     from sqlalchemy import select
 
     query = select(Study)
@@ -232,24 +278,32 @@ def phantom(
 
     with Progress(console=console) as progress:
         task = progress.add_task("phantoms", total=covid + healthy)
-        studies = write_phantom_studies(out_dir, covid=covid, healthy=healthy, slices=slices,
-                                        seed=seed,
-                                        progress=lambda done, total: progress.update(
-                                            task, completed=done, total=total))
+        studies = write_phantom_studies(
+            out_dir,
+            covid=covid,
+            healthy=healthy,
+            slices=slices,
+            seed=seed,
+            progress=lambda done, total: progress.update(task, completed=done, total=total),
+        )
     console.print(f"{len(studies)} studies in {out_dir} (labels in {out_dir / 'labels.csv'})")
 
 
 @app.command()
 def demo(
     out_dir: Annotated[Path, typer.Option(help="where phantoms, spool and PACS files go")] = Path(
-        "demo-out"),
+        "demo-out"
+    ),
     covid: int = 2,
     healthy: int = 2,
     slices: int = 64,
     timeout: Annotated[float, typer.Option(help="seconds to wait for the results")] = 600,
 ) -> None:
-    """Phantoms -> listener -> worker -> SR and heat maps at a PACS stand-in, on embedded defaults."""
+    """Phantoms -> listener -> worker -> SR and heat maps at a PACS stand-in (embedded)."""
     from hrct_triage.demo import run_demo
 
-    raise typer.Exit(run_demo(console, out_dir=out_dir, covid=covid, healthy=healthy,
-                              slices=slices, timeout=timeout))
+    raise typer.Exit(
+        run_demo(
+            console, out_dir=out_dir, covid=covid, healthy=healthy, slices=slices, timeout=timeout
+        )
+    )

@@ -34,8 +34,9 @@ def free_port() -> int:
         return int(probe.getsockname()[1])
 
 
-def run_demo(console: Console, *, out_dir: Path, covid: int, healthy: int, slices: int,
-             timeout: float) -> int:
+def run_demo(
+    console: Console, *, out_dir: Path, covid: int, healthy: int, slices: int, timeout: float
+) -> int:
     from worker.checkpoints import default_checkpoint
     from worker.phantom import write_phantom_studies
 
@@ -46,18 +47,26 @@ def run_demo(console: Console, *, out_dir: Path, covid: int, healthy: int, slice
     pacs_port = pacs.start()
     checkpoint = default_checkpoint()
     settings = Settings(
-        data_dir=out_dir / "var", database_url=None, broker_url=None, port=free_port(),
-        quiet_seconds=DEMO_QUIET_SECONDS, poll_seconds=0.5,
+        data_dir=out_dir / "var",
+        database_url=None,
+        broker_url=None,
+        port=free_port(),
+        quiet_seconds=DEMO_QUIET_SECONDS,
+        poll_seconds=0.5,
         destinations=[f"{pacs.ae_title}@127.0.0.1:{pacs_port}"],
-        model_path=checkpoint, allow_untrained=checkpoint is None,
+        model_path=checkpoint,
+        allow_untrained=checkpoint is None,
     )
     if checkpoint is None:
-        console.print("[bold yellow]No trained checkpoint is installed: the demo runs an "
-                      "UNTRAINED DenseNet-121; its probabilities mean nothing.[/]")
+        console.print(
+            "[bold yellow]No trained checkpoint is installed: the demo runs an "
+            "UNTRAINED DenseNet-121; its probabilities mean nothing.[/]"
+        )
     upgrade(settings.resolved_database_url)
     console.print(f"making {covid + healthy} phantom studies ({slices} thin slices each)")
-    studies = write_phantom_studies(out_dir / "phantoms", covid=covid, healthy=healthy,
-                                    slices=slices, seed=2026)
+    studies = write_phantom_studies(
+        out_dir / "phantoms", covid=covid, healthy=healthy, slices=slices, seed=2026
+    )
     sessions = make_sessionmaker(make_engine(settings.resolved_database_url))
     try:
         with running_gateway(settings, quiet_workers=True):
@@ -65,9 +74,13 @@ def run_demo(console: Console, *, out_dir: Path, covid: int, healthy: int, slice
             with Progress(console=console) as progress:
                 sending = progress.add_task("scanner -> listener (C-STORE)", total=total)
                 for study in studies:
-                    send_folder(study.folder, host="127.0.0.1", port=settings.port,
-                                called_ae=settings.ae_title,
-                                progress=lambda n: progress.advance(sending, n))
+                    send_folder(
+                        study.folder,
+                        host="127.0.0.1",
+                        port=settings.port,
+                        called_ae=settings.ae_title,
+                        progress=lambda n: progress.advance(sending, n),
+                    )
                 waiting = progress.add_task("triage", total=len(studies))
                 deadline = time.monotonic() + timeout
                 while time.monotonic() < deadline:
@@ -87,11 +100,15 @@ def run_demo(console: Console, *, out_dir: Path, covid: int, healthy: int, slice
     console.print(render_worklist(rows))
     labels = {s.study_uid: s.label for s in studies}
     for row in rows:
-        console.print(f"{row['study_uid']} (phantom truth: {labels.get(row['study_uid'], '?')}) "
-                      f"-> {row['status']}")
+        console.print(
+            f"{row['study_uid']} (phantom truth: {labels.get(row['study_uid'], '?')}) "
+            f"-> {row['status']}"
+        )
     for study_uid, files in pacs.received().items():
-        console.print(f"PACS stand-in holds {len(files)} objects for {study_uid} in "
-                      f"{files[0].parent if files else ''}")
+        console.print(
+            f"PACS stand-in holds {len(files)} objects for {study_uid} in "
+            f"{files[0].parent if files else ''}"
+        )
     elapsed = time.monotonic() - started
     ok = len(rows) == len(studies) and all(row["status"] == StudyStatus.DONE for row in rows)
     console.print(f"demo {'finished' if ok else 'FAILED'} in {elapsed:.0f} s")

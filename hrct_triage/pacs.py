@@ -35,9 +35,11 @@ class PacsStandIn:
         ae = AE(ae_title=self.ae_title)
         ae.add_supported_context(Verification)
         for context in AllStoragePresentationContexts:
-            ae.add_supported_context(context.abstract_syntax)
-        self._server = ae.start_server(("127.0.0.1", self.port), block=False,
-                                       evt_handlers=[(evt.EVT_C_STORE, self._store)])
+            if context.abstract_syntax is not None:
+                ae.add_supported_context(context.abstract_syntax)
+        self._server = ae.start_server(
+            ("127.0.0.1", self.port), block=False, evt_handlers=[(evt.EVT_C_STORE, self._store)]
+        )
         self.port = int(self._server.server_address[1])
         return self.port
 
@@ -49,5 +51,6 @@ class PacsStandIn:
         """Files received, by study UID."""
         if not self.folder.exists():
             return {}
-        return {d.name: sorted(d.glob("*.dcm")) for d in sorted(self.folder.iterdir())
-                if d.is_dir()}
+        return {
+            d.name: sorted(d.glob("*.dcm")) for d in sorted(self.folder.iterdir()) if d.is_dir()
+        }

@@ -32,11 +32,14 @@ def settings_env(settings: Settings) -> dict[str, str]:
     return env
 
 
-def start_worker(settings: Settings, *, concurrency: int = 1, quiet: bool = False) -> subprocess.Popen[bytes]:
+def start_worker(
+    settings: Settings, *, concurrency: int = 1, quiet: bool = False
+) -> subprocess.Popen[bytes]:
     command = [sys.executable, "-m", "hrct_triage", "worker", "--concurrency", str(concurrency)]
     output = subprocess.DEVNULL if quiet else None
-    return subprocess.Popen(command, env=settings_env(settings), stdout=output, stderr=output,
-                            start_new_session=True)
+    return subprocess.Popen(
+        command, env=settings_env(settings), stdout=output, stderr=output, start_new_session=True
+    )
 
 
 def stop_process(process: subprocess.Popen[bytes], timeout: float = 20) -> None:
@@ -59,8 +62,9 @@ def running_gateway(
 ) -> Iterator[Listener]:
     listener = Listener(settings)
     listener.start()
-    children = [start_worker(settings, concurrency=concurrency, quiet=quiet_workers)
-                for _ in range(workers)]
+    children = [
+        start_worker(settings, concurrency=concurrency, quiet=quiet_workers) for _ in range(workers)
+    ]
     try:
         yield listener
     finally:

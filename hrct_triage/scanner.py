@@ -22,8 +22,9 @@ def send_folder(
     paths = sorted(folder.rglob("*.dcm"))
     datasets = [dcmread(path) for path in paths]
     ae = AE(ae_title=calling_ae)
-    contexts = sorted({(str(ds.SOPClassUID), str(ds.file_meta.TransferSyntaxUID))
-                       for ds in datasets})
+    contexts = sorted(
+        {(str(ds.SOPClassUID), str(ds.file_meta.TransferSyntaxUID)) for ds in datasets}
+    )
     for sop_class, syntax in contexts:
         ae.add_requested_context(sop_class, syntax)
     assoc = ae.associate(host, port, ae_title=called_ae)

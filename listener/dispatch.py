@@ -44,22 +44,28 @@ class Dispatcher:
         now = now or datetime.now(UTC)
         with transaction(self.sessions) as session:
             completed = worklist.complete_ready_studies(
-                session, quiet_seconds=self.settings.quiet_seconds, now=now)
+                session, quiet_seconds=self.settings.quiet_seconds, now=now
+            )
         for study_id in completed:
             log.info("study %d complete, queued for analysis", study_id)
         with transaction(self.sessions) as session:
             due = worklist.due_publications(
-                session, now=now, republish_seconds=self.settings.republish_seconds)
+                session, now=now, republish_seconds=self.settings.republish_seconds
+            )
         published: list[int] = []
         for publication in due:
             try:
-                self.app.send_task(TASK_FOR_OUTBOX[publication.task], args=[publication.study_id],
-                                   queue=QUEUE)
+                self.app.send_task(
+                    TASK_FOR_OUTBOX[publication.task], args=[publication.study_id], queue=QUEUE
+                )
             except Exception as error:
                 if self._broker_down_since is None:
                     self._broker_down_since = now
-                    log.error("broker unreachable (%s); %d messages wait in the outbox",
-                              type(error).__name__, len(due) - len(published))
+                    log.error(
+                        "broker unreachable (%s); %d messages wait in the outbox",
+                        type(error).__name__,
+                        len(due) - len(published),
+                    )
                 break
             published.append(publication.outbox_id)
         if published:

@@ -53,8 +53,12 @@ def _now() -> datetime:
 
 def _peer(assoc: Any) -> tuple[str, str, int, str]:
     requestor = assoc.requestor
-    return (str(requestor.ae_title).strip(), str(requestor.address), int(requestor.port),
-            str(assoc.acceptor.ae_title).strip())
+    return (
+        str(requestor.ae_title).strip(),
+        str(requestor.address),
+        int(requestor.port),
+        str(assoc.acceptor.ae_title).strip(),
+    )
 
 
 def handle_echo(event: events.Event) -> int:
@@ -64,8 +68,14 @@ def handle_echo(event: events.Event) -> int:
 def handle_accepted(event: events.Event, state: ListenerState) -> None:
     calling, address, port, called = _peer(event.assoc)
     with transaction(state.sessions) as session:
-        row_id = worklist.open_association(session, calling_ae=calling, called_ae=called,
-                                           peer_address=address, peer_port=port, now=_now())
+        row_id = worklist.open_association(
+            session,
+            calling_ae=calling,
+            called_ae=called,
+            peer_address=address,
+            peer_port=port,
+            now=_now(),
+        )
     with state.lock:
         state.association_ids[id(event.assoc)] = row_id
     log.info("association %d accepted from %s@%s:%d", row_id, calling, address, port)
@@ -75,11 +85,19 @@ def handle_rejected(event: events.Event, state: ListenerState) -> None:
     calling, address, port, called = _peer(event.assoc)
     reason = "calling or called AE title not allowed"
     with transaction(state.sessions) as session:
-        worklist.open_association(session, calling_ae=calling, called_ae=called,
-                                  peer_address=address, peer_port=port, now=_now(),
-                                  state="rejected", rejection_reason=reason)
-    log.warning("association rejected from %s@%s:%d (called %s): %s", calling, address, port,
-                called, reason)
+        worklist.open_association(
+            session,
+            calling_ae=calling,
+            called_ae=called,
+            peer_address=address,
+            peer_port=port,
+            now=_now(),
+            state="rejected",
+            rejection_reason=reason,
+        )
+    log.warning(
+        "association rejected from %s@%s:%d (called %s): %s", calling, address, port, called, reason
+    )
 
 
 def handle_closed(event: events.Event, state: ListenerState, how: str) -> None:
@@ -102,30 +120,45 @@ def handle_store(event: events.Event, state: ListenerState) -> int:
     except _Mismatch as error:
         return _refuse(state, association_id, DATASET_DOES_NOT_MATCH_SOP_CLASS, str(error))
     except Exception as error:  # a data set pydicom cannot decode
-        return _refuse(state, association_id, CANNOT_UNDERSTAND,
-                       f"undecodable data set ({type(error).__name__})")
+        return _refuse(
+            state,
+            association_id,
+            CANNOT_UNDERSTAND,
+            f"undecodable data set ({type(error).__name__})",
+        )
 
     study_uid, series_uid, sop_uid, sop_class = identity
     path = instance_path(state.settings.spool_dir, study_uid, series_uid, sop_uid)
     try:
         spooled = write_durably(path, event.encoded_dataset(include_meta=True))
     except OSError as error:
-        return _refuse(state, association_id, OUT_OF_RESOURCES,
-                       f"spool write failed for {sop_uid}: {error.strerror}")
+        return _refuse(
+            state,
+            association_id,
+            OUT_OF_RESOURCES,
+            f"spool write failed for {sop_uid}: {error.strerror}",
+        )
 
     facts = worklist.InstanceFacts(
-        study_uid=study_uid, series_uid=series_uid, sop_instance_uid=sop_uid,
-        sop_class_uid=sop_class, transfer_syntax_uid=str(event.context.transfer_syntax),
-        path=str(spooled.path), size_bytes=spooled.size_bytes, sha256=spooled.sha256,
-        modality=_text(dataset, "Modality", 16), series_number=_int(dataset, "SeriesNumber"),
+        study_uid=study_uid,
+        series_uid=series_uid,
+        sop_instance_uid=sop_uid,
+        sop_class_uid=sop_class,
+        transfer_syntax_uid=str(event.context.transfer_syntax),
+        path=str(spooled.path),
+        size_bytes=spooled.size_bytes,
+        sha256=spooled.sha256,
+        modality=_text(dataset, "Modality", 16),
+        series_number=_int(dataset, "SeriesNumber"),
         series_description=_text(dataset, "SeriesDescription", 64),
         accession_number=_text(dataset, "AccessionNumber", 16),
         calling_ae=str(event.assoc.requestor.ae_title).strip(),
     )
     try:
         with transaction(state.sessions) as session:
-            outcome = worklist.record_instance(session, facts, association_id=association_id,
-                                               now=_now())
+            outcome = worklist.record_instance(
+                session, facts, association_id=association_id, now=_now()
+            )
             worklist.count_store(session, association_id, size=spooled.size_bytes, ok=True)
     except Exception as error:  # database unreachable: the scanner must keep its copy
         log.error("worklist write failed for %s: %s", sop_uid, type(error).__name__)
@@ -144,9 +177,11 @@ def _identify(dataset: Dataset, event: events.Event) -> tuple[str, str, str, str
     study_uid = validate_uid(dataset.get("StudyInstanceUID"), "StudyInstanceUID")
     series_uid = validate_uid(dataset.get("SeriesInstanceUID"), "SeriesInstanceUID")
     if sop_class != str(event.context.abstract_syntax):
-        raise _Mismatch(f"SOP Class {sop_class} differs from the presentation context's "
-                        f"{event.context.abstract_syntax}")
-    requested = str(event.request.AffectedSOPInstanceUID or "")
+        raise _Mismatch(
+            f"SOP Class {sop_class} differs from the presentation context's "
+            f"{event.context.abstract_syntax}"
+        )
+    requested = str(getattr(event.request, "AffectedSOPInstanceUID", "") or "")
     if requested and requested != sop_uid:
         raise _Mismatch(f"SOPInstanceUID {sop_uid} differs from the request's {requested[:64]}")
     return study_uid, series_uid, sop_uid, sop_class

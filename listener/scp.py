@@ -50,7 +50,8 @@ def build_ae(settings: Settings) -> AE:
     ae = AE(ae_title=settings.ae_title)
     ae.add_supported_context(Verification)
     for context in AllStoragePresentationContexts:
-        ae.add_supported_context(context.abstract_syntax, ACCEPTED_TRANSFER_SYNTAXES)
+        if context.abstract_syntax is not None:
+            ae.add_supported_context(context.abstract_syntax, ACCEPTED_TRANSFER_SYNTAXES)
     ae.maximum_associations = MAX_ASSOCIATIONS
     ae.maximum_pdu_size = MAX_PDU
     ae.acse_timeout = ACSE_TIMEOUT
@@ -77,8 +78,15 @@ def event_handlers(state: handlers.ListenerState) -> list[Any]:
 class Listener:
     """The SCP plus its dispatcher thread; ``start`` returns once the port is listening."""
 
-    def __init__(self, settings: Settings, sessions: sessionmaker[Session] | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        sessions: sessionmaker[Session] | None = None,
+        *,
+        run_dispatcher: bool = True,
+    ) -> None:
         self.settings = settings
+        self.run_dispatcher = run_dispatcher
         self.sessions = sessions or make_sessionmaker(make_engine(settings.resolved_database_url))
         self.state = handlers.ListenerState(settings, self.sessions)
         self.dispatcher = Dispatcher(settings, self.sessions)
@@ -92,16 +100,32 @@ class Listener:
         with transaction(self.sessions) as session:
             orphaned = worklist.close_orphaned_associations(session, now=datetime.now(UTC))
         if removed or orphaned:
-            log.warning("recovered from an unclean stop: %d partial files removed, "
-                        "%d associations closed", removed, orphaned)
+            log.warning(
+                "recovered from an unclean stop: %d partial files removed, %d associations closed",
+                removed,
+                orphaned,
+            )
         ae = build_ae(self.settings)
-        self._server = ae.start_server((self.settings.bind_address, self.settings.port),
-                                       block=False, evt_handlers=event_handlers(self.state))
-        self._thread = threading.Thread(target=self.dispatcher.run_forever, args=(self._stop,),
-                                        name="hrct-dispatcher", daemon=True)
-        self._thread.start()
-        log.info("listening as %s on %s:%d", self.settings.ae_title, self.settings.bind_address,
-                 self.settings.port)
+        self._server = ae.start_server(
+            (self.settings.bind_address, self.settings.port),
+            block=False,
+            evt_handlers=event_handlers(self.state),
+        )
+        self.port = int(self._server.server_address[1])
+        if self.run_dispatcher:
+            self._thread = threading.Thread(
+                target=self.dispatcher.run_forever,
+                args=(self._stop,),
+                name="hrct-dispatcher",
+                daemon=True,
+            )
+            self._thread.start()
+        log.info(
+            "listening as %s on %s:%d",
+            self.settings.ae_title,
+            self.settings.bind_address,
+            self.settings.port,
+        )
 
     def stop(self) -> None:
         self._stop.set()

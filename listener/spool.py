@@ -9,8 +9,11 @@ from db.storage import TEMP_SUFFIX, validate_uid
 
 def instance_path(spool_dir: Path, study_uid: str, series_uid: str, sop_uid: str) -> Path:
     """``spool/<study>/<series>/<sop>.dcm``; raises InvalidUID before any path is made."""
-    for value, name in ((study_uid, "StudyInstanceUID"), (series_uid, "SeriesInstanceUID"),
-                        (sop_uid, "SOPInstanceUID")):
+    for value, name in (
+        (study_uid, "StudyInstanceUID"),
+        (series_uid, "SeriesInstanceUID"),
+        (sop_uid, "SOPInstanceUID"),
+    ):
         validate_uid(value, name)
     return spool_dir / study_uid / series_uid / f"{sop_uid}.dcm"
 

@@ -87,20 +87,40 @@ def dcmtk_env() -> dict[str, str]:
     return {**os.environ, "TCP_NODELAY": "1"}
 
 
-def storescu(port: int, *paths: Path, called: str = "HRCT_TRIAGE", calling: str = "CT_SCANNER",
-             extra: tuple[str, ...] = ()) -> subprocess.CompletedProcess[str]:
+def storescu(
+    port: int,
+    *paths: Path,
+    called: str = "HRCT_TRIAGE",
+    calling: str = "CT_SCANNER",
+    extra: tuple[str, ...] = (),
+) -> subprocess.CompletedProcess[str]:
     """Send files (or folders, recursively) with DCMTK's storescu, as a scanner would."""
     require_tool("storescu")
-    args = ["storescu", "-aet", calling, "-aec", called, "+sd", "+r", *extra, "127.0.0.1",
-            str(port), *[str(p) for p in paths]]
-    return subprocess.run(args, env=dcmtk_env(), capture_output=True, text=True, timeout=300,
-                          check=False)
+    args = [
+        "storescu",
+        "-aet",
+        calling,
+        "-aec",
+        called,
+        "+sd",
+        "+r",
+        "+sp",
+        "*.dcm",
+        *extra,
+        "127.0.0.1",
+        str(port),
+        *[str(p) for p in paths],
+    ]
+    return subprocess.run(
+        args, env=dcmtk_env(), capture_output=True, text=True, timeout=300, check=False
+    )
 
 
 def dciodvfy_errors(path: Path) -> list[str]:
     require_tool("dciodvfy")
-    result = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True, timeout=60,
-                            check=False)
+    result = subprocess.run(
+        ["dciodvfy", str(path)], capture_output=True, text=True, timeout=60, check=False
+    )
     return [line for line in (result.stdout + result.stderr).splitlines() if "Error" in line]
 
 
@@ -117,9 +137,21 @@ class StoreSCP:
 
     def start(self) -> StoreSCP:
         self.process = subprocess.Popen(
-            ["storescp", "-aet", self.ae_title, "-od", str(self.folder), "+xa",
-             "--sort-on-study-uid", "st", str(self.port)],
-            env=dcmtk_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            [
+                "storescp",
+                "-aet",
+                self.ae_title,
+                "-od",
+                str(self.folder),
+                "+xa",
+                "--sort-on-study-uid",
+                "st",
+                str(self.port),
+            ],
+            env=dcmtk_env(),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         _wait_for_port(self.port)
         return self
 
