@@ -26,17 +26,35 @@ def _outputs(study: Study, latest_only: bool) -> list[dict[str, Any]]:
         if latest_only and output.generation != study.generation:
             continue
         for delivery in output.deliveries:
-            rows.append({"sop_instance_uid": output.sop_instance_uid, "kind": output.kind,
-                         "destination": delivery.destination, "state": delivery.state,
-                         "status_code": delivery.status_code, "attempts": delivery.attempts,
-                         "generation": output.generation, "path": output.path,
-                         "acknowledged_at": _iso(delivery.acknowledged_at),
-                         "error": delivery.error})
+            rows.append(
+                {
+                    "sop_instance_uid": output.sop_instance_uid,
+                    "kind": output.kind,
+                    "destination": delivery.destination,
+                    "state": delivery.state,
+                    "status_code": delivery.status_code,
+                    "attempts": delivery.attempts,
+                    "generation": output.generation,
+                    "path": output.path,
+                    "acknowledged_at": _iso(delivery.acknowledged_at),
+                    "error": delivery.error,
+                }
+            )
         if not output.deliveries:
-            rows.append({"sop_instance_uid": output.sop_instance_uid, "kind": output.kind,
-                         "destination": None, "state": "stored", "status_code": None,
-                         "attempts": 0, "generation": output.generation, "path": output.path,
-                         "acknowledged_at": None, "error": None})
+            rows.append(
+                {
+                    "sop_instance_uid": output.sop_instance_uid,
+                    "kind": output.kind,
+                    "destination": None,
+                    "state": "stored",
+                    "status_code": None,
+                    "attempts": 0,
+                    "generation": output.generation,
+                    "path": output.path,
+                    "acknowledged_at": None,
+                    "error": None,
+                }
+            )
     return rows
 
 
@@ -104,8 +122,11 @@ def study_detail(session: Session, study_uid: str) -> dict[str, Any] | None:
     study = session.scalar(
         select(Study)
         .where(Study.study_uid == study_uid)
-        .options(selectinload(Study.outputs).selectinload(Output.deliveries),
-                 selectinload(Study.events), selectinload(Study.series))
+        .options(
+            selectinload(Study.outputs).selectinload(Output.deliveries),
+            selectinload(Study.events),
+            selectinload(Study.series),
+        )
     )
     if study is None:
         return None
@@ -118,9 +139,14 @@ def study_detail(session: Session, study_uid: str) -> dict[str, Any] | None:
     )
     detail = _row(study, sum(counts.values()))
     detail["series"] = [
-        {"series_uid": s.series_uid, "modality": s.modality, "series_number": s.series_number,
-         "description": s.description, "instances": counts.get(s.id, 0),
-         "analysed": s.series_uid == study.analysed_series_uid}
+        {
+            "series_uid": s.series_uid,
+            "modality": s.modality,
+            "series_number": s.series_number,
+            "description": s.description,
+            "instances": counts.get(s.id, 0),
+            "analysed": s.series_uid == study.analysed_series_uid,
+        }
         for s in study.series
     ]
     detail["analysed_series_uid"] = study.analysed_series_uid

@@ -18,7 +18,7 @@ QUEUE = "hrct"
 
 def celery_config(settings: Settings) -> dict[str, Any]:
     """Celery settings shared by the publisher (listener) and the consumers (workers)."""
-    return {
+    config: dict[str, Any] = {
         "broker_url": settings.resolved_broker_url,
         "task_default_queue": QUEUE,
         # No result backend: outcomes are recorded in the worklist, not in the broker.
@@ -35,9 +35,17 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "broker_connection_retry_on_startup": True,
         # Publishing must not hang the listener when the broker is down: the outbox keeps the
         # message and the dispatcher tries again on its next round.
-        "task_publish_retry_policy": {"max_retries": 2, "interval_start": 0.2,
-                                      "interval_step": 0.5, "interval_max": 1.0},
-        # Redis: a message not acknowledged within the lease is handed to another worker.
-        "broker_transport_options": {"visibility_timeout": int(settings.lease_seconds) + 60,
-                                     "polling_interval": 0.5},
+        "task_publish_retry_policy": {
+            "max_retries": 2,
+            "interval_start": 0.2,
+            "interval_step": 0.5,
+            "interval_max": 1.0,
+        },
     }
+    if config["broker_url"].startswith(("redis://", "rediss://")):
+        # A message not acknowledged within the lease is handed to another worker. (kombu's
+        # SQLAlchemy transport would pass these to create_engine, so Redis only.)
+        config["broker_transport_options"] = {
+            "visibility_timeout": int(settings.lease_seconds) + 60,
+        }
+    return config

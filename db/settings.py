@@ -91,9 +91,6 @@ class Settings(BaseSettings):
     delivery_backoff_seconds: float = Field(5.0, ge=0)
     delivery_timeout_seconds: float = Field(30.0, gt=0)
 
-    sr_series_number: int = 9901
-    sc_series_number: int = 9902
-
     @field_validator("allowed_aets", "destinations", mode="before")
     @classmethod
     def _split(cls, value: object) -> list[str]:

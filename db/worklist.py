@@ -106,8 +106,9 @@ def _transition(
     session: Session, study: Study, to_status: str, now: datetime, detail: str | None = None
 ) -> None:
     session.add(
-        Event(study_id=study.id, at=now, from_status=study.status, to_status=to_status,
-              detail=detail)
+        Event(
+            study_id=study.id, at=now, from_status=study.status, to_status=to_status, detail=detail
+        )
     )
     study.status = to_status
     study.priority = priority_for(to_status, study.positive, study.probability)
@@ -135,8 +136,13 @@ def open_association(
     rejection_reason: str | None = None,
 ) -> int:
     row = Association(
-        calling_ae=calling_ae[:16], called_ae=called_ae[:16], peer_address=peer_address,
-        peer_port=peer_port, state=state, started_at=now, rejection_reason=rejection_reason,
+        calling_ae=calling_ae[:16],
+        called_ae=called_ae[:16],
+        peer_address=peer_address,
+        peer_port=peer_port,
+        state=state,
+        started_at=now,
+        rejection_reason=rejection_reason,
         ended_at=now if state != "open" else None,
     )
     session.add(row)
@@ -166,7 +172,9 @@ def count_store(session: Session, association_id: int | None, *, size: int, ok: 
 def close_orphaned_associations(session: Session, *, now: datetime) -> int:
     """At listener start: associations still 'open' belonged to a process that died."""
     result = session.execute(
-        update(Association).where(Association.state == "open").values(state="orphaned", ended_at=now)
+        update(Association)
+        .where(Association.state == "open")
+        .values(state="orphaned", ended_at=now)
     )
     return int(getattr(result, "rowcount", 0) or 0)
 
@@ -183,26 +191,48 @@ def record_instance(
     if existing is not None and existing.sha256 == facts.sha256:
         return Recorded.IDENTICAL
 
-    _insert_ignore(session, Study, {"study_uid": facts.study_uid, "status": StudyStatus.RECEIVING,
-                                    "priority": priority_for(StudyStatus.RECEIVING, None, None),
-                                    "generation": 0, "attempts": 0, "updated_at": now})
+    _insert_ignore(
+        session,
+        Study,
+        {
+            "study_uid": facts.study_uid,
+            "status": StudyStatus.RECEIVING,
+            "priority": priority_for(StudyStatus.RECEIVING, None, None),
+            "generation": 0,
+            "attempts": 0,
+            "updated_at": now,
+        },
+    )
     study = session.scalars(
         select(Study).where(Study.study_uid == facts.study_uid).with_for_update()
     ).one()
-    _insert_ignore(session, Series, {"study_id": study.id, "series_uid": facts.series_uid,
-                                     "modality": facts.modality,
-                                     "series_number": facts.series_number,
-                                     "description": (facts.series_description or "")[:64]})
+    _insert_ignore(
+        session,
+        Series,
+        {
+            "study_id": study.id,
+            "series_uid": facts.series_uid,
+            "modality": facts.modality,
+            "series_number": facts.series_number,
+            "description": (facts.series_description or "")[:64],
+        },
+    )
     series = session.scalars(select(Series).where(Series.series_uid == facts.series_uid)).one()
 
     if existing is None:
         outcome = Recorded.NEW
         session.add(
             Instance(
-                study_id=study.id, series_id=series.id, association_id=association_id,
-                sop_instance_uid=facts.sop_instance_uid, sop_class_uid=facts.sop_class_uid,
-                transfer_syntax_uid=facts.transfer_syntax_uid, path=facts.path,
-                size_bytes=facts.size_bytes, sha256=facts.sha256, received_at=now,
+                study_id=study.id,
+                series_id=series.id,
+                association_id=association_id,
+                sop_instance_uid=facts.sop_instance_uid,
+                sop_class_uid=facts.sop_class_uid,
+                transfer_syntax_uid=facts.transfer_syntax_uid,
+                path=facts.path,
+                size_bytes=facts.size_bytes,
+                sha256=facts.sha256,
+                received_at=now,
             )
         )
     else:
@@ -222,7 +252,8 @@ def record_instance(
     study.accession_number = facts.accession_number or study.accession_number
     if study.status != StudyStatus.RECEIVING:
         detail = (
-            "instance replaced with different content" if outcome is Recorded.REPLACED
+            "instance replaced with different content"
+            if outcome is Recorded.REPLACED
             else "instance arrived after completion"
         )
         study.claim_token = None
@@ -261,8 +292,9 @@ def _queue(session: Session, study: Study, now: datetime, detail: str) -> None:
     study.reason = None
     study.queued_at = now
     _retire_outbox(session, study.id)
-    session.add(OutboxRow(study_id=study.id, task=TRIAGE, generation=study.generation,
-                          created_at=now))
+    session.add(
+        OutboxRow(study_id=study.id, task=TRIAGE, generation=study.generation, created_at=now)
+    )
     _transition(session, study, StudyStatus.QUEUED, now, detail)
 
 
@@ -344,9 +376,11 @@ def claim(
             ),
         )
         .values(
-            claim_token=token, claimed_by=worker[:200],
+            claim_token=token,
+            claimed_by=worker[:200],
             lease_until=now + timedelta(seconds=lease_seconds),
-            attempts=Study.attempts + 1, analysis_started_at=now,
+            attempts=Study.attempts + 1,
+            analysis_started_at=now,
         )
         .execution_options(synchronize_session=False)
     )
@@ -355,16 +389,24 @@ def claim(
     study = session.get(Study, study_id, populate_existing=True)
     assert study is not None
     retaken = study.status == StudyStatus.PROCESSING
-    _transition(session, study, StudyStatus.PROCESSING, now,
-                f"{'lease lapsed; ' if retaken else ''}attempt {study.attempts} by {worker}")
+    _transition(
+        session,
+        study,
+        StudyStatus.PROCESSING,
+        now,
+        f"{'lease lapsed; ' if retaken else ''}attempt {study.attempts} by {worker}",
+    )
     return Claim(study.id, study.study_uid, token, study.generation, study.attempts)
 
 
 def _held(session: Session, claim: Claim) -> Study | None:
     return session.scalars(
         select(Study)
-        .where(Study.id == claim.study_id, Study.claim_token == claim.token,
-               Study.status == StudyStatus.PROCESSING)
+        .where(
+            Study.id == claim.study_id,
+            Study.claim_token == claim.token,
+            Study.status == StudyStatus.PROCESSING,
+        )
         .with_for_update()
     ).one_or_none()
 
@@ -408,28 +450,58 @@ def finish_analysis(
             select(Output).where(Output.sop_instance_uid == record.sop_instance_uid)
         )
         if output is None:
-            output = Output(study_id=study.id, generation=claim.generation, kind=record.kind,
-                            sop_instance_uid=record.sop_instance_uid,
-                            sop_class_uid=record.sop_class_uid, series_uid=record.series_uid,
-                            path=record.path, created_at=now)
+            output = Output(
+                study_id=study.id,
+                generation=claim.generation,
+                kind=record.kind,
+                sop_instance_uid=record.sop_instance_uid,
+                sop_class_uid=record.sop_class_uid,
+                series_uid=record.series_uid,
+                path=record.path,
+                created_at=now,
+            )
             session.add(output)
             session.flush()
         for destination in destinations:
-            _insert_ignore(session, Delivery, {"output_id": output.id, "destination": destination,
-                                               "state": DeliveryState.PENDING, "attempts": 0})
+            _insert_ignore(
+                session,
+                Delivery,
+                {
+                    "output_id": output.id,
+                    "destination": destination,
+                    "state": DeliveryState.PENDING,
+                    "attempts": 0,
+                },
+            )
     _retire_outbox(session, study.id, TRIAGE)
     if destinations:
         # A safety net: if this worker dies before delivering, the dispatcher hands the
         # delivery to another worker once the grace period is over.
-        session.add(OutboxRow(study_id=study.id, task=DELIVER, generation=claim.generation,
-                              created_at=now,
-                              not_before=now + timedelta(seconds=delivery_grace_seconds)))
-        _transition(session, study, StudyStatus.DELIVERING, now,
-                    f"p={analysis.probability:.3f}; {len(outputs)} outputs to deliver")
+        session.add(
+            OutboxRow(
+                study_id=study.id,
+                task=DELIVER,
+                generation=claim.generation,
+                created_at=now,
+                not_before=now + timedelta(seconds=delivery_grace_seconds),
+            )
+        )
+        _transition(
+            session,
+            study,
+            StudyStatus.DELIVERING,
+            now,
+            f"p={analysis.probability:.3f}; {len(outputs)} outputs to deliver",
+        )
     else:
         study.delivered_at = now
-        _transition(session, study, StudyStatus.DONE, now,
-                    f"p={analysis.probability:.3f}; no destinations configured")
+        _transition(
+            session,
+            study,
+            StudyStatus.DONE,
+            now,
+            f"p={analysis.probability:.3f}; no destinations configured",
+        )
     return True
 
 
@@ -463,15 +535,31 @@ def fail_analysis(
     study.reason = reason
     if study.attempts >= max_attempts:
         _retire_outbox(session, study.id, TRIAGE)
-        _transition(session, study, StudyStatus.FAILED, now,
-                    f"attempt {study.attempts} of {max_attempts} failed: {reason}")
+        _transition(
+            session,
+            study,
+            StudyStatus.FAILED,
+            now,
+            f"attempt {study.attempts} of {max_attempts} failed: {reason}",
+        )
         return StudyStatus.FAILED
     _retire_outbox(session, study.id, TRIAGE)
-    session.add(OutboxRow(study_id=study.id, task=TRIAGE, generation=study.generation,
-                          created_at=now,
-                          not_before=now + timedelta(seconds=retry_after_seconds)))
-    _transition(session, study, StudyStatus.QUEUED, now,
-                f"attempt {study.attempts} of {max_attempts} failed: {reason}")
+    session.add(
+        OutboxRow(
+            study_id=study.id,
+            task=TRIAGE,
+            generation=study.generation,
+            created_at=now,
+            not_before=now + timedelta(seconds=retry_after_seconds),
+        )
+    )
+    _transition(
+        session,
+        study,
+        StudyStatus.QUEUED,
+        now,
+        f"attempt {study.attempts} of {max_attempts} failed: {reason}",
+    )
     return StudyStatus.QUEUED
 
 
@@ -499,9 +587,12 @@ def pending_deliveries(session: Session, study_id: int) -> list[tuple[Delivery, 
     rows = session.execute(
         select(Delivery, Output)
         .join(Output, Output.id == Delivery.output_id)
-        .where(Output.study_id == study_id, Output.generation == study.generation,
-               Delivery.state == DeliveryState.PENDING)
-        .order_by(Output.kind.desc(), Output.id, Delivery.id)  # SCs before the SR citing them
+        .where(
+            Output.study_id == study_id,
+            Output.generation == study.generation,
+            Delivery.state == DeliveryState.PENDING,
+        )
+        .order_by(Output.kind, Output.id, Delivery.id)  # "sc" < "sr": SCs before the SR citing them
     ).all()
     return [(delivery, output) for delivery, output in rows]
 
@@ -551,20 +642,32 @@ def settle_delivery(
         failed = session.scalars(
             select(Delivery)
             .join(Output, Output.id == Delivery.output_id)
-            .where(Output.study_id == study_id, Output.generation == study.generation,
-                   Delivery.state == DeliveryState.FAILED)
+            .where(
+                Output.study_id == study_id,
+                Output.generation == study.generation,
+                Delivery.state == DeliveryState.FAILED,
+            )
         ).first()
         reason = (
             f"delivery to {failed.destination} failed after {failed.attempts} attempts: "
-            f"{failed.error}" if failed else "delivery failed"
+            f"{failed.error}"
+            if failed
+            else "delivery failed"
         )
         study.reason = reason
         _retire_outbox(session, study_id, DELIVER)
         _transition(session, study, StudyStatus.FAILED, now, reason)
         return StudyStatus.FAILED
     _retire_outbox(session, study_id, DELIVER)
-    session.add(OutboxRow(study_id=study_id, task=DELIVER, generation=study.generation,
-                          created_at=now, not_before=retry_at))
+    session.add(
+        OutboxRow(
+            study_id=study_id,
+            task=DELIVER,
+            generation=study.generation,
+            created_at=now,
+            not_before=retry_at,
+        )
+    )
     return StudyStatus.DELIVERING
 
 
@@ -593,7 +696,8 @@ def resend(session: Session, study: Study, *, now: datetime) -> int:
     if not rows:
         return 0
     _retire_outbox(session, study.id, DELIVER)
-    session.add(OutboxRow(study_id=study.id, task=DELIVER, generation=study.generation,
-                          created_at=now))
+    session.add(
+        OutboxRow(study_id=study.id, task=DELIVER, generation=study.generation, created_at=now)
+    )
     _transition(session, study, StudyStatus.DELIVERING, now, "resend requested")
     return len(rows)

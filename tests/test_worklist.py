@@ -17,9 +17,17 @@ T0 = datetime(2026, 1, 1, 12, 0, tzinfo=UTC)
 
 def facts(sop: str, *, study: str = "1.2.3", sha: str = "a" * 64) -> worklist.InstanceFacts:
     return worklist.InstanceFacts(
-        study_uid=study, series_uid=f"{study}.1", sop_instance_uid=sop,
-        sop_class_uid="1.2.840.10008.5.1.4.1.1.2", transfer_syntax_uid="1.2.840.10008.1.2.1",
-        path=f"/spool/{sop}.dcm", size_bytes=10, sha256=sha, modality="CT", calling_ae="CT1")
+        study_uid=study,
+        series_uid=f"{study}.1",
+        sop_instance_uid=sop,
+        sop_class_uid="1.2.840.10008.5.1.4.1.1.2",
+        transfer_syntax_uid="1.2.840.10008.1.2.1",
+        path=f"/spool/{sop}.dcm",
+        size_bytes=10,
+        sha256=sha,
+        modality="CT",
+        calling_ae="CT1",
+    )
 
 
 def study_row(sessions: sessionmaker[Session], uid: str = "1.2.3") -> Study:
@@ -42,14 +50,22 @@ def test_identical_resend_changes_nothing_and_new_bytes_replace(
         first = worklist.record_instance(session, facts("1.2.3.1.1"), association_id=None, now=T0)
     # when the same instance arrives again, then with other bytes
     with transaction(sessions) as session:
-        again = worklist.record_instance(session, facts("1.2.3.1.1"), association_id=None,
-                                         now=T0 + timedelta(seconds=5))
+        again = worklist.record_instance(
+            session, facts("1.2.3.1.1"), association_id=None, now=T0 + timedelta(seconds=5)
+        )
     with transaction(sessions) as session:
-        changed = worklist.record_instance(session, facts("1.2.3.1.1", sha="b" * 64),
-                                           association_id=None, now=T0 + timedelta(seconds=6))
+        changed = worklist.record_instance(
+            session,
+            facts("1.2.3.1.1", sha="b" * 64),
+            association_id=None,
+            now=T0 + timedelta(seconds=6),
+        )
     # then one row, the newest bytes, and the identical resend did not move the quiet period
     assert (first, again, changed) == (
-        worklist.Recorded.NEW, worklist.Recorded.IDENTICAL, worklist.Recorded.REPLACED)
+        worklist.Recorded.NEW,
+        worklist.Recorded.IDENTICAL,
+        worklist.Recorded.REPLACED,
+    )
     with transaction(sessions) as session:
         rows = session.scalars(select(Instance)).all()
         assert [r.sha256 for r in rows] == ["b" * 64]
@@ -74,8 +90,14 @@ def test_study_completes_after_quiet_period_and_not_before(
 
 def test_open_association_holds_completion(sessions: sessionmaker[Session]) -> None:
     with transaction(sessions) as session:
-        assoc = worklist.open_association(session, calling_ae="CT1", called_ae="HRCT_TRIAGE",
-                                          peer_address="127.0.0.1", peer_port=1, now=T0)
+        assoc = worklist.open_association(
+            session,
+            calling_ae="CT1",
+            called_ae="HRCT_TRIAGE",
+            peer_address="127.0.0.1",
+            peer_port=1,
+            now=T0,
+        )
         worklist.record_instance(session, facts("1.2.3.1.1"), association_id=assoc, now=T0)
     assert complete(sessions, T0 + timedelta(hours=1)) == []
     with transaction(sessions) as session:
@@ -88,8 +110,9 @@ def test_late_instance_reopens_a_finished_study(sessions: sessionmaker[Session])
         worklist.record_instance(session, facts("1.2.3.1.1"), association_id=None, now=T0)
     complete(sessions, T0 + timedelta(seconds=10))
     with transaction(sessions) as session:
-        worklist.record_instance(session, facts("1.2.3.1.2"), association_id=None,
-                                 now=T0 + timedelta(seconds=20))
+        worklist.record_instance(
+            session, facts("1.2.3.1.2"), association_id=None, now=T0 + timedelta(seconds=20)
+        )
     assert study_row(sessions).status == StudyStatus.RECEIVING
     complete(sessions, T0 + timedelta(seconds=30))
     assert study_row(sessions).generation == 2
@@ -109,16 +132,23 @@ def test_claim_is_exclusive_until_its_lease_lapses(sessions: sessionmaker[Sessio
     with transaction(sessions) as session:
         second = worklist.claim(session, study_id, worker="w2", lease_seconds=60, now=now)
     with transaction(sessions) as session:
-        after_lease = worklist.claim(session, study_id, worker="w3", lease_seconds=60,
-                                     now=now + timedelta(seconds=61))
+        after_lease = worklist.claim(
+            session, study_id, worker="w3", lease_seconds=60, now=now + timedelta(seconds=61)
+        )
     assert first is not None and second is None and after_lease is not None
     assert after_lease.attempts == 2
     # the first worker's late result is refused: its claim was overtaken
     record = worklist.AnalysisRecord(0.9, True, 0.8, "v", "1.2.3.1", [], {})
     with transaction(sessions) as session:
-        assert not worklist.finish_analysis(session, first, analysis=record, outputs=[],
-                                             destinations=[], now=now,
-                                             delivery_grace_seconds=60)
+        assert not worklist.finish_analysis(
+            session,
+            first,
+            analysis=record,
+            outputs=[],
+            destinations=[],
+            now=now,
+            delivery_grace_seconds=60,
+        )
 
 
 def test_concurrent_claims_give_the_study_to_one_worker(sessions: sessionmaker[Session]) -> None:
@@ -129,8 +159,11 @@ def test_concurrent_claims_give_the_study_to_one_worker(sessions: sessionmaker[S
     def take(name: str) -> None:
         barrier.wait()
         with transaction(sessions) as session:
-            claims.append(worklist.claim(session, study_id, worker=name, lease_seconds=60,
-                                         now=T0 + timedelta(seconds=11)))
+            claims.append(
+                worklist.claim(
+                    session, study_id, worker=name, lease_seconds=60, now=T0 + timedelta(seconds=11)
+                )
+            )
 
     threads = [threading.Thread(target=take, args=(f"w{i}",)) for i in range(4)]
     for thread in threads:
@@ -149,9 +182,16 @@ def test_failed_attempts_retry_then_fail_with_reason(sessions: sessionmaker[Sess
             claim = worklist.claim(session, study_id, worker="w", lease_seconds=60, now=now)
             assert claim is not None
         with transaction(sessions) as session:
-            outcomes.append(worklist.fail_analysis(session, claim, reason="ValueError: bad pixels",
-                                                   max_attempts=2, retry_after_seconds=0,
-                                                   now=now))
+            outcomes.append(
+                worklist.fail_analysis(
+                    session,
+                    claim,
+                    reason="ValueError: bad pixels",
+                    max_attempts=2,
+                    retry_after_seconds=0,
+                    now=now,
+                )
+            )
     assert outcomes == [StudyStatus.QUEUED, StudyStatus.FAILED]
     study = study_row(sessions)
     assert study.reason == "ValueError: bad pixels"
@@ -166,10 +206,12 @@ def test_published_once_then_again_only_when_nobody_took_it(
         due = worklist.due_publications(session, now=now, republish_seconds=120)
         worklist.mark_published(session, [d.outbox_id for d in due], now=now)
     with transaction(sessions) as session:
-        soon = worklist.due_publications(session, now=now + timedelta(seconds=60),
-                                         republish_seconds=120)
-        later = worklist.due_publications(session, now=now + timedelta(seconds=121),
-                                          republish_seconds=120)
+        soon = worklist.due_publications(
+            session, now=now + timedelta(seconds=60), republish_seconds=120
+        )
+        later = worklist.due_publications(
+            session, now=now + timedelta(seconds=121), republish_seconds=120
+        )
     assert len(due) == 1 and soon == [] and [d.outbox_id for d in later] == [due[0].outbox_id]
 
 
@@ -180,19 +222,28 @@ def test_requeue_starts_a_new_generation_and_worklist_puts_positives_first(
     ids = {}
     for uid, probability in (("1.2.3", 0.1), ("1.2.4", 0.95)):
         with transaction(sessions) as session:
-            worklist.record_instance(session, facts(f"{uid}.1.1", study=uid),
-                                     association_id=None, now=T0)
+            worklist.record_instance(
+                session, facts(f"{uid}.1.1", study=uid), association_id=None, now=T0
+            )
         ids[uid] = complete(sessions, T0 + timedelta(seconds=10))[0]
         with transaction(sessions) as session:
             claim = worklist.claim(session, ids[uid], worker="w", lease_seconds=60, now=T0)
             assert claim is not None
             worklist.finish_analysis(
-                session, claim, now=T0, destinations=[], outputs=[], delivery_grace_seconds=60,
-                analysis=worklist.AnalysisRecord(probability, probability >= 0.8, 0.8, "v",
-                                                 f"{uid}.1", [], {}))
+                session,
+                claim,
+                now=T0,
+                destinations=[],
+                outputs=[],
+                delivery_grace_seconds=60,
+                analysis=worklist.AnalysisRecord(
+                    probability, probability >= 0.8, 0.8, "v", f"{uid}.1", [], {}
+                ),
+            )
     with transaction(sessions) as session:
-        worklist.record_instance(session, facts("1.2.5.1.1", study="1.2.5"),
-                                 association_id=None, now=T0)
+        worklist.record_instance(
+            session, facts("1.2.5.1.1", study="1.2.5"), association_id=None, now=T0
+        )
     with transaction(sessions) as session:
         order = [row["study_uid"] for row in queries.worklist_rows(session)]
     assert order == ["1.2.4", "1.2.5", "1.2.3"]
@@ -204,6 +255,7 @@ def test_requeue_starts_a_new_generation_and_worklist_puts_positives_first(
     study_after = study_row(sessions)
     assert (study_after.status, study_after.generation) == (StudyStatus.QUEUED, 2)
     with transaction(sessions) as session:
-        events = session.scalar(select(func.count()).select_from(Event)
-                                .where(Event.study_id == ids["1.2.3"]))
+        events = session.scalar(
+            select(func.count()).select_from(Event).where(Event.study_id == ids["1.2.3"])
+        )
         assert events and events >= 4

@@ -1,21 +1,20 @@
-"""Builds the outputs of one analysis and files them under the data folder.
+"""Builds the outputs of one analysis and files them where the worklist will point.
 
-The SCs are built first because the SR cites them. Files are written durably (the worklist will
-point at them, and a redelivery re-sends them byte for byte).
+The objects are rebuilt byte for byte by a redelivered task: ``content_datetime`` comes from the
+worklist (when this analysis was queued) and ``analysis_id`` is the analysis generation.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from datetime import datetime
-from io import BytesIO
 from pathlib import Path
 
 from pydicom import Dataset
 
-from db.settings import Settings
 from db.worklist import OutputRecord
-from db.storage import write_durably
+from worker.outputs import build_outputs, write_output
 from worker.results import StudyAnalysis
 
 
@@ -27,26 +26,20 @@ def build_study_outputs(
     content_datetime: datetime,
     predecessor: Dataset | None,
     out_dir: Path,
-    settings: Settings,
 ) -> list[OutputRecord]:
-    from worker.sc import build_heatmap_scs
-    from worker.sr import build_sr
-
-    by_uid = {str(h.SOPInstanceUID): h for h in headers}
-    scs = build_heatmap_scs(analysis, by_uid, content_datetime=content_datetime,
-                            series_number=settings.sc_series_number)
-    sr = build_sr(analysis, headers, scs, content_datetime=content_datetime,
-                  series_number=settings.sr_series_number, predecessor=predecessor)
-    records = [_file(ds, "sc", out_dir) for ds in scs]
-    records.append(_file(sr, "sr", out_dir))
-    return records
-
-
-def _file(dataset: Dataset, kind: str, out_dir: Path) -> OutputRecord:
-    buffer = BytesIO()
-    dataset.save_as(buffer, enforce_file_format=True)
-    path = out_dir / f"{kind}-{dataset.SOPInstanceUID}.dcm"
-    write_durably(path, buffer.getvalue())
-    return OutputRecord(kind=kind, sop_instance_uid=str(dataset.SOPInstanceUID),
-                        sop_class_uid=str(dataset.SOPClassUID),
-                        series_uid=str(dataset.SeriesInstanceUID), path=str(path))
+    """SCs then the SR, written durably under ``out_dir``; returns their worklist records."""
+    analysis = dataclasses.replace(analysis, analysis_id=str(generation))
+    outputs = build_outputs(
+        analysis, headers, content_datetime=content_datetime, predecessor=predecessor
+    )
+    out_dir.mkdir(parents=True, exist_ok=True)
+    return [
+        OutputRecord(
+            kind="sr" if dataset is outputs.sr else "sc",
+            sop_instance_uid=str(dataset.SOPInstanceUID),
+            sop_class_uid=str(dataset.SOPClassUID),
+            series_uid=str(dataset.SeriesInstanceUID),
+            path=str(write_output(dataset, out_dir)),
+        )
+        for dataset in outputs.all
+    ]

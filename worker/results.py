@@ -74,3 +74,6 @@ class StudyAnalysis:
     heatmaps: list[HeatMap]
     model: ModelInfo
     timings: dict[str, float] = field(default_factory=dict)
+    # Which analysis of the study this is (the worklist's generation): part of the output UIDs,
+    # so a requeued study gets new objects that supersede the old ones.
+    analysis_id: str = ""

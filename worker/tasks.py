@@ -34,8 +34,9 @@ def _loaded_model() -> LoadedModel:
 
     settings = get_settings()
     with _model_lock:
-        return load_model(settings.model_path or default_checkpoint(),
-                          allow_untrained=settings.allow_untrained)
+        return load_model(
+            settings.model_path or default_checkpoint(), allow_untrained=settings.allow_untrained
+        )
 
 
 @lru_cache(maxsize=1)

@@ -1,0 +1,106 @@
+"""The DICOM outputs of an analysis: one TID 1500 SR and the heat-map Secondary Captures.
+
+The entry point the pipeline calls. The builders live in ``worker.sr`` and ``worker.sc``; their
+identity (UIDs, dates, equipment) in ``worker.uids``.
+
+Contract, written once:
+- Same ``StudyAnalysis`` (same study, analysed instances, model, threshold) and the same
+  ``content_datetime`` => byte-identical objects with the same SOP Instance UIDs, so a
+  redelivery sends the same objects. Take ``content_datetime`` from the worklist (the recorded
+  analysis time), never from the clock at delivery.
+- Another analysed set, model (version or weights) or threshold => new UIDs (a new object;
+  pass the previous SR as ``predecessor`` to say it is superseded).
+- Every object is in the source study, says "not for diagnostic use" in its series
+  description, and passes ``dciodvfy`` without errors (tests/test_outputs.py checks this).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from io import BytesIO
+from pathlib import Path
+
+from pydicom import Dataset
+
+from db.storage import write_durably
+from worker.results import StudyAnalysis
+from worker.sc import build_heatmap_scs, render_heatmap
+from worker.sr import build_not_analysed_sr, build_sr
+from worker.uids import OutputKey, derive_uid
+
+__all__ = [
+    "OutputKey",
+    "StudyOutputs",
+    "build_heatmap_scs",
+    "build_not_analysed_sr",
+    "build_outputs",
+    "build_sr",
+    "derive_uid",
+    "encode",
+    "render_heatmap",
+    "write_output",
+]
+
+
+@dataclass(frozen=True)
+class StudyOutputs:
+    """The objects to send for one analysis; ``all`` is the order to send them in."""
+
+    sr: Dataset
+    scs: list[Dataset]
+
+    @property
+    def all(self) -> list[Dataset]:
+        """SCs first: a PACS that receives the SR can then already resolve its references."""
+        return [*self.scs, self.sr]
+
+
+def build_outputs(
+    analysis: StudyAnalysis,
+    headers: Sequence[Dataset],
+    *,
+    content_datetime: datetime,
+    predecessor: Dataset | None = None,
+    institution_name: str | None = None,
+) -> StudyOutputs:
+    """Heat-map SCs for ``analysis.heatmaps`` and the SR that lists them in its image library.
+
+    ``headers`` are the source series' headers (no pixel data needed); they must cover every
+    analysed slice and every heat-map slice.
+    """
+    by_uid = {str(ds.get("SOPInstanceUID", "")): ds for ds in headers}
+    scs = build_heatmap_scs(analysis, by_uid, content_datetime=content_datetime)
+    sr = build_sr(
+        analysis,
+        headers,
+        scs,
+        content_datetime=content_datetime,
+        predecessor=predecessor,
+        institution_name=institution_name,
+    )
+    return StudyOutputs(sr=sr, scs=scs)
+
+
+def encode(ds: Dataset) -> bytes:
+    """The Part 10 file bytes of ``ds`` (with file meta), as they are stored and compared."""
+    buffer = BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    return buffer.getvalue()
+
+
+def write_output(ds: Dataset, directory: str | os.PathLike[str]) -> Path:
+    """Write ``ds`` durably as ``<directory>/<SOPInstanceUID>.dcm`` and return the path.
+
+    Durable (``db.storage.write_durably``): a crash never leaves a half file under the final
+    name, and writing the same object twice is harmless.
+    """
+    folder = Path(directory)
+    if not folder.is_dir():
+        raise ValueError(f"directory: {folder} is not a directory")
+    uid = str(ds.get("SOPInstanceUID", ""))
+    if not uid or not all(c.isdigit() or c == "." for c in uid):
+        raise ValueError(f"ds: SOPInstanceUID {uid!r} is not a UID")
+    return write_durably(folder / f"{uid}.dcm", encode(ds)).path
