@@ -9,6 +9,7 @@ import json
 import logging
 import os
 import signal
+import sys
 import threading
 from datetime import UTC, datetime
 from pathlib import Path
@@ -31,7 +32,8 @@ app = typer.Typer(
 )
 db_app = typer.Typer(help="Worklist database administration.", no_args_is_help=True)
 app.add_typer(db_app, name="db")
-console = Console()
+# Off a terminal (CI logs, pipes) rich would fold 64-character UIDs at 80 columns.
+console = Console(width=None if sys.stdout.isatty() else 180)
 NOTHING_MATCHED = 3
 
 
