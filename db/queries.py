@@ -13,7 +13,7 @@ from typing import Any
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, selectinload
 
-from db.models import Delivery, Instance, Output, Series, Study
+from db.models import Instance, Output, Study
 
 
 def _iso(value: datetime | None) -> str | None:
@@ -158,11 +158,3 @@ def study_detail(session: Session, study_uid: str) -> dict[str, Any] | None:
         for e in study.events
     ]
     return detail
-
-
-def delivery_count(session: Session) -> int:
-    return int(session.scalar(select(func.count()).select_from(Delivery)) or 0)
-
-
-def series_count(session: Session) -> int:
-    return int(session.scalar(select(func.count()).select_from(Series)) or 0)
