@@ -144,6 +144,9 @@ class Association(Base):
     bytes: Mapped[int] = mapped_column(BigInteger, default=0)
     failures: Mapped[int] = mapped_column(Integer, default=0)
     rejection_reason: Mapped[str | None] = mapped_column(Text)
+    # C-STORE statuses answered on this association, e.g. {"0x0000": 300, "0xA700": 1}.
+    statuses: Mapped[dict[str, int] | None] = mapped_column(JSON)
+    tls: Mapped[bool] = mapped_column(Boolean, default=False)
 
 
 class Instance(Base):
@@ -163,6 +166,49 @@ class Instance(Base):
 
     study: Mapped[Study] = relationship(back_populates="instances")
     series: Mapped[Series] = relationship(back_populates="instances")
+
+
+class InstanceReplacement(Base):
+    """A SOP Instance UID received again with different bytes: the version that was replaced.
+
+    The newest version is kept in the spool and in ``instances``; this row keeps the fact that an
+    older one was acknowledged, from which association, and what it hashed to.
+    """
+
+    __tablename__ = "instance_replacements"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    study_id: Mapped[int] = mapped_column(ForeignKey("studies.id"), index=True)
+    sop_instance_uid: Mapped[str] = mapped_column(UID, index=True)
+    old_sha256: Mapped[str] = mapped_column(String(64))
+    old_size_bytes: Mapped[int] = mapped_column(BigInteger)
+    old_association_id: Mapped[int | None] = mapped_column(ForeignKey("associations.id"))
+    old_received_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    # Where the old version lay; the listener deletes it once the new one is committed.
+    old_path: Mapped[str] = mapped_column(Text)
+    new_sha256: Mapped[str] = mapped_column(String(64))
+    new_association_id: Mapped[int | None] = mapped_column(ForeignKey("associations.id"))
+    replaced_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
+class Refusal(Base):
+    """A C-STORE we answered with a failure status, when the data set named its study.
+
+    A *transient* refusal (out of disk, database unavailable) is one the scanner will retry: until
+    that SOP instance is stored, its study is not complete, so it is never analysed on a partial
+    set.
+    """
+
+    __tablename__ = "refusals"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    association_id: Mapped[int | None] = mapped_column(ForeignKey("associations.id"), index=True)
+    study_uid: Mapped[str] = mapped_column(UID, index=True)
+    sop_instance_uid: Mapped[str] = mapped_column(UID)
+    status: Mapped[int] = mapped_column(Integer)
+    transient: Mapped[bool] = mapped_column(Boolean)
+    reason: Mapped[str] = mapped_column(Text)
+    at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
 
 
 class OutboxRow(Base):

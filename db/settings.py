@@ -12,7 +12,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Annotated
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 _DESTINATION = re.compile(r"^(?P<ae>[^@]{1,16})@(?P<host>[^:]+):(?P<port>\d{1,5})$")
@@ -35,6 +35,19 @@ class Destination:
         if match is None:
             raise ValueError(f"HRCT_DESTINATIONS entry {text!r} is not AE@host:port")
         return cls(match["ae"], match["host"], int(match["port"]))
+
+
+NOT_FOR_DIAGNOSTIC_USE = "not for diagnostic use"
+
+
+def check_series_description(value: str) -> str:
+    """An output series description: a DICOM LO that warns the reader the object is not for
+    diagnosis (the product is untrained on patients; the warning must survive configuration)."""
+    if not 1 <= len(value) <= 64 or "\\" in value:
+        raise ValueError(f"series description {value!r} needs 1..64 characters, no backslash")
+    if NOT_FOR_DIAGNOSTIC_USE not in value.lower():
+        raise ValueError(f"series description {value!r} must say {NOT_FOR_DIAGNOSTIC_USE!r}")
+    return value
 
 
 def _comma_list(value: object) -> list[str]:
@@ -64,6 +77,35 @@ class Settings(BaseSettings):
     allowed_aets: Annotated[list[str], NoDecode] = Field(default_factory=list)
     destinations: Annotated[list[str], NoDecode] = Field(default_factory=list)
 
+    # --- listener limits (PS3.8 association and DIMSE timers; each value with its reason) ---
+    # Several scanners at once, each may open a few associations; above this pynetdicom answers
+    # A-ASSOCIATE-RJ "local limit exceeded" and the scanner retries later.
+    max_associations: int = Field(32, ge=1)
+    # Largest P-DATA PDU we accept. 128 KiB keeps a 512x512 CT slice to four PDUs (fewer Python
+    # round trips) while bounding what one PDU can make us buffer. 0 would mean unlimited.
+    max_pdu_bytes: int = Field(131072, ge=0)
+    # Seconds to finish association negotiation (A-ASSOCIATE-RQ to -AC); a peer that connects and
+    # says nothing must not hold an association slot.
+    acse_timeout_seconds: float = Field(30.0, gt=0)
+    # Seconds to wait for the next message of a DIMSE operation: a stalled C-STORE is abandoned.
+    dimse_timeout_seconds: float = Field(60.0, gt=0)
+    # An association silent this long is closed, so the study it fed can complete.
+    network_timeout_seconds: float = Field(120.0, gt=0)
+    # Largest data set we store: an Enhanced CT multi-frame of 1000 512x512 frames is ~0.5 GiB;
+    # anything bigger is refused with 0xA700 (the data set is held in memory while it arrives).
+    max_instance_bytes: int = Field(1 << 30, ge=1)
+    # Free space the spool's file system must keep after a write; below it C-STOREs are refused
+    # with 0xA700 before anything is written, so the database and the OS never run out first.
+    min_free_disk_bytes: int = Field(1 << 30, ge=0)
+
+    # --- DICOM TLS (PS3.15 B.1); off unless a certificate and key are given ---
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    # CA bundle that client certificates must chain to (mutual TLS).
+    tls_ca: Path | None = None
+    # Refuse a TLS client that presents no certificate signed by ``tls_ca``.
+    tls_require_client_cert: bool = False
+
     # A study is complete this long after its last instance, once no association feeding it is
     # open. Ten seconds covers the pause between series on the scanners we know of.
     quiet_seconds: float = Field(10.0, ge=0)
@@ -86,10 +128,42 @@ class Settings(BaseSettings):
     lease_seconds: float = Field(900.0, gt=0)
     # Analysis attempts before a study ends failed (a poison study must not loop forever).
     max_attempts: int = Field(3, ge=1)
-    # Delivery: tries per output and destination before the study ends failed.
-    delivery_attempts: int = Field(5, ge=1)
+    # Delivery: tries per output and destination before the study ends failed. Twelve tries with
+    # the backoff below span about 2.4 h: a PACS restart or a maintenance window is ridden out,
+    # a PACS gone for good is reported within the same shift.
+    delivery_attempts: int = Field(12, ge=1)
+    # First wait between delivery rounds; it doubles each round, with jitter. Five seconds lets a
+    # PACS that merely restarts get the results almost at once.
     delivery_backoff_seconds: float = Field(5.0, ge=0)
+    # Longest wait between delivery rounds however long the PACS has been down: once it is back,
+    # results reach it within the hour.
+    delivery_backoff_max_seconds: float = Field(3600.0, ge=0)
     delivery_timeout_seconds: float = Field(30.0, gt=0)
+    # A worker's hold on a study's delivery round, so two workers never send it at once; a killed
+    # worker's hold lapses after this. Ten minutes covers a round of ten objects to two slow
+    # destinations at the 30 s timeout per answer.
+    delivery_lease_seconds: float = Field(600.0, gt=0)
+    # A study that ends not_applicable gets an SR saying so and why (off: some PACS file such
+    # reports as clutter).
+    not_analysed_sr: bool = False
+    # Series of the outputs; the descriptions must say "not for diagnostic use".
+    # The read-only web worklist (`hrct-triage web`): its bearer token, and where it listens.
+    web_token: str | None = None
+    web_host: str = "127.0.0.1"
+    web_port: int = Field(8080, ge=1, le=65535)
+    # Time to notification (last instance -> SR acknowledged) above which `stats` and the log
+    # raise an alarm: 15 minutes, the turnaround a triage tool must beat to change reading order.
+    notification_target_seconds: float = Field(900.0, gt=0)
+
+    sr_series_number: int = Field(9901, ge=1, le=2**31 - 1)
+    sr_series_description: str = "AI COVID-19 triage SR - not for diagnostic use"
+    sc_series_number: int = Field(9902, ge=1, le=2**31 - 1)
+    sc_series_description: str = "AI COVID-19 heat map - not for diagnostic use"
+
+    @field_validator("sr_series_description", "sc_series_description")
+    @classmethod
+    def _not_for_diagnostic_use(cls, value: str) -> str:
+        return check_series_description(value)
 
     @field_validator("allowed_aets", "destinations", mode="before")
     @classmethod
@@ -102,6 +176,27 @@ class Settings(BaseSettings):
         for entry in value:
             Destination.parse(entry)
         return value
+
+    @field_validator("allowed_aets")
+    @classmethod
+    def _check_allowed_aets(cls, value: list[str]) -> list[str]:
+        for entry in value:
+            title, _, host = entry.partition("@")
+            if not 0 < len(title.strip()) <= 16 or ("@" in entry and not host.strip()):
+                raise ValueError(f"HRCT_ALLOWED_AETS entry {entry!r} is not AE or AE@host")
+        return value
+
+    @model_validator(mode="after")
+    def _check_tls(self) -> Settings:
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("HRCT_TLS_CERT and HRCT_TLS_KEY must be given together")
+        if self.tls_require_client_cert and (self.tls_cert is None or self.tls_ca is None):
+            raise ValueError("HRCT_TLS_REQUIRE_CLIENT_CERT needs HRCT_TLS_CERT, _KEY and _CA")
+        return self
+
+    @property
+    def tls_enabled(self) -> bool:
+        return self.tls_cert is not None
 
     @property
     def spool_dir(self) -> Path:

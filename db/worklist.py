@@ -5,9 +5,11 @@ commits by itself, so a state change and the outbox row announcing it land toget
 The contract each transition keeps:
 
 * ``record_instance``: the instance row exists when it returns; an identical resend changes
-  nothing; a new or changed instance of a study that was already complete re-opens it.
-* ``complete_ready_studies``: a study moves to ``queued`` only after the quiet period and only when
-  no open association has fed it; the same transaction writes its ``triage`` outbox row.
+  nothing; a changed one keeps the newest version and an ``instance_replacements`` row for the
+  old one; a new or changed instance of a study that was already complete re-opens it.
+* ``complete_ready_studies``: a study moves to ``queued`` only after the quiet period, only when
+  no open association has fed it and no transient refusal of one of its instances is outstanding;
+  the same transaction writes its ``triage`` outbox row.
 * ``claim``: at most one worker holds a study at a time; a lease that lapses (worker killed) lets
   another take it. Everything a worker records afterwards is checked against its claim token, so
   a superseded analysis records nothing.
@@ -17,12 +19,12 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from enum import Enum
 from typing import Any
 
-from sqlalchemy import and_, exists, or_, select, update
+from sqlalchemy import and_, exists, func, insert, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
@@ -32,8 +34,10 @@ from db.models import (
     DeliveryState,
     Event,
     Instance,
+    InstanceReplacement,
     OutboxRow,
     Output,
+    Refusal,
     Series,
     Study,
     StudyStatus,
@@ -44,6 +48,9 @@ TRIAGE = "triage"
 DELIVER = "deliver"
 
 _ANSWERED = (StudyStatus.DONE, StudyStatus.FAILED, StudyStatus.NOT_APPLICABLE)
+# A not_applicable study may still owe its not-analysed SR; it is delivered without leaving
+# not_applicable (see ``mark_not_applicable``).
+_DELIVERABLE = (StudyStatus.DELIVERING, StudyStatus.NOT_APPLICABLE)
 
 
 class Recorded(Enum):
@@ -134,55 +141,215 @@ def open_association(
     now: datetime,
     state: str = "open",
     rejection_reason: str | None = None,
+    tls: bool = False,
 ) -> int:
     row = Association(
         calling_ae=calling_ae[:16],
         called_ae=called_ae[:16],
-        peer_address=peer_address,
+        peer_address=peer_address[:64],
         peer_port=peer_port,
         state=state,
         started_at=now,
         rejection_reason=rejection_reason,
         ended_at=now if state != "open" else None,
+        tls=tls,
     )
     session.add(row)
     session.flush()
     return row.id
 
 
-def close_association(session: Session, association_id: int, *, state: str, now: datetime) -> None:
+@dataclass
+class AssociationTally:
+    """What one association did, kept in the listener's memory and written when it closes
+    (one UPDATE per association instead of one per instance)."""
+
+    instances: int = 0
+    bytes: int = 0
+    failures: int = 0
+    statuses: dict[str, int] = field(default_factory=dict)
+
+    def count(self, status: int, size: int) -> None:
+        key = f"0x{status:04X}"
+        self.statuses[key] = self.statuses.get(key, 0) + 1
+        if status == 0:
+            self.instances += 1
+            self.bytes += size
+        else:
+            self.failures += 1
+
+
+def close_association(
+    session: Session,
+    association_id: int,
+    *,
+    state: str,
+    now: datetime,
+    tally: AssociationTally | None = None,
+) -> None:
+    values: dict[str, Any] = {"state": state, "ended_at": now}
+    if tally is not None:
+        values.update(
+            instances=tally.instances,
+            bytes=tally.bytes,
+            failures=tally.failures,
+            statuses=dict(tally.statuses),
+        )
     session.execute(
         update(Association)
         .where(Association.id == association_id, Association.state == "open")
-        .values(state=state, ended_at=now)
+        .values(**values)
     )
-
-
-def count_store(session: Session, association_id: int | None, *, size: int, ok: bool) -> None:
-    if association_id is None:
-        return
-    values: dict[str, Any] = (
-        {"instances": Association.instances + 1, "bytes": Association.bytes + size}
-        if ok
-        else {"failures": Association.failures + 1}
-    )
-    session.execute(update(Association).where(Association.id == association_id).values(**values))
 
 
 def close_orphaned_associations(session: Session, *, now: datetime) -> int:
-    """At listener start: associations still 'open' belonged to a process that died."""
-    result = session.execute(
-        update(Association)
-        .where(Association.state == "open")
-        .values(state="orphaned", ended_at=now)
+    """At listener start: associations still 'open' belonged to a process that died. Their
+    instance counts are rebuilt from the instance rows they committed."""
+    orphans = session.scalars(select(Association.id).where(Association.state == "open")).all()
+    for association_id in orphans:
+        count, size = session.execute(
+            select(func.count(Instance.id), func.coalesce(func.sum(Instance.size_bytes), 0)).where(
+                Instance.association_id == association_id
+            )
+        ).one()
+        session.execute(
+            update(Association)
+            .where(Association.id == association_id)
+            .values(state="orphaned", ended_at=now, instances=int(count), bytes=int(size))
+        )
+    return len(orphans)
+
+
+def record_refusal(
+    session: Session,
+    *,
+    association_id: int | None,
+    study_uid: str,
+    sop_instance_uid: str,
+    status: int,
+    transient: bool,
+    reason: str,
+    now: datetime,
+) -> None:
+    """Keep a refused C-STORE whose study is known; a transient one holds the study open."""
+    session.add(
+        Refusal(
+            association_id=association_id,
+            study_uid=study_uid,
+            sop_instance_uid=sop_instance_uid,
+            status=status,
+            transient=transient,
+            reason=reason[:2000],
+            at=now,
+        )
     )
-    return int(getattr(result, "rowcount", 0) or 0)
+
+
+def spooled_paths(session: Session) -> set[str]:
+    """Every spool path the worklist knows, for the listener's start-up reconciliation."""
+    return set(session.scalars(select(Instance.path)))
+
+
+def replaced_path(session: Session, sop_instance_uid: str) -> str | None:
+    """The file of the version most recently replaced for this SOP instance, if any."""
+    return session.scalar(
+        select(InstanceReplacement.old_path)
+        .where(InstanceReplacement.sop_instance_uid == sop_instance_uid)
+        .order_by(InstanceReplacement.id.desc())
+        .limit(1)
+    )
 
 
 # --- ingest -------------------------------------------------------------------------------
 
 
 def record_instance(
+    session: Session, facts: InstanceFacts, *, association_id: int | None, now: datetime
+) -> Recorded:
+    existing_sha = session.execute(
+        select(Instance.sha256).where(Instance.sop_instance_uid == facts.sop_instance_uid)
+    ).scalar_one_or_none()
+    if existing_sha == facts.sha256:
+        return Recorded.IDENTICAL
+    if existing_sha is None and _record_new_in_receiving_study(session, facts, association_id, now):
+        return Recorded.NEW
+    return _record_instance_in_full(session, facts, association_id=association_id, now=now)
+
+
+def _upsert(session: Session, model: type[Any]) -> Any:
+    dialect = session.get_bind().dialect.name
+    module: Any = postgresql if dialect == "postgresql" else sqlite
+    return module.insert(model)
+
+
+def _record_new_in_receiving_study(
+    session: Session, facts: InstanceFacts, association_id: int | None, now: datetime
+) -> bool:
+    """The common case in three statements (the listener's hot path): a new instance of a study
+    that is still receiving. False, with nothing but the study's last-instance time changed,
+    when the study has moved on and needs the full transition in ``_record_instance_in_full``.
+
+    The study upsert locks the study row like ``SELECT ... FOR UPDATE`` would, so completion
+    cannot slip between it and the instance insert.
+    """
+    study_insert = _upsert(session, Study).values(
+        study_uid=facts.study_uid,
+        status=StudyStatus.RECEIVING,
+        priority=priority_for(StudyStatus.RECEIVING, None, None),
+        generation=0,
+        attempts=0,
+        calling_ae=facts.calling_ae,
+        accession_number=facts.accession_number,
+        first_instance_at=now,
+        last_instance_at=now,
+        updated_at=now,
+    )
+    study_id, status = session.execute(
+        study_insert.on_conflict_do_update(
+            index_elements=[Study.study_uid],
+            set_={
+                "last_instance_at": now,
+                "updated_at": now,
+                "calling_ae": func.coalesce(study_insert.excluded.calling_ae, Study.calling_ae),
+                "accession_number": func.coalesce(
+                    study_insert.excluded.accession_number, Study.accession_number
+                ),
+            },
+        ).returning(Study.id, Study.status)
+    ).one()
+    if status != StudyStatus.RECEIVING:
+        return False
+    series_insert = _upsert(session, Series).values(
+        study_id=study_id,
+        series_uid=facts.series_uid,
+        modality=facts.modality,
+        series_number=facts.series_number,
+        description=(facts.series_description or "")[:64],
+    )
+    series_id = session.execute(
+        series_insert.on_conflict_do_update(
+            index_elements=[Series.series_uid],
+            set_={"series_uid": series_insert.excluded.series_uid},  # no change; returns the id
+        ).returning(Series.id)
+    ).scalar_one()
+    session.execute(
+        insert(Instance).values(
+            study_id=study_id,
+            series_id=series_id,
+            association_id=association_id,
+            sop_instance_uid=facts.sop_instance_uid,
+            sop_class_uid=facts.sop_class_uid,
+            transfer_syntax_uid=facts.transfer_syntax_uid,
+            path=facts.path,
+            size_bytes=facts.size_bytes,
+            sha256=facts.sha256,
+            received_at=now,
+        )
+    )
+    return True
+
+
+def _record_instance_in_full(
     session: Session, facts: InstanceFacts, *, association_id: int | None, now: datetime
 ) -> Recorded:
     existing = session.scalar(
@@ -237,6 +404,20 @@ def record_instance(
         )
     else:
         outcome = Recorded.REPLACED
+        session.add(
+            InstanceReplacement(
+                study_id=existing.study_id,
+                sop_instance_uid=existing.sop_instance_uid,
+                old_sha256=existing.sha256,
+                old_size_bytes=existing.size_bytes,
+                old_association_id=existing.association_id,
+                old_received_at=existing.received_at,
+                old_path=existing.path,
+                new_sha256=facts.sha256,
+                new_association_id=association_id,
+                replaced_at=now,
+            )
+        )
         existing.association_id = association_id
         existing.transfer_syntax_uid = facts.transfer_syntax_uid
         existing.sop_class_uid = facts.sop_class_uid
@@ -269,12 +450,19 @@ def complete_ready_studies(session: Session, *, quiet_seconds: float, now: datet
         Instance.association_id == Association.id,
         Association.state == "open",
     )
+    stored_since_refusal = exists().where(
+        Instance.sop_instance_uid == Refusal.sop_instance_uid, Instance.received_at >= Refusal.at
+    )
+    awaits_a_refused_instance = exists().where(
+        Refusal.study_uid == Study.study_uid, Refusal.transient.is_(True), ~stored_since_refusal
+    )
     ready = session.scalars(
         select(Study)
         .where(
             Study.status == StudyStatus.RECEIVING,
             Study.last_instance_at <= now - timedelta(seconds=quiet_seconds),
             ~fed_by_open_association,
+            ~awaits_a_refused_instance,
         )
         .with_for_update(skip_locked=True)
     ).all()
@@ -334,13 +522,13 @@ def due_publications(
     ).all()
     due: list[Publication] = []
     for row, study in rows:
-        wanted = StudyStatus.DELIVERING if row.task == DELIVER else StudyStatus.QUEUED
+        wanted = _DELIVERABLE if row.task == DELIVER else (StudyStatus.QUEUED,)
         lease_lapsed = (
             row.task == TRIAGE
             and study.status == StudyStatus.PROCESSING
             and (study.lease_until is None or study.lease_until <= now)
         )
-        if row.generation != study.generation or (study.status != wanted and not lease_lapsed):
+        if row.generation != study.generation or (study.status not in wanted and not lease_lapsed):
             if study.status != StudyStatus.PROCESSING:
                 row.done_at = now  # overtaken: nothing left for this row to announce
             continue
@@ -445,6 +633,42 @@ def finish_analysis(
     study.analysed_at = now
     study.lease_until = None
     study.reason = None
+    _record_outputs(session, study, claim.generation, outputs, destinations, now)
+    _retire_outbox(session, study.id, TRIAGE)
+    if destinations:
+        _owe_delivery(session, study, claim.generation, now, delivery_grace_seconds)
+        _transition(
+            session,
+            study,
+            StudyStatus.DELIVERING,
+            now,
+            f"p={analysis.probability:.3f}; {len(outputs)} outputs to deliver",
+        )
+    else:
+        study.delivered_at = now
+        _transition(
+            session,
+            study,
+            StudyStatus.DONE,
+            now,
+            f"p={analysis.probability:.3f}; no destinations configured",
+        )
+    return True
+
+
+def _record_outputs(
+    session: Session,
+    study: Study,
+    generation: int,
+    outputs: Sequence[OutputRecord],
+    destinations: Sequence[str],
+    now: datetime,
+) -> None:
+    """An output row per object and a pending delivery per object and destination.
+
+    Idempotent: an object already recorded (a redelivered task rebuilt the same UID) keeps its
+    row, and a delivery that exists is left as it is.
+    """
     for record in outputs:
         output = session.scalar(
             select(Output).where(Output.sop_instance_uid == record.sop_instance_uid)
@@ -452,7 +676,7 @@ def finish_analysis(
         if output is None:
             output = Output(
                 study_id=study.id,
-                generation=claim.generation,
+                generation=generation,
                 kind=record.kind,
                 sop_instance_uid=record.sop_instance_uid,
                 sop_class_uid=record.sop_class_uid,
@@ -473,39 +697,41 @@ def finish_analysis(
                     "attempts": 0,
                 },
             )
-    _retire_outbox(session, study.id, TRIAGE)
-    if destinations:
-        # A safety net: if this worker dies before delivering, the dispatcher hands the
-        # delivery to another worker once the grace period is over.
-        session.add(
-            OutboxRow(
-                study_id=study.id,
-                task=DELIVER,
-                generation=claim.generation,
-                created_at=now,
-                not_before=now + timedelta(seconds=delivery_grace_seconds),
-            )
-        )
-        _transition(
-            session,
-            study,
-            StudyStatus.DELIVERING,
-            now,
-            f"p={analysis.probability:.3f}; {len(outputs)} outputs to deliver",
-        )
-    else:
-        study.delivered_at = now
-        _transition(
-            session,
-            study,
-            StudyStatus.DONE,
-            now,
-            f"p={analysis.probability:.3f}; no destinations configured",
-        )
-    return True
 
 
-def mark_not_applicable(session: Session, claim: Claim, *, reason: str, now: datetime) -> bool:
+def _owe_delivery(
+    session: Session, study: Study, generation: int, now: datetime, grace_seconds: float
+) -> None:
+    """A safety net: if this worker dies before delivering, the dispatcher hands the delivery
+    to another worker once the grace period is over."""
+    session.add(
+        OutboxRow(
+            study_id=study.id,
+            task=DELIVER,
+            generation=generation,
+            created_at=now,
+            not_before=now + timedelta(seconds=grace_seconds),
+        )
+    )
+
+
+def mark_not_applicable(
+    session: Session,
+    claim: Claim,
+    *,
+    reason: str,
+    now: datetime,
+    outputs: Sequence[OutputRecord] = (),
+    destinations: Sequence[str] = (),
+    delivery_grace_seconds: float = 60.0,
+) -> bool:
+    """End the analysis ``not_applicable`` with ``reason``; False if the claim was overtaken.
+
+    ``outputs`` (a not-analysed SR) are recorded and owed to ``destinations`` like an
+    analysis' outputs, but the study stays ``not_applicable`` while they travel: that is the
+    verdict the reading worklist needs at once. Delivery shows in the outputs' states and in
+    ``delivered_at``; ``settle_delivery`` never moves such a study to ``done`` or ``failed``.
+    """
     study = _held(session, claim)
     if study is None:
         return False
@@ -513,6 +739,10 @@ def mark_not_applicable(session: Session, claim: Claim, *, reason: str, now: dat
     study.lease_until = None
     study.analysed_at = now
     _retire_outbox(session, study.id, TRIAGE)
+    if outputs and destinations:
+        study.delivered_at = None
+        _record_outputs(session, study, claim.generation, outputs, destinations, now)
+        _owe_delivery(session, study, claim.generation, now, delivery_grace_seconds)
     _transition(session, study, StudyStatus.NOT_APPLICABLE, now, reason)
     return True
 
@@ -579,10 +809,48 @@ def give_up(session: Session, claim: Claim, *, reason: str, now: datetime) -> bo
 # --- delivery -------------------------------------------------------------------------------
 
 
+def claim_delivery(
+    session: Session, study_id: int, *, worker: str, lease_seconds: float, now: datetime
+) -> str | None:
+    """Hold the study's delivery round; None when another worker holds it or nothing is owed.
+
+    Two workers can be handed one study at once (the worker that just analysed it, the
+    safety-net outbox row, a broker redelivery); without a hold each would send every object.
+    The hold reuses the analysis lease columns, free while a study is not being analysed, and
+    lapses after ``lease_seconds`` so a killed worker's round is taken over.
+    """
+    token = str(uuid.uuid4())
+    result = session.execute(
+        update(Study)
+        .where(
+            Study.id == study_id,
+            Study.status.in_(_DELIVERABLE),
+            or_(Study.lease_until.is_(None), Study.lease_until <= now),
+        )
+        .values(
+            claim_token=token,
+            claimed_by=worker[:200],
+            lease_until=now + timedelta(seconds=lease_seconds),
+        )
+        .execution_options(synchronize_session=False)
+    )
+    return token if getattr(result, "rowcount", 0) == 1 else None
+
+
+def release_delivery(session: Session, study_id: int, token: str) -> None:
+    """Give the hold back (a no-op when it was overtaken or the study moved on)."""
+    session.execute(
+        update(Study)
+        .where(Study.id == study_id, Study.claim_token == token, Study.status.in_(_DELIVERABLE))
+        .values(lease_until=None)
+        .execution_options(synchronize_session=False)
+    )
+
+
 def pending_deliveries(session: Session, study_id: int) -> list[tuple[Delivery, Output]]:
     """Deliveries of the study's current analysis that no destination has acknowledged yet."""
     study = session.get(Study, study_id)
-    if study is None or study.status != StudyStatus.DELIVERING:
+    if study is None or study.status not in _DELIVERABLE:
         return []
     rows = session.execute(
         select(Delivery, Output)
@@ -621,18 +889,29 @@ def record_delivery(
 
 
 def settle_delivery(
-    session: Session, study_id: int, *, now: datetime, retry_at: datetime
+    session: Session,
+    study_id: int,
+    *,
+    now: datetime,
+    retry_at: datetime,
+    token: str | None = None,
 ) -> str | None:
     """After a round of sending: ``done`` when every output reached every destination,
-    ``failed`` when one gave up, otherwise another round at ``retry_at``."""
+    ``failed`` when one gave up, otherwise another round at ``retry_at``. A not_applicable
+    study stays so either way (the outcome is in its event log). ``token`` (from
+    ``claim_delivery``) gives the hold back."""
     study = session.scalars(select(Study).where(Study.id == study_id).with_for_update()).one()
-    if study.status != StudyStatus.DELIVERING:
+    if study.status not in _DELIVERABLE:
         return None
+    if token is not None and study.claim_token == token:
+        study.lease_until = None
     states = session.scalars(
         select(Delivery.state)
         .join(Output, Output.id == Delivery.output_id)
         .where(Output.study_id == study_id, Output.generation == study.generation)
     ).all()
+    if study.status == StudyStatus.NOT_APPLICABLE:
+        return _settle_not_analysed(session, study, states, now=now, retry_at=retry_at)
     if all(state == DeliveryState.SENT for state in states):
         study.delivered_at = now
         _retire_outbox(session, study_id, DELIVER)
@@ -658,17 +937,44 @@ def settle_delivery(
         _retire_outbox(session, study_id, DELIVER)
         _transition(session, study, StudyStatus.FAILED, now, reason)
         return StudyStatus.FAILED
-    _retire_outbox(session, study_id, DELIVER)
+    _retry_delivery(session, study, now, retry_at)
+    return StudyStatus.DELIVERING
+
+
+def _retry_delivery(session: Session, study: Study, now: datetime, retry_at: datetime) -> None:
+    """The next round, as an outbox row: it survives worker restarts, the dispatcher
+    publishes it at ``retry_at``."""
+    _retire_outbox(session, study.id, DELIVER)
     session.add(
         OutboxRow(
-            study_id=study_id,
+            study_id=study.id,
             task=DELIVER,
             generation=study.generation,
             created_at=now,
             not_before=retry_at,
         )
     )
-    return StudyStatus.DELIVERING
+
+
+def _settle_not_analysed(
+    session: Session, study: Study, states: Sequence[str], *, now: datetime, retry_at: datetime
+) -> str:
+    """Settle the not-analysed SR of a not_applicable study, which keeps its state and reason:
+    delivered sets ``delivered_at``, a final failure is logged as an event (and shows as the
+    outputs' ``failed`` state), anything else waits for the next round."""
+    if DeliveryState.PENDING in states:
+        _retry_delivery(session, study, now, retry_at)
+        return StudyStatus.NOT_APPLICABLE
+    _retire_outbox(session, study.id, DELIVER)
+    if not states or study.delivered_at is not None:
+        return StudyStatus.NOT_APPLICABLE  # nothing owed (a stale round): record nothing
+    if all(state == DeliveryState.SENT for state in states):
+        study.delivered_at = now
+        detail = f"not-analysed SR: {len(states)} deliveries acknowledged"
+    else:
+        detail = f"not-analysed SR: {states.count(DeliveryState.FAILED)} deliveries failed"
+    _transition(session, study, StudyStatus.NOT_APPLICABLE, now, detail)
+    return StudyStatus.NOT_APPLICABLE
 
 
 # --- operator actions ---------------------------------------------------------------------
@@ -682,8 +988,24 @@ def requeue(session: Session, study: Study, *, now: datetime, detail: str) -> bo
     return True
 
 
+# A study being received or analysed gets new outputs soon; resending the old ones would take it
+# out of the flow that analyses its late instances.
+_RESENDABLE = (
+    StudyStatus.DELIVERING,
+    StudyStatus.DONE,
+    StudyStatus.FAILED,
+    StudyStatus.NOT_APPLICABLE,
+)
+
+
 def resend(session: Session, study: Study, *, now: datetime) -> int:
-    """Send the stored outputs of the latest analysis again, to every destination."""
+    """Send the stored outputs of the latest analysis again, to every destination.
+
+    A not_applicable study stays so (its not-analysed SR is sent again); any other goes back
+    to ``delivering``. Returns how many deliveries were reset (0: nothing to send).
+    """
+    if study.status not in _RESENDABLE:
+        return 0
     rows = session.scalars(
         select(Delivery)
         .join(Output, Output.id == Delivery.output_id)
@@ -699,5 +1021,10 @@ def resend(session: Session, study: Study, *, now: datetime) -> int:
     session.add(
         OutboxRow(study_id=study.id, task=DELIVER, generation=study.generation, created_at=now)
     )
-    _transition(session, study, StudyStatus.DELIVERING, now, "resend requested")
+    if study.status == StudyStatus.NOT_APPLICABLE:
+        study.delivered_at = None
+    else:
+        study.reason = None
+    target = StudyStatus.NOT_APPLICABLE if study.status == StudyStatus.NOT_APPLICABLE else None
+    _transition(session, study, target or StudyStatus.DELIVERING, now, "resend requested")
     return len(rows)

@@ -3,7 +3,9 @@
 The C-STORE contract (pynetdicom's ``doc_handle_store`` has the rest): the handler returns a
 status; success (0x0000) only once the instance is fsynced in the spool *and* its row is committed
 in the worklist. Every other outcome is a failure status the scanner sees and may retry; the
-listener itself keeps serving. Patient identifiers never reach a log line.
+listener itself keeps serving and the other instances of the association are unaffected.
+Patient identifiers never reach a log line: the handler never even decodes them (it reads only
+the attributes in ``listener.dicom_header.WANTED``).
 """
 
 from __future__ import annotations
@@ -12,6 +14,8 @@ import logging
 import threading
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from io import BytesIO
+from pathlib import Path
 from typing import Any
 
 from pydicom.dataset import Dataset
@@ -21,16 +25,40 @@ from sqlalchemy.orm import Session, sessionmaker
 from db import worklist
 from db.session import transaction
 from db.settings import Settings
-from db.storage import InvalidUID, validate_uid, write_durably
-from listener.spool import instance_path
+from db.storage import InvalidUID, validate_uid
+from listener.access import AccessPolicy
+from listener.dicom_header import MalformedDataSet, read_header
+from listener.spool import (
+    content_hash,
+    file_meta,
+    free_bytes,
+    fsync_dir,
+    instance_path,
+    write_instance,
+)
 
 log = logging.getLogger("hrct.listener")
 
-SUCCESS = 0x0000
-OUT_OF_RESOURCES = 0xA700  # Refused: out of resources (disk or database unavailable)
-DATASET_DOES_NOT_MATCH_SOP_CLASS = 0xA900  # Error: data set does not match SOP class
-CANNOT_UNDERSTAND = 0xC000  # Error: cannot understand (undecodable data set)
-INVALID_UID = 0xC001  # Error: cannot understand (a UID is missing or invalid)
+SUCCESS = 0x0000  # Success: on disk (fsync) and in the worklist
+OUT_OF_RESOURCES = 0xA700  # Refused: out of resources (disk, database, or larger than allowed)
+DATASET_DOES_NOT_MATCH_SOP_CLASS = 0xA900  # Error: data set does not match SOP class / request
+CANNOT_UNDERSTAND = 0xC000  # Error: cannot understand (truncated or not a DICOM data set)
+INVALID_UID = 0xC001  # Error: cannot understand (a UID is missing or invalid; never a file name)
+
+# A-ASSOCIATE-RJ diagnostics pynetdicom itself may send (PS3.8 9.3.4), for the audit row.
+_REJECT_REASONS = {
+    (1, 3): "calling AE title not recognised",
+    (1, 7): "called AE title not recognised",
+    (2, 1): "user identity not accepted",
+    (3, 1): "temporary congestion",
+    (3, 2): "too many associations (HRCT_MAX_ASSOCIATIONS)",
+}
+
+
+@dataclass
+class _Open:
+    row_id: int
+    tally: worklist.AssociationTally = field(default_factory=worklist.AssociationTally)
 
 
 @dataclass
@@ -39,34 +67,100 @@ class ListenerState:
 
     settings: Settings
     sessions: sessionmaker[Session]
-    association_ids: dict[int, int] = field(default_factory=dict)
+    policy: AccessPolicy
+    spool_dir: Path  # absolute, so worklist paths do not depend on the working folder
+    tls: bool = False
+    associations: dict[int, _Open] = field(default_factory=dict)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
-    def association_id(self, assoc: Any) -> int | None:
+    def opened(self, assoc: Any) -> _Open | None:
         with self.lock:
-            return self.association_ids.get(id(assoc))
+            return self.associations.get(id(assoc))
+
+
+class _Refused(Exception):
+    """A C-STORE that ends in a failure status, with the reason for the log and the audit."""
+
+    def __init__(self, status: int, reason: str, *, transient: bool = False) -> None:
+        super().__init__(reason)
+        self.status = status
+        self.reason = reason
+        self.transient = transient
 
 
 def _now() -> datetime:
     return datetime.now(UTC)
 
 
-def _peer(assoc: Any) -> tuple[str, str, int, str]:
-    requestor = assoc.requestor
-    return (
-        str(requestor.ae_title).strip(),
-        str(requestor.address),
-        int(requestor.port),
-        str(assoc.acceptor.ae_title).strip(),
-    )
+def _peer(assoc: Any) -> tuple[str, int]:
+    return str(assoc.requestor.address), int(assoc.requestor.port)
+
+
+def _titles(assoc: Any) -> tuple[str, str]:
+    """(calling, called) AE titles as the peer asked for them."""
+    request = assoc.requestor.primitive
+    return str(request.calling_ae_title).strip(), str(request.called_ae_title).strip()
 
 
 def handle_echo(event: events.Event) -> int:
     return SUCCESS  # Verification: we are alive
 
 
+def handle_requested(event: events.Event, state: ListenerState) -> None:
+    """Apply the access policy before negotiation; a refused peer gets A-ASSOCIATE-RJ."""
+    assoc = event.assoc
+    calling, called = _titles(assoc)
+    address, port = _peer(assoc)
+    rejection = state.policy.check(calling, called, address)
+    if rejection is None:
+        return
+    assoc.acse.send_reject(rejection.result, rejection.source, rejection.diagnostic)
+    _record_rejection(state, calling, called, address, port, rejection.reason)
+    assoc.kill()  # as pynetdicom does after its own rejections: waits until the RJ is sent
+
+
+def handle_rejected(event: events.Event, state: ListenerState) -> None:
+    """pynetdicom's own rejections (association limit, user identity)."""
+    assoc = event.assoc
+    calling, called = _titles(assoc)
+    answer = assoc.acceptor.primitive
+    key = (
+        int(getattr(answer, "result_source", 0) or 0),
+        int(getattr(answer, "diagnostic", 0) or 0),
+    )
+    reason = _REJECT_REASONS.get(key, f"rejected (source {key[0]}, diagnostic {key[1]})")
+    address, port = _peer(assoc)
+    _record_rejection(state, calling, called, address, port, reason)
+
+
+def _record_rejection(
+    state: ListenerState, calling: str, called: str, address: str, port: int, reason: str
+) -> None:
+    log.warning(
+        "association rejected from %s@%s:%d (called %s): %s", calling, address, port, called, reason
+    )
+    try:
+        with transaction(state.sessions) as session:
+            worklist.open_association(
+                session,
+                calling_ae=calling,
+                called_ae=called,
+                peer_address=address,
+                peer_port=port,
+                now=_now(),
+                state="rejected",
+                rejection_reason=reason,
+                tls=state.tls,
+            )
+    except Exception as error:
+        log.error("could not record the rejection: %s", type(error).__name__)
+
+
 def handle_accepted(event: events.Event, state: ListenerState) -> None:
-    calling, address, port, called = _peer(event.assoc)
+    assoc = event.assoc
+    calling = str(assoc.requestor.ae_title).strip()
+    called = str(assoc.acceptor.ae_title).strip()
+    address, port = _peer(assoc)
     with transaction(state.sessions) as session:
         row_id = worklist.open_association(
             session,
@@ -75,130 +169,202 @@ def handle_accepted(event: events.Event, state: ListenerState) -> None:
             peer_address=address,
             peer_port=port,
             now=_now(),
+            tls=state.tls,
         )
     with state.lock:
-        state.association_ids[id(event.assoc)] = row_id
+        state.associations[id(assoc)] = _Open(row_id)
     log.info("association %d accepted from %s@%s:%d", row_id, calling, address, port)
 
 
-def handle_rejected(event: events.Event, state: ListenerState) -> None:
-    calling, address, port, called = _peer(event.assoc)
-    reason = "calling or called AE title not allowed"
-    with transaction(state.sessions) as session:
-        worklist.open_association(
-            session,
-            calling_ae=calling,
-            called_ae=called,
-            peer_address=address,
-            peer_port=port,
-            now=_now(),
-            state="rejected",
-            rejection_reason=reason,
-        )
-    log.warning(
-        "association rejected from %s@%s:%d (called %s): %s", calling, address, port, called, reason
-    )
-
-
 def handle_closed(event: events.Event, state: ListenerState, how: str) -> None:
+    """Released, aborted or dropped: what was acknowledged stays; the study may now complete."""
     with state.lock:
-        row_id = state.association_ids.pop(id(event.assoc), None)
-    if row_id is None:
+        opened = state.associations.pop(id(event.assoc), None)
+    if opened is None:
         return
     with transaction(state.sessions) as session:
-        worklist.close_association(session, row_id, state=how, now=_now())
-    log.info("association %d %s", row_id, how)
+        worklist.close_association(
+            session, opened.row_id, state=how, now=_now(), tally=opened.tally
+        )
+    log.info(
+        "association %d %s after %d instances (%d refused)",
+        opened.row_id,
+        how,
+        opened.tally.instances,
+        opened.tally.failures,
+    )
 
 
 def handle_store(event: events.Event, state: ListenerState) -> int:
-    association_id = state.association_id(event.assoc)
-    try:
-        dataset: Dataset = event.dataset
-        identity = _identify(dataset, event)
-    except InvalidUID as error:
-        return _refuse(state, association_id, INVALID_UID, str(error))
-    except _Mismatch as error:
-        return _refuse(state, association_id, DATASET_DOES_NOT_MATCH_SOP_CLASS, str(error))
-    except Exception as error:  # a data set pydicom cannot decode
-        return _refuse(
-            state,
-            association_id,
-            CANNOT_UNDERSTAND,
-            f"undecodable data set ({type(error).__name__})",
-        )
+    opened = state.opened(event.assoc)
+    association_id = opened.row_id if opened else None
+    received: BytesIO = event.request.DataSet  # type: ignore[union-attr,assignment]
+    with received.getbuffer() as data:  # the bytes as received, no copy
+        size = len(data)
+        try:
+            status = _store(event, state, data, association_id)
+        except _Refused as refusal:
+            status = refusal.status
+            log.warning("C-STORE refused with 0x%04X: %s", status, refusal.reason)
+    if opened is not None:
+        opened.tally.count(status, size)
+    return status
 
-    study_uid, series_uid, sop_uid, sop_class = identity
-    path = instance_path(state.settings.spool_dir, study_uid, series_uid, sop_uid)
-    try:
-        spooled = write_durably(path, event.encoded_dataset(include_meta=True))
-    except OSError as error:
-        return _refuse(
-            state,
-            association_id,
+
+def _store(
+    event: events.Event, state: ListenerState, data: memoryview, association_id: int | None
+) -> int:
+    settings = state.settings
+    if len(data) > settings.max_instance_bytes:
+        raise _Refused(
             OUT_OF_RESOURCES,
-            f"spool write failed for {sop_uid}: {error.strerror}",
+            f"data set of {len(data)} bytes exceeds HRCT_MAX_INSTANCE_BYTES "
+            f"({settings.max_instance_bytes})",
+        )
+    transfer_syntax = str(event.context.transfer_syntax)
+    try:
+        header = read_header(data, transfer_syntax)
+    except MalformedDataSet as error:
+        raise _Refused(CANNOT_UNDERSTAND, f"not a whole DICOM data set: {error}") from None
+    study_uid, series_uid, sop_uid, sop_class = _identify(header, event)
+
+    try:
+        _check_free_space(state, len(data))
+        meta = file_meta(sop_class, sop_uid, transfer_syntax)
+        sha256 = content_hash(meta, data)
+        path = instance_path(state.spool_dir, study_uid, series_uid, sop_uid, sha256)
+        try:
+            spooled = write_instance(path, meta, data, sha256)
+        except OSError as error:
+            raise _Refused(
+                OUT_OF_RESOURCES, f"spool write failed: {error.strerror}", transient=True
+            ) from None
+        facts = worklist.InstanceFacts(
+            study_uid=study_uid,
+            series_uid=series_uid,
+            sop_instance_uid=sop_uid,
+            sop_class_uid=sop_class,
+            transfer_syntax_uid=transfer_syntax,
+            path=str(spooled.path),
+            size_bytes=spooled.size_bytes,
+            sha256=sha256,
+            modality=_text(header, "Modality", 16),
+            series_number=_int(header, "SeriesNumber"),
+            series_description=_text(header, "SeriesDescription", 64),
+            accession_number=_text(header, "AccessionNumber", 16),
+            calling_ae=str(event.assoc.requestor.ae_title).strip(),
+        )
+        superseded = _record(state, facts, association_id)
+    except _Refused as refusal:
+        _record_refusal(state, association_id, study_uid, sop_uid, refusal)
+        raise
+    if superseded is not None and superseded != str(spooled.path):
+        _remove_superseded(Path(superseded))
+    return SUCCESS
+
+
+def _check_free_space(state: ListenerState, size: int) -> None:
+    try:
+        free = free_bytes(state.spool_dir)
+    except OSError as error:
+        raise _Refused(
+            OUT_OF_RESOURCES, f"spool unavailable: {error.strerror}", transient=True
+        ) from None
+    if free - size < state.settings.min_free_disk_bytes:
+        raise _Refused(
+            OUT_OF_RESOURCES,
+            f"spool has {free} bytes free, below HRCT_MIN_FREE_DISK_BYTES after this instance",
+            transient=True,
         )
 
-    facts = worklist.InstanceFacts(
-        study_uid=study_uid,
-        series_uid=series_uid,
-        sop_instance_uid=sop_uid,
-        sop_class_uid=sop_class,
-        transfer_syntax_uid=str(event.context.transfer_syntax),
-        path=str(spooled.path),
-        size_bytes=spooled.size_bytes,
-        sha256=spooled.sha256,
-        modality=_text(dataset, "Modality", 16),
-        series_number=_int(dataset, "SeriesNumber"),
-        series_description=_text(dataset, "SeriesDescription", 64),
-        accession_number=_text(dataset, "AccessionNumber", 16),
-        calling_ae=str(event.assoc.requestor.ae_title).strip(),
-    )
+
+def _record(
+    state: ListenerState, facts: worklist.InstanceFacts, association_id: int | None
+) -> str | None:
+    """Commit the instance row; returns the file of a version it replaced, if any."""
     try:
         with transaction(state.sessions) as session:
             outcome = worklist.record_instance(
                 session, facts, association_id=association_id, now=_now()
             )
-            worklist.count_store(session, association_id, size=spooled.size_bytes, ok=True)
+            superseded = (
+                worklist.replaced_path(session, facts.sop_instance_uid)
+                if outcome is worklist.Recorded.REPLACED
+                else None
+            )
     except Exception as error:  # database unreachable: the scanner must keep its copy
-        log.error("worklist write failed for %s: %s", sop_uid, type(error).__name__)
-        return OUT_OF_RESOURCES
-    log.debug("stored %s (%s)", sop_uid, outcome.value)
-    return SUCCESS
+        raise _Refused(
+            OUT_OF_RESOURCES, f"worklist write failed: {type(error).__name__}", transient=True
+        ) from None
+    if outcome is worklist.Recorded.REPLACED:
+        log.warning(
+            "SOP instance %s received again with different content; newest kept",
+            facts.sop_instance_uid,
+        )
+    return superseded
 
 
-class _Mismatch(ValueError):
-    pass
+def _record_refusal(
+    state: ListenerState,
+    association_id: int | None,
+    study_uid: str,
+    sop_uid: str,
+    refusal: _Refused,
+) -> None:
+    try:
+        with transaction(state.sessions) as session:
+            worklist.record_refusal(
+                session,
+                association_id=association_id,
+                study_uid=study_uid,
+                sop_instance_uid=sop_uid,
+                status=refusal.status,
+                transient=refusal.transient,
+                reason=refusal.reason,
+                now=_now(),
+            )
+    except Exception as error:
+        log.error("could not record the refusal: %s", type(error).__name__)
 
 
-def _identify(dataset: Dataset, event: events.Event) -> tuple[str, str, str, str]:
-    sop_uid = validate_uid(dataset.get("SOPInstanceUID"), "SOPInstanceUID")
-    sop_class = validate_uid(dataset.get("SOPClassUID"), "SOPClassUID")
-    study_uid = validate_uid(dataset.get("StudyInstanceUID"), "StudyInstanceUID")
-    series_uid = validate_uid(dataset.get("SeriesInstanceUID"), "SeriesInstanceUID")
+def _remove_superseded(path: Path) -> None:
+    """Best effort: a file left behind is removed by the next start-up reconciliation."""
+    try:
+        path.unlink(missing_ok=True)
+        fsync_dir(path.parent)
+    except OSError as error:
+        log.warning("could not remove a superseded spool file: %s", error.strerror)
+
+
+def _identify(header: Dataset, event: events.Event) -> tuple[str, str, str, str]:
+    """Study, series, SOP instance and SOP class UIDs, checked against the request."""
+    try:
+        sop_uid = validate_uid(header.get("SOPInstanceUID"), "SOPInstanceUID")
+        sop_class = validate_uid(header.get("SOPClassUID"), "SOPClassUID")
+        study_uid = validate_uid(header.get("StudyInstanceUID"), "StudyInstanceUID")
+        series_uid = validate_uid(header.get("SeriesInstanceUID"), "SeriesInstanceUID")
+    except InvalidUID as error:
+        raise _Refused(INVALID_UID, str(error)) from None
     if sop_class != str(event.context.abstract_syntax):
-        raise _Mismatch(
+        raise _Refused(
+            DATASET_DOES_NOT_MATCH_SOP_CLASS,
             f"SOP Class {sop_class} differs from the presentation context's "
-            f"{event.context.abstract_syntax}"
+            f"{event.context.abstract_syntax}",
         )
     requested = str(getattr(event.request, "AffectedSOPInstanceUID", "") or "")
     if requested and requested != sop_uid:
-        raise _Mismatch(f"SOPInstanceUID {sop_uid} differs from the request's {requested[:64]}")
+        raise _Refused(
+            DATASET_DOES_NOT_MATCH_SOP_CLASS,
+            f"SOPInstanceUID {sop_uid} differs from the request's {requested[:64]}",
+        )
     return study_uid, series_uid, sop_uid, sop_class
 
 
-def _refuse(state: ListenerState, association_id: int | None, status: int, reason: str) -> int:
-    log.warning("C-STORE refused with 0x%04X: %s", status, reason)
-    try:
-        with transaction(state.sessions) as session:
-            worklist.count_store(session, association_id, size=0, ok=False)
-    except Exception as error:
-        log.error("could not record the refusal: %s", type(error).__name__)
-    return status
-
-
 def _text(dataset: Dataset, keyword: str, limit: int) -> str | None:
-    value = dataset.get(keyword)
+    try:
+        value = dataset.get(keyword)
+    except Exception:  # a value in an unknown character set: not worth refusing the instance
+        return None
     return str(value)[:limit] if value not in (None, "") else None
 
 

@@ -1,10 +1,13 @@
-"""The Storage SCP: AE configuration, presentation contexts and the server's life cycle."""
+"""The Storage SCP: AE configuration, presentation contexts and the server's life cycle.
+
+Start-up order matters: the spool is reconciled with the worklist (``listener.reconcile``) before
+the port opens, so no association ever sees a half-recovered spool.
+"""
 
 from __future__ import annotations
 
 import logging
 import threading
-from datetime import UTC, datetime
 from typing import Any
 
 from pydicom import uid
@@ -12,12 +15,13 @@ from pynetdicom import AE, AllStoragePresentationContexts, evt
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from sqlalchemy.orm import Session, sessionmaker
 
-from db import worklist
-from db.session import make_engine, make_sessionmaker, transaction
+from db.session import make_engine, make_sessionmaker
 from db.settings import Settings
 from listener import handlers
+from listener.access import AccessPolicy
 from listener.dispatch import Dispatcher
-from listener.spool import remove_partial_files
+from listener.reconcile import reconcile
+from listener.tls import server_context
 
 log = logging.getLogger("hrct.listener")
 
@@ -38,28 +42,22 @@ ACCEPTED_TRANSFER_SYNTAXES = [
     uid.JPEGExtended12Bit,
 ]
 
-# Limits, each with its reason.
-MAX_ASSOCIATIONS = 32  # several scanners at once, each may open a few associations
-MAX_PDU = 0  # unlimited receive PDU: fewer, larger P-DATA PDUs are faster for 512x512 CT
-ACSE_TIMEOUT = 30  # seconds to finish association negotiation
-DIMSE_TIMEOUT = 60  # seconds between messages of an operation
-NETWORK_TIMEOUT = 120  # an idle association is closed so its study can complete
-
 
 def build_ae(settings: Settings) -> AE:
+    """The AE with every storage SOP class, our transfer syntaxes and the limits in settings."""
     ae = AE(ae_title=settings.ae_title)
     ae.add_supported_context(Verification)
     for context in AllStoragePresentationContexts:
         if context.abstract_syntax is not None:
             ae.add_supported_context(context.abstract_syntax, ACCEPTED_TRANSFER_SYNTAXES)
-    ae.maximum_associations = MAX_ASSOCIATIONS
-    ae.maximum_pdu_size = MAX_PDU
-    ae.acse_timeout = ACSE_TIMEOUT
-    ae.dimse_timeout = DIMSE_TIMEOUT
-    ae.network_timeout = NETWORK_TIMEOUT
+    ae.maximum_associations = settings.max_associations
+    ae.maximum_pdu_size = settings.max_pdu_bytes
+    ae.acse_timeout = settings.acse_timeout_seconds
+    ae.dimse_timeout = settings.dimse_timeout_seconds
+    ae.network_timeout = settings.network_timeout_seconds
+    # The access policy (called AE, AE@host allow list) runs in handle_requested; this is the
+    # same called-AE check kept as a second line.
     ae.require_called_aet = True
-    if settings.allowed_aets:
-        ae.require_calling_aet = list(settings.allowed_aets)
     return ae
 
 
@@ -67,6 +65,7 @@ def event_handlers(state: handlers.ListenerState) -> list[Any]:
     return [
         (evt.EVT_C_ECHO, handlers.handle_echo),
         (evt.EVT_C_STORE, handlers.handle_store, [state]),
+        (evt.EVT_REQUESTED, handlers.handle_requested, [state]),
         (evt.EVT_ACCEPTED, handlers.handle_accepted, [state]),
         (evt.EVT_REJECTED, handlers.handle_rejected, [state]),
         (evt.EVT_RELEASED, handlers.handle_closed, [state, "released"]),
@@ -88,7 +87,13 @@ class Listener:
         self.settings = settings
         self.run_dispatcher = run_dispatcher
         self.sessions = sessions or make_sessionmaker(make_engine(settings.resolved_database_url))
-        self.state = handlers.ListenerState(settings, self.sessions)
+        self.state = handlers.ListenerState(
+            settings,
+            self.sessions,
+            AccessPolicy.from_settings(settings.ae_title, settings.allowed_aets),
+            settings.spool_dir.resolve(),
+            tls=settings.tls_enabled,
+        )
         self.dispatcher = Dispatcher(settings, self.sessions)
         self._stop = threading.Event()
         self._server: Any = None
@@ -96,19 +101,12 @@ class Listener:
 
     def start(self) -> None:
         self.settings.spool_dir.mkdir(parents=True, exist_ok=True)
-        removed = remove_partial_files(self.settings.spool_dir)
-        with transaction(self.sessions) as session:
-            orphaned = worklist.close_orphaned_associations(session, now=datetime.now(UTC))
-        if removed or orphaned:
-            log.warning(
-                "recovered from an unclean stop: %d partial files removed, %d associations closed",
-                removed,
-                orphaned,
-            )
+        self.reconciliation = reconcile(self.state.spool_dir, self.sessions)
         ae = build_ae(self.settings)
         self._server = ae.start_server(
             (self.settings.bind_address, self.settings.port),
             block=False,
+            ssl_context=server_context(self.settings),
             evt_handlers=event_handlers(self.state),
         )
         self.port = int(self._server.server_address[1])
@@ -121,10 +119,11 @@ class Listener:
             )
             self._thread.start()
         log.info(
-            "listening as %s on %s:%d",
+            "listening as %s on %s:%d%s",
             self.settings.ae_title,
             self.settings.bind_address,
-            self.settings.port,
+            self.port,
+            " (TLS)" if self.state.tls else "",
         )
 
     def stop(self) -> None:

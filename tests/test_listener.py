@@ -9,6 +9,7 @@ import time
 from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import pydicom
 import pytest
@@ -23,18 +24,26 @@ from listener.scp import Listener
 from tests.conftest import dcmtk_env, free_port, require_tool, storescu
 
 
+def listener_settings(data_dir: Path, database_url: str, **overrides: Any) -> Settings:
+    """Settings of a test listener: its own port, no .env, no dispatcher round of its own."""
+    values: dict[str, Any] = {
+        "data_dir": data_dir,
+        "database_url": database_url,
+        "port": free_port(),
+        "quiet_seconds": 5,
+        "min_free_disk_bytes": 0,
+        **overrides,
+    }
+    return Settings(_env_file=None, **values)
+
+
 @pytest.fixture
 def listener(
     tmp_path: Path, database_url: str, sessions: sessionmaker[Session]
 ) -> Iterator[Listener]:
-    settings = Settings(
-        data_dir=tmp_path / "var",
-        database_url=database_url,
-        port=free_port(),
-        quiet_seconds=5,
-        _env_file=None,
-    )  # type: ignore[call-arg]
-    scp = Listener(settings, sessions, run_dispatcher=False)
+    scp = Listener(
+        listener_settings(tmp_path / "var", database_url), sessions, run_dispatcher=False
+    )
     scp.start()
     yield scp
     scp.stop()
@@ -82,7 +91,7 @@ def test_every_acknowledged_instance_is_on_disk_and_in_the_worklist(
         assert pydicom.dcmread(spooled).SOPInstanceUID == uid
     # and a resend changes nothing: no second row, the study still waits for its quiet period
     assert storescu(listener.port, study_dirs[0]).returncode == 0
-    _wait_until_no_open_association(sessions)
+    wait_until_no_open_association(sessions)
     with transaction(sessions) as session:
         assert len(session.scalars(select(Instance)).all()) == len(sent)
         study = session.scalars(select(Study)).one()
@@ -125,11 +134,11 @@ def test_open_association_keeps_its_study_receiving(
     # then the study does not complete while the association is open, and does once released
     assert listener.dispatcher.run_once(now=far_later)[0] == 0
     assoc.release()
-    _wait_until_no_open_association(sessions)
+    wait_until_no_open_association(sessions)
     assert listener.dispatcher.run_once(now=far_later)[0] == 1
 
 
-def _wait_until_no_open_association(sessions: sessionmaker[Session]) -> None:
+def wait_until_no_open_association(sessions: sessionmaker[Session]) -> None:
     """The listener records the release in its own thread, just after the client returns."""
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:

@@ -1,0 +1,233 @@
+"""Listener throughput against DCMTK's storescp, and the listener's peak memory.
+
+Run from the repository root (needs DCMTK; makes phantoms with ``worker.phantom``):
+
+    .venv/bin/python benchmarks/listener_throughput.py            # single + 8 senders
+    .venv/bin/python benchmarks/listener_throughput.py --rss      # also peak RSS, 100/1000 slices
+
+What it does, each case in the same run so the machine's load hits both sides alike:
+
+* single: ``storescu`` (``TCP_NODELAY=1``) sends one ``--slices``-slice 512x512 CT series in one
+  association to ``hrct-triage listen`` and to ``storescp -od``;
+* concurrent: ``--senders`` storescu processes at once, each its own study of
+  ``--sender-slices`` slices, to the listener and to ``storescp --fork``.
+
+Instances per second are counted from storescu's start to the last storescu's exit. The listener
+keeps its full guarantees while measured (fsync per file, SQLite ``synchronous=FULL`` commit per
+instance); storescp fsyncs nothing. Ratios are printed last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+STORESCU = ("storescu", "+sd", "+r", "+sp", "*.dcm")
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+
+def _env(**extra: str) -> dict[str, str]:
+    # Without TCP_NODELAY each DCMTK instance stalls ~40 ms on Nagle + delayed ACK.
+    return {**os.environ, "TCP_NODELAY": "1", **extra}
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def _wait_for_port(port: int, process: subprocess.Popen[bytes], timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"server exited with {process.returncode} before listening")
+        with socket.socket() as probe:
+            if probe.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.05)
+    raise TimeoutError(f"nothing listens on port {port}")
+
+
+def make_series(folder: Path, *, studies: int, slices: int) -> list[Path]:
+    """``studies`` folders, each holding only the thin CT series of one phantom study."""
+    from worker.phantom import write_phantom_studies
+
+    out = folder / f"{studies}x{slices}"
+    series_dirs = sorted(p for p in out.glob("series_*") if p.is_dir())
+    if len(series_dirs) == studies:
+        return series_dirs
+    shutil.rmtree(out, ignore_errors=True)
+    raw = out / "raw"
+    write_phantom_studies(raw, covid=studies, healthy=0, slices=slices, seed=11)
+    series_dirs = []
+    for index, study in enumerate(sorted(p for p in raw.iterdir() if p.is_dir())):
+        by_series: dict[str, list[Path]] = {}
+        for path in study.glob("*.dcm"):
+            by_series.setdefault(path.name.rsplit("_", 1)[0], []).append(path)
+        thin = max(by_series.values(), key=len)
+        target = out / f"series_{index:02d}"
+        target.mkdir()
+        for path in thin:
+            path.rename(target / path.name)
+        series_dirs.append(target)
+    shutil.rmtree(raw)
+    return series_dirs
+
+
+@dataclass
+class Server:
+    process: subprocess.Popen[bytes]
+    port: int
+    called: str
+
+    def peak_rss_kib(self) -> int:
+        """VmHWM of the server process (the listener is one process)."""
+        for line in Path(f"/proc/{self.process.pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1])
+        return 0
+
+    def stop(self) -> None:
+        self.process.terminate()
+        try:
+            self.process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+
+
+def start_listener(data_dir: Path) -> Server:
+    port = _free_port()
+    command = [str(Path(sys.executable).with_name("hrct-triage")), "listen", "--log-level", "ERROR"]
+    process = subprocess.Popen(
+        command,
+        env=_env(
+            HRCT_DATA_DIR=str(data_dir),
+            HRCT_PORT=str(port),
+            HRCT_QUIET_SECONDS="3600",  # nothing completes, so no analysis is queued mid-run
+            HRCT_MIN_FREE_DISK_BYTES="0",
+        ),
+        cwd=data_dir,
+        stdout=subprocess.DEVNULL,
+    )
+    _wait_for_port(port, process)
+    return Server(process, port, "HRCT_TRIAGE")
+
+
+def start_storescp(out_dir: Path, *, fork: bool) -> Server:
+    port = _free_port()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    command = ["storescp", *(["--fork"] if fork else []), "-od", str(out_dir), str(port)]
+    process = subprocess.Popen(
+        command, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    _wait_for_port(port, process)
+    return Server(process, port, "STORESCP")
+
+
+def send(server: Server, folders: list[Path]) -> float:
+    """Instances per second for one storescu per folder, all started at once."""
+    count = sum(len(list(folder.glob("*.dcm"))) for folder in folders)
+    started = time.perf_counter()
+    senders = [
+        subprocess.Popen(
+            [*STORESCU, "-aec", server.called, "127.0.0.1", str(server.port), str(folder)],
+            env=_env(),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
+        for folder in folders
+    ]
+    for sender in senders:
+        _, errors = sender.communicate(timeout=900)
+        if sender.returncode != 0:
+            raise RuntimeError(f"storescu failed: {errors.decode(errors='replace')[-500:]}")
+    return count / (time.perf_counter() - started)
+
+
+def _case(scratch: Path, name: str, folders: list[Path], *, fork: bool) -> tuple[float, float, int]:
+    listener = start_listener(_fresh(scratch / f"{name}-listener"))
+    try:
+        ours = send(listener, folders)
+        rss = listener.peak_rss_kib()
+    finally:
+        listener.stop()
+    reference = start_storescp(_fresh(scratch / f"{name}-storescp"), fork=fork)
+    try:
+        theirs = send(reference, folders)
+    finally:
+        reference.stop()
+    shutil.rmtree(scratch / f"{name}-listener", ignore_errors=True)
+    shutil.rmtree(scratch / f"{name}-storescp", ignore_errors=True)
+    return ours, theirs, rss
+
+
+def _fresh(folder: Path) -> Path:
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    return folder
+
+
+def _peak_rss(scratch: Path, folder: Path) -> int:
+    listener = start_listener(_fresh(scratch / "rss-listener"))
+    try:
+        send(listener, [folder])
+        return listener.peak_rss_kib()
+    finally:
+        listener.stop()
+        shutil.rmtree(scratch / "rss-listener", ignore_errors=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--slices", type=int, default=300, help="slices of the single study")
+    parser.add_argument("--senders", type=int, default=8, help="concurrent storescu processes")
+    parser.add_argument("--sender-slices", type=int, default=100, help="slices per sender")
+    parser.add_argument("--rss", action="store_true", help="also peak RSS at 100 and 1000 slices")
+    parser.add_argument(
+        "--work", type=Path, default=Path(tempfile.gettempdir()) / "hrct-bench", help="phantoms"
+    )
+    args = parser.parse_args()
+    for tool in ("storescu", "storescp"):
+        if shutil.which(tool) is None:
+            sys.exit(f"{tool} not found: install DCMTK")
+    args.work.mkdir(parents=True, exist_ok=True)
+    scratch = Path(tempfile.mkdtemp(prefix="run-", dir=args.work))
+    try:
+        single = make_series(args.work, studies=1, slices=args.slices)
+        many = make_series(args.work, studies=args.senders, slices=args.sender_slices)
+        ours1, theirs1, rss1 = _case(scratch, "single", single, fork=False)
+        print(
+            f"single association, {args.slices} slices: listener {ours1:7.1f} inst/s  "
+            f"storescp {theirs1:7.1f} inst/s  (listener peak RSS {rss1 / 1024:.0f} MiB)"
+        )
+        ours8, theirs8, rss8 = _case(scratch, "concurrent", many, fork=True)
+        print(
+            f"{args.senders} senders x {args.sender_slices} slices: listener {ours8:7.1f} inst/s"
+            f"  storescp --fork {theirs8:7.1f} inst/s  (listener peak RSS {rss8 / 1024:.0f} MiB)"
+        )
+        if args.rss:
+            for slices in (100, 1000):
+                folder = make_series(args.work, studies=1, slices=slices)[0]
+                print(
+                    f"listener peak RSS, one {slices}-slice study: "
+                    f"{_peak_rss(scratch, folder) / 1024:.0f} MiB"
+                )
+        print(f"ratio single     (target >= 0.5): {ours1 / theirs1:.2f}")
+        print(f"ratio {args.senders} senders (target >= 0.6): {ours8 / theirs8:.2f}")
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,192 @@
+"""Who gets in: the calling AE allow list (with ``AE@host``), the called AE check, and DICOM TLS
+with a throwaway CA made by the ``openssl`` command line for each test run."""
+
+from __future__ import annotations
+
+import ssl
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from pynetdicom import AE
+from sqlalchemy import select
+from sqlalchemy.orm import Session, sessionmaker
+
+from db.migrate import upgrade
+from db.models import Association
+from db.session import make_engine, make_sessionmaker, transaction
+from listener.scp import Listener
+from tests.conftest import require_tool
+from tests.test_listener import listener_settings, wait_until_no_open_association
+
+VERIFICATION = "1.2.840.10008.1.1"
+
+
+@pytest.fixture
+def sqlite_sessions(sqlite_url: str) -> Iterator[sessionmaker[Session]]:
+    upgrade(sqlite_url)
+    engine = make_engine(sqlite_url)
+    yield make_sessionmaker(engine)
+    engine.dispose()
+
+
+def _echo(
+    port: int,
+    calling: str,
+    called: str = "HRCT_TRIAGE",
+    tls_args: tuple[ssl.SSLContext, str] | None = None,
+) -> bool:
+    """True when an association is accepted and answers C-ECHO."""
+    ae = AE(ae_title=calling)
+    ae.add_requested_context(VERIFICATION)
+    assoc = ae.associate("127.0.0.1", port, ae_title=called, tls_args=tls_args)
+    if not assoc.is_established:
+        return False
+    ok = assoc.send_c_echo().Status == 0x0000
+    assoc.release()
+    return bool(ok)
+
+
+def test_only_allowed_calling_aes_from_their_hosts_get_in(
+    tmp_path: Path, sqlite_url: str, sqlite_sessions: sessionmaker[Session]
+) -> None:
+    # given an allow list: CT_SCANNER from this host, PACS from anywhere, REMOTE only from afar
+    settings = listener_settings(
+        tmp_path / "var",
+        sqlite_url,
+        allowed_aets="CT_SCANNER@127.0.0.1,PACS,REMOTE@192.0.2.7",
+    )
+    listener = Listener(settings, sqlite_sessions, run_dispatcher=False)
+    listener.start()
+    try:
+        # when each of them, an unknown AE and a wrong called AE try to associate
+        outcomes = {
+            "CT_SCANNER": _echo(listener.port, "CT_SCANNER"),
+            "PACS": _echo(listener.port, "PACS"),
+            "REMOTE from the wrong host": _echo(listener.port, "REMOTE"),
+            "INTRUDER": _echo(listener.port, "INTRUDER"),
+            "wrong called AE": _echo(listener.port, "CT_SCANNER", called="SOMEONE_ELSE"),
+        }
+        wait_until_no_open_association(sqlite_sessions)
+    finally:
+        listener.stop()
+    # then only the allowed ones got in
+    assert outcomes == {
+        "CT_SCANNER": True,
+        "PACS": True,
+        "REMOTE from the wrong host": False,
+        "INTRUDER": False,
+        "wrong called AE": False,
+    }
+    # and every rejection is recorded with the peer's address, AE titles and the reason
+    with transaction(sqlite_sessions) as session:
+        rejected = session.scalars(
+            select(Association).where(Association.state == "rejected").order_by(Association.id)
+        ).all()
+    assert [(r.calling_ae, r.called_ae, r.peer_address) for r in rejected] == [
+        ("REMOTE", "HRCT_TRIAGE", "127.0.0.1"),
+        ("INTRUDER", "HRCT_TRIAGE", "127.0.0.1"),
+        ("CT_SCANNER", "SOMEONE_ELSE", "127.0.0.1"),
+    ]
+    reasons = [r.rejection_reason or "" for r in rejected]
+    assert "not allowed from 127.0.0.1" in reasons[0]
+    assert "not in HRCT_ALLOWED_AETS" in reasons[1]
+    assert "called AE" in reasons[2]
+
+
+def _openssl(*args: str, cwd: Path) -> None:
+    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True, timeout=60)
+
+
+def _ca(folder: Path, name: str) -> None:
+    _openssl(
+        "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
+        "-subj", f"/CN={name}", "-keyout", f"{name}.key", "-out", f"{name}.pem",
+        cwd=folder,
+    )  # fmt: skip
+
+
+def _signed(folder: Path, name: str, ca: str, *, server: bool) -> None:
+    _openssl(
+        "req", "-newkey", "rsa:2048", "-nodes", "-subj", f"/CN={name}",
+        "-keyout", f"{name}.key", "-out", f"{name}.csr",
+        cwd=folder,
+    )  # fmt: skip
+    extensions = folder / f"{name}.ext"
+    extensions.write_text(
+        "subjectAltName=DNS:localhost,IP:127.0.0.1\nextendedKeyUsage=serverAuth\n"
+        if server
+        else "extendedKeyUsage=clientAuth\n"
+    )
+    _openssl(
+        "x509", "-req", "-in", f"{name}.csr", "-CA", f"{ca}.pem", "-CAkey", f"{ca}.key",
+        "-CAcreateserial", "-days", "2", "-extfile", extensions.name, "-out", f"{name}.pem",
+        cwd=folder,
+    )  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A hospital CA with a server and a scanner certificate, and a stranger's CA and cert."""
+    require_tool("openssl")
+    folder = tmp_path_factory.mktemp("pki")
+    _ca(folder, "hospital-ca")
+    _signed(folder, "server", "hospital-ca", server=True)
+    _signed(folder, "scanner", "hospital-ca", server=False)
+    _ca(folder, "stranger-ca")
+    _signed(folder, "stranger", "stranger-ca", server=False)
+    return folder
+
+
+def _client_tls(pki: Path, cert: str | None) -> tuple[ssl.SSLContext, str]:
+    context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=pki / "hospital-ca.pem")
+    if cert is not None:
+        context.load_cert_chain(pki / f"{cert}.pem", pki / f"{cert}.key")
+    return context, "localhost"
+
+
+def test_mutual_tls_lets_in_only_clients_with_a_hospital_certificate(
+    tmp_path: Path, sqlite_url: str, sqlite_sessions: sessionmaker[Session], pki: Path
+) -> None:
+    # given a listener that requires a client certificate from the hospital CA
+    settings = listener_settings(
+        tmp_path / "var",
+        sqlite_url,
+        tls_cert=pki / "server.pem",
+        tls_key=pki / "server.key",
+        tls_ca=pki / "hospital-ca.pem",
+        tls_require_client_cert=True,
+    )
+    listener = Listener(settings, sqlite_sessions, run_dispatcher=False)
+    listener.start()
+    try:
+        # when a scanner with a hospital certificate, a client without one, a client with a
+        # stranger's certificate and a plain-TCP client connect
+        outcomes = {
+            "hospital cert": _echo(
+                listener.port, "CT_SCANNER", tls_args=_client_tls(pki, "scanner")
+            ),
+            "no cert": _echo(listener.port, "CT_SCANNER", tls_args=_client_tls(pki, None)),
+            "stranger cert": _echo(
+                listener.port, "CT_SCANNER", tls_args=_client_tls(pki, "stranger")
+            ),
+            "plain TCP": _echo(listener.port, "CT_SCANNER"),
+            "hospital cert again": _echo(
+                listener.port, "CT_SCANNER", tls_args=_client_tls(pki, "scanner")
+            ),
+        }
+        wait_until_no_open_association(sqlite_sessions)
+    finally:
+        listener.stop()
+    # then only the scanner with the hospital certificate gets in, and the listener keeps serving
+    assert outcomes == {
+        "hospital cert": True,
+        "no cert": False,
+        "stranger cert": False,
+        "plain TCP": False,
+        "hospital cert again": True,
+    }
+    with transaction(sqlite_sessions) as session:
+        accepted = session.scalars(select(Association)).all()
+    assert [row.tls for row in accepted] == [True, True]
