@@ -25,7 +25,8 @@ from pydicom.dataset import FileMetaDataset
 from pydicom.sr.codedict import codes
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
-from worker.outputs import build_outputs, encode, write_output
+from db.settings import Settings
+from worker.outputs import SeriesLabels, build_outputs, encode, write_output
 from worker.results import HeatMap, ModelInfo, SliceResult, StudyAnalysis
 from worker.sc import build_heatmap_scs, render_heatmap
 from worker.sr import (
@@ -618,3 +619,70 @@ def test_sr_with_300_slice_library_stays_small() -> None:
     data = encode(sr)
     # then the library lists every slice once, compactly (shared geometry stated per group)
     assert len(data) < 2_000_000
+
+
+# ---------------------------------------------------------------- series labels
+
+
+def test_configured_series_labels_reach_every_output(series: list[Dataset]) -> None:
+    # given a site's own series numbers and descriptions
+    labels = SeriesLabels(
+        sr_number=77,
+        sr_description="KI Triage Bericht - NOT FOR DIAGNOSTIC USE",
+        sc_number=78,
+        sc_description="KI Heatmap (not for diagnostic use)",
+    )
+    # when the outputs are built
+    outputs = build_outputs(make_analysis(series), series, content_datetime=WHEN, labels=labels)
+    # then the SR and every SC carry them
+    assert (outputs.sr.SeriesNumber, outputs.sr.SeriesDescription) == (77, labels.sr_description)
+    assert {(sc.SeriesNumber, sc.SeriesDescription) for sc in outputs.scs} == {
+        (78, labels.sc_description)
+    }
+
+
+def test_a_series_description_must_say_not_for_diagnostic_use(series: list[Dataset]) -> None:
+    # given descriptions that drop the warning / then every edge refuses them, naming them
+    with pytest.raises(ValueError, match="sr_description"):
+        SeriesLabels(sr_description="AI COVID-19 triage SR")
+    with pytest.raises(ValueError, match="sc_series_description"):
+        Settings(_env_file=None, sc_series_description="AI heat map")
+    with pytest.raises(ValueError, match="series_description"):
+        build_sr(
+            make_analysis(series), series, [], content_datetime=WHEN, series_description="AI SR"
+        )
+    analysis = make_analysis(series)
+    with pytest.raises(ValueError, match="series_description"):
+        build_heatmap_scs(analysis, by_uid(series), content_datetime=WHEN, series_description="x")
+
+
+@pytest.mark.dcmtk
+def test_not_analysed_sr_of_a_new_analysis_supersedes_the_old_one(
+    series: list[Dataset], tmp_path: Path
+) -> None:
+    # given the not-analysed SR of a study's first analysis
+    reason = "no axial CT series with at least 20 slices"
+    first = build_not_analysed_sr(
+        series[:3], reason, make_model(), content_datetime=WHEN, analysis_id="1"
+    )
+    # when the study is analysed again (late instances) and still cannot be
+    second = build_not_analysed_sr(
+        series[:3],
+        reason,
+        make_model(),
+        content_datetime=WHEN,
+        analysis_id="2",
+        predecessor=first,
+        series_number=77,
+        series_description="AI triage - not for diagnostic use",
+    )
+    again = build_not_analysed_sr(
+        series[:3], reason, make_model(), content_datetime=WHEN, analysis_id="1"
+    )
+    # then the new SR is a new object naming the old one, valid; a rebuild is the same object
+    assert second.SOPInstanceUID != first.SOPInstanceUID
+    assert encode(again) == encode(first)
+    referenced = second.PredecessorDocumentsSequence[0].ReferencedSeriesSequence[0]
+    assert referenced.ReferencedSOPSequence[0].ReferencedSOPInstanceUID == first.SOPInstanceUID
+    assert second.SeriesNumber == 77
+    assert dciodvfy_errors(_save(second, tmp_path, "sr")) == []

@@ -22,8 +22,8 @@ from pydicom import dcmread
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from db import worklist
-from db.models import Output, Study
+from db import stats, worklist
+from db.models import Output, Study, StudyStatus
 from db.session import transaction
 from db.settings import Destination, Settings
 from worker.delivery import send_files
@@ -39,8 +39,9 @@ RETRY_AFTER_SECONDS = 5.0
 # If a worker dies after recording a result but before delivering it, another worker delivers
 # once this much time has passed.
 DELIVERY_GRACE_SECONDS = 60.0
-# Longest wait between delivery rounds, however long the destination has been down.
-DELIVERY_BACKOFF_MAX_SECONDS = 3600.0
+# Delivery waits are shortened by up to this fraction at random, so that the studies held up
+# by one PACS outage do not all retry in the same second once it is back.
+DELIVERY_JITTER = 0.2
 
 
 @dataclass
@@ -78,9 +79,10 @@ def run_triage(ctx: WorkerContext, study_id: int) -> str:
     try:
         status = _analyse_and_record(ctx, claim)
     except NotApplicable as verdict:
-        with transaction(ctx.sessions) as session:
-            worklist.mark_not_applicable(session, claim, reason=verdict.reason, now=_now())
+        owes_sr = _record_not_applicable(ctx, claim, verdict.reason)
         log.info("study %d not applicable: %s", study_id, verdict.reason)
+        if owes_sr:
+            run_delivery(ctx, study_id)
         return "not_applicable"
     except Exception as error:
         reason = f"{type(error).__name__}: {error}"[:500]
@@ -102,6 +104,7 @@ def run_triage(ctx: WorkerContext, study_id: int) -> str:
 
 def _analyse_and_record(ctx: WorkerContext, claim: worklist.Claim) -> str:
     from worker.artifacts import build_study_outputs
+    from worker.outputs import SeriesLabels
     from worker.pipeline import analyse_study
 
     settings = ctx.settings
@@ -129,6 +132,7 @@ def _analyse_and_record(ctx: WorkerContext, claim: worklist.Claim) -> str:
         content_datetime=content_datetime,
         predecessor=dcmread(predecessor) if predecessor else None,
         out_dir=settings.outputs_dir / claim.study_uid,
+        labels=SeriesLabels.from_settings(settings),
     )
     record = worklist.AnalysisRecord(
         probability=analysis.probability,
@@ -180,43 +184,181 @@ def _previous_sr_path(session: Session, claim: worklist.Claim) -> Path | None:
     return Path(path) if path and Path(path).exists() else None
 
 
+def _record_not_applicable(ctx: WorkerContext, claim: worklist.Claim, reason: str) -> bool:
+    """End the study not_applicable, with its not-analysed SR when ``HRCT_NOT_ANALYSED_SR``
+    asks for one; True when that SR is owed to the destinations.
+
+    The SR is a courtesy to the reader: if it cannot be built, the verdict is recorded without
+    it rather than turning a clear "not applicable" into a failed analysis.
+    """
+    settings = ctx.settings
+    destinations = [str(d) for d in settings.destination_list]
+    outputs: list[worklist.OutputRecord] = []
+    if settings.not_analysed_sr and destinations:
+        try:
+            outputs = _not_analysed_outputs(ctx, claim, reason)
+        except Exception:
+            log.exception("study %d: not-analysed SR could not be built", claim.study_id)
+    with transaction(ctx.sessions) as session:
+        recorded = worklist.mark_not_applicable(
+            session,
+            claim,
+            reason=reason,
+            now=_now(),
+            outputs=outputs,
+            destinations=destinations,
+            delivery_grace_seconds=DELIVERY_GRACE_SECONDS,
+        )
+    return recorded and bool(outputs)
+
+
+def _not_analysed_outputs(
+    ctx: WorkerContext, claim: worklist.Claim, reason: str
+) -> list[worklist.OutputRecord]:
+    """Build and file the not-analysed SR, dated like an analysis' outputs (queue time)."""
+    from worker.artifacts import build_not_analysed_output
+    from worker.outputs import SeriesLabels
+
+    with transaction(ctx.sessions) as session:
+        inputs = worklist.analysis_inputs(session, claim.study_id)
+        study = session.get(Study, claim.study_id)
+        assert study is not None
+        content_datetime = study.queued_at or _now()
+        predecessor = _previous_sr_path(session, claim)
+    return build_not_analysed_output(
+        [Path(path) for path, _ in inputs],
+        reason,
+        ctx.model().info,
+        generation=claim.generation,
+        content_datetime=content_datetime,
+        predecessor=dcmread(predecessor) if predecessor else None,
+        out_dir=ctx.settings.outputs_dir / claim.study_uid,
+        labels=SeriesLabels.from_settings(ctx.settings),
+    )
+
+
+def delivery_backoff(
+    failed_attempts: int, *, base: float, maximum: float, rng: random.Random | None = None
+) -> float:
+    """Seconds to wait after the ``failed_attempts``-th failed round: ``base`` doubled each
+    round, capped at ``maximum``, then shortened by up to ``DELIVERY_JITTER`` at random.
+
+    Jitter only shortens, so the cap is a promise: a recovered PACS waits at most ``maximum``.
+    """
+    if failed_attempts < 1:
+        return 0.0
+    exponent = min(failed_attempts - 1, 62)  # 2**62 x base is past any cap; avoids overflow
+    delay = min(maximum, base * 2.0**exponent)
+    return delay * (1.0 - DELIVERY_JITTER * (rng or random).random())
+
+
+@dataclass(frozen=True)
+class _Pending:
+    delivery_id: int
+    destination: str
+    attempts: int
+    path: Path
+
+
 def run_delivery(ctx: WorkerContext, study_id: int) -> str:
-    """Send every pending output of the study's latest analysis; schedule a retry if needed."""
+    """Send every pending output of the study's latest analysis; schedule a retry if needed.
+
+    The round holds the study's delivery (``worklist.claim_delivery``): a second worker handed
+    the same study meanwhile sends nothing and returns "ignored". The next round's time is an
+    outbox row, so retries survive worker restarts. Returns the study's status afterwards.
+    """
     settings = ctx.settings
     with transaction(ctx.sessions) as session:
-        pending = [
-            (delivery.id, delivery.destination, delivery.attempts, Path(output.path))
-            for delivery, output in worklist.pending_deliveries(session, study_id)
-        ]
-    by_destination: dict[str, list[tuple[int, int, Path]]] = defaultdict(list)
-    for delivery_id, destination, attempts, path in pending:
-        by_destination[destination].append((delivery_id, attempts, path))
+        token = worklist.claim_delivery(
+            session,
+            study_id,
+            worker=ctx.name,
+            lease_seconds=settings.delivery_lease_seconds,
+            now=_now(),
+        )
+        pending = (
+            [
+                _Pending(delivery.id, delivery.destination, delivery.attempts, Path(output.path))
+                for delivery, output in worklist.pending_deliveries(session, study_id)
+            ]
+            if token
+            else []
+        )
+    if token is None:
+        log.info("study %d: delivery held by another worker or nothing to deliver", study_id)
+        return "ignored"
+    try:
+        failed_attempts = _deliver_round(ctx, study_id, pending)
+    except BaseException:
+        with transaction(ctx.sessions) as session:
+            worklist.release_delivery(session, study_id, token)
+        raise
+    delay = delivery_backoff(
+        failed_attempts,
+        base=settings.delivery_backoff_seconds,
+        maximum=settings.delivery_backoff_max_seconds,
+    )
+    with transaction(ctx.sessions) as session:
+        outcome = worklist.settle_delivery(
+            session,
+            study_id,
+            now=_now(),
+            retry_at=_now() + timedelta(seconds=delay),
+            token=token,
+        )
+        if outcome in (StudyStatus.DONE, StudyStatus.FAILED):
+            _alarm_if_slow(session, study_id, settings.notification_target_seconds)
+    return outcome or "ignored"
+
+
+def _alarm_if_slow(session: Session, study_id: int, target_seconds: float) -> None:
+    """Log the time-to-notification alarm when it happens, not at the operator's next `stats`."""
+    study = session.get(Study, study_id)
+    if study is None:
+        return
+    alarm = stats.alarm_for_study(
+        session, study.study_uid, target_seconds=target_seconds, now=_now()
+    )
+    if alarm is not None:
+        stats.log_alarms([alarm], target_seconds=target_seconds, logger=log)
+
+
+def _deliver_round(ctx: WorkerContext, study_id: int, pending: list[_Pending]) -> int:
+    """One association per destination; every answer recorded as it comes. Returns the most
+    attempts any still-failing delivery has had (0: all delivered), which sets the backoff."""
+    settings = ctx.settings
+    by_destination: dict[str, list[_Pending]] = defaultdict(list)
+    for item in pending:
+        by_destination[item.destination].append(item)
     most_attempts = 0
     for destination, items in by_destination.items():
         results = send_files(
             Destination.parse(destination),
-            [path for _, _, path in items],
+            [item.path for item in items],
             calling_ae=settings.ae_title,
             timeout=settings.delivery_timeout_seconds,
         )
         with transaction(ctx.sessions) as session:
-            for (delivery_id, attempts, _), result in zip(items, results, strict=True):
+            for item, result in zip(items, results, strict=True):
                 worklist.record_delivery(
                     session,
-                    delivery_id,
+                    item.delivery_id,
                     status_code=result.status,
                     error=result.error,
                     max_attempts=settings.delivery_attempts,
                     now=_now(),
                 )
                 if result.error:
-                    most_attempts = max(most_attempts, attempts + 1)
-                    log.warning("delivery of study %d: %s", study_id, result.error)
-    delay = min(
-        DELIVERY_BACKOFF_MAX_SECONDS,
-        settings.delivery_backoff_seconds * 2 ** max(most_attempts - 1, 0),
-    )
-    retry_at = _now() + timedelta(seconds=delay * random.uniform(0.8, 1.2))
-    with transaction(ctx.sessions) as session:
-        outcome = worklist.settle_delivery(session, study_id, now=_now(), retry_at=retry_at)
-    return outcome or "ignored"
+                    most_attempts = max(most_attempts, item.attempts + 1)
+        failures = sum(result.error is not None for result in results)
+        if failures:
+            first = next(r.error for r in results if r.error)
+            log.warning(
+                "study %d: %d of %d objects not delivered to %s: %s",
+                study_id,
+                failures,
+                len(results),
+                destination,
+                first,
+            )
+    return most_attempts

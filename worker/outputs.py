@@ -25,14 +25,16 @@ from pathlib import Path
 
 from pydicom import Dataset
 
+from db.settings import Settings, check_series_description
 from db.storage import write_durably
 from worker.results import StudyAnalysis
-from worker.sc import build_heatmap_scs, render_heatmap
-from worker.sr import build_not_analysed_sr, build_sr
+from worker.sc import DEFAULT_SC_SERIES_DESCRIPTION, build_heatmap_scs, render_heatmap
+from worker.sr import DEFAULT_SR_SERIES_DESCRIPTION, build_not_analysed_sr, build_sr
 from worker.uids import OutputKey, derive_uid
 
 __all__ = [
     "OutputKey",
+    "SeriesLabels",
     "StudyOutputs",
     "build_heatmap_scs",
     "build_not_analysed_sr",
@@ -43,6 +45,40 @@ __all__ = [
     "render_heatmap",
     "write_output",
 ]
+
+
+@dataclass(frozen=True)
+class SeriesLabels:
+    """Series number and description of each output kind, as the site configures them.
+
+    Every description must say "not for diagnostic use": checked here, at the edge, so no
+    configuration can produce an output that reads like a diagnostic series.
+    """
+
+    sr_number: int = 9901
+    sr_description: str = DEFAULT_SR_SERIES_DESCRIPTION
+    sc_number: int = 9902
+    sc_description: str = DEFAULT_SC_SERIES_DESCRIPTION
+
+    def __post_init__(self) -> None:
+        for name in ("sr_description", "sc_description"):
+            try:
+                check_series_description(getattr(self, name))
+            except ValueError as error:
+                raise ValueError(f"{name}: {error}") from None
+        for name in ("sr_number", "sc_number"):
+            if not 1 <= getattr(self, name) <= 2**31 - 1:
+                raise ValueError(f"{name}: must be a positive IS, got {getattr(self, name)}")
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> SeriesLabels:
+        """The labels ``HRCT_SR_SERIES_*`` and ``HRCT_SC_SERIES_*`` ask for."""
+        return cls(
+            sr_number=settings.sr_series_number,
+            sr_description=settings.sr_series_description,
+            sc_number=settings.sc_series_number,
+            sc_description=settings.sc_series_description,
+        )
 
 
 @dataclass(frozen=True)
@@ -65,6 +101,7 @@ def build_outputs(
     content_datetime: datetime,
     predecessor: Dataset | None = None,
     institution_name: str | None = None,
+    labels: SeriesLabels = SeriesLabels(),
 ) -> StudyOutputs:
     """Heat-map SCs for ``analysis.heatmaps`` and the SR that lists them in its image library.
 
@@ -72,7 +109,13 @@ def build_outputs(
     analysed slice and every heat-map slice.
     """
     by_uid = {str(ds.get("SOPInstanceUID", "")): ds for ds in headers}
-    scs = build_heatmap_scs(analysis, by_uid, content_datetime=content_datetime)
+    scs = build_heatmap_scs(
+        analysis,
+        by_uid,
+        content_datetime=content_datetime,
+        series_number=labels.sc_number,
+        series_description=labels.sc_description,
+    )
     sr = build_sr(
         analysis,
         headers,
@@ -80,6 +123,8 @@ def build_outputs(
         content_datetime=content_datetime,
         predecessor=predecessor,
         institution_name=institution_name,
+        series_number=labels.sr_number,
+        series_description=labels.sr_description,
     )
     return StudyOutputs(sr=sr, scs=scs)
 

@@ -26,10 +26,13 @@ from pydicom.sr.codedict import codes
 from pydicom.uid import ExplicitVRLittleEndian
 from pydicom.valuerep import DS
 
+from db.settings import check_series_description
 from worker.results import HeatMap, ModelInfo, StudyAnalysis
 from worker.uids import OutputKey, algorithm_equipment, check_model, stamp_datetimes
 
 RGBImage = npt.NDArray[np.uint8]
+
+DEFAULT_SC_SERIES_DESCRIPTION = "AI COVID-19 heat map - not for diagnostic use"
 
 #: Matplotlib colour map of the overlay; "turbo" reads blue (weak) .. red (strong).
 COLOUR_MAP = "turbo"
@@ -48,7 +51,7 @@ def build_heatmap_scs(
     *,
     content_datetime: datetime,
     series_number: int = 9902,
-    series_description: str = "AI COVID-19 heat map - not for diagnostic use",
+    series_description: str = DEFAULT_SC_SERIES_DESCRIPTION,
 ) -> list[Dataset]:
     """One RGB Secondary Capture per heat map of ``analysis``, in the order of the heat maps.
 
@@ -97,8 +100,10 @@ def _check_arguments(
     check_model(analysis.model)
     if not 1 <= series_number <= 2**31 - 1:
         raise ValueError(f"series_number: must be a positive IS, got {series_number}")
-    if not series_description or len(series_description) > 64:
-        raise ValueError("series_description: needs 1..64 characters (LO)")
+    try:
+        check_series_description(series_description)
+    except ValueError as error:
+        raise ValueError(f"series_description: {error}") from None
     for index, heatmap in enumerate(analysis.heatmaps):
         name = f"analysis.heatmaps[{index}]"
         _check_heatmap(heatmap, name)

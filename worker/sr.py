@@ -30,6 +30,7 @@ from pydicom.sequence import Sequence as DataElementSequence
 from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
 
+from db.settings import check_series_description
 from worker.results import ModelInfo, StudyAnalysis
 from worker.uids import (
     OutputKey,
@@ -122,12 +123,16 @@ def build_not_analysed_sr(
     series_number: int = 9901,
     series_description: str = DEFAULT_SR_SERIES_DESCRIPTION,
     institution_name: str | None = None,
+    analysis_id: str = "",
+    predecessor: Dataset | None = None,
 ) -> Dataset:
     """A TID 1500 SR saying that the study was not analysed, and why; it holds no finding.
 
     ``headers`` are headers of the study's received instances (at least one); they are the
     evidence and give patient and study. The UIDs derive from the study, the instances, the
-    model and the reason, so the same refusal is the same object.
+    model, the reason and ``analysis_id`` (the worklist generation), so a redelivered task
+    rebuilds the same object and a new analysis of the study makes a new one, which names the
+    SR it supersedes as ``predecessor``.
     """
     check_model(model, name="model")
     _check_frame(series_number, series_description, institution_name)
@@ -140,18 +145,21 @@ def build_not_analysed_sr(
         model.version,
         model.sha256 or "",
         reason,
+        analysis_id,
     )
+    sop_instance_uid = derive_uid("not-analysed", *parts, "sr")
+    _check_predecessor(predecessor, str(evidence[0].StudyInstanceUID), sop_instance_uid)
     root = _not_analysed_content(model, _procedure_reported(evidence[0]), reason)
     return _document(
         root,
         evidence=evidence,
         model=model,
         series_instance_uid=derive_uid("not-analysed", *parts, "sr-series"),
-        sop_instance_uid=derive_uid("not-analysed", *parts, "sr"),
+        sop_instance_uid=sop_instance_uid,
         when=content_datetime,
         series_number=series_number,
         series_description=series_description,
-        predecessor=None,
+        predecessor=predecessor,
         institution_name=institution_name,
     )
 
@@ -230,8 +238,10 @@ def _check_frame(series_number: int, series_description: str, institution: str |
     """The plain arguments every SR builder takes."""
     if not 1 <= series_number <= _SERIES_NUMBER_MAX:
         raise ValueError(f"series_number: must be a positive IS, got {series_number}")
-    if not series_description or len(series_description) > 64:
-        raise ValueError("series_description: needs 1..64 characters (LO)")
+    try:
+        check_series_description(series_description)
+    except ValueError as error:
+        raise ValueError(f"series_description: {error}") from None
     if institution is not None and (not institution or len(institution) > 64):
         raise ValueError("institution_name: needs 1..64 characters (LO) or None")
 
