@@ -76,13 +76,16 @@ class CheckpointMetadata:
     window_level: float = -600.0
     threshold: float = 0.8
     trim_fraction: float = 0.1
+    # JSON object: how the weights were chosen and scored (epoch, validation AUC, recipe).
+    # Optional on load, so checkpoints written before it existed still load.
+    metrics: str = "{}"
 
     def to_strings(self) -> dict[str, str]:
         return {key: str(value) for key, value in asdict(self).items()}
 
     @classmethod
     def from_strings(cls, values: dict[str, str], *, source: Path) -> CheckpointMetadata:
-        missing = [f.name for f in fields(cls) if f.name not in values]
+        missing = [f.name for f in fields(cls) if f.name not in values and f.name != "metrics"]
         if missing:
             raise CheckpointError(f"checkpoint {source} lacks metadata {', '.join(missing)}")
         try:
@@ -96,6 +99,7 @@ class CheckpointMetadata:
                 window_level=float(values["window_level"]),
                 threshold=float(values["threshold"]),
                 trim_fraction=float(values["trim_fraction"]),
+                metrics=values.get("metrics", "{}"),
             )
         except ValueError as exc:
             raise CheckpointError(f"checkpoint {source} has malformed metadata: {exc}") from exc

@@ -1,0 +1,100 @@
+"""Seconds per training step and per validation slice on this machine, for the model card.
+
+``python -m worker.training.bench [--input-size 224] [--batch-size 32] [--steps 3]`` times the
+training loop's own step (flips, channels_last, forward, cross-entropy, backward, SGD) on random
+inputs after one warm-up step, and the inference forward used by validation. Random inputs are
+enough: DenseNet-121's cost does not depend on the pixel values.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from worker.inference import forward
+from worker.model import build_densenet121
+from worker.training.dataset import random_flips
+from worker.training.train import TrainConfig, _as_loaded
+
+__all__ = ["time_training_step", "time_validation_slice"]
+
+
+def time_training_step(
+    module: nn.Module, *, input_size: int, batch_size: int, steps: int, device: torch.device
+) -> list[float]:
+    """Wall seconds of each of ``steps`` SGD steps, after one untimed warm-up step."""
+    optimizer = torch.optim.SGD(module.parameters(), lr=0.01, momentum=0.9)
+    loss_fn = nn.CrossEntropyLoss()
+    generator = torch.Generator().manual_seed(0)
+    pixels = torch.rand(batch_size, 1, input_size, input_size, generator=generator)
+    labels = torch.randint(0, 2, (batch_size,), generator=generator)
+    module.train()
+    times: list[float] = []
+    for step in range(steps + 1):
+        started = time.perf_counter()
+        batch = random_flips(pixels, probability=0.5, generator=generator)
+        batch = batch.expand(-1, 3, -1, -1).to(device).contiguous(memory_format=torch.channels_last)
+        loss = loss_fn(module(batch), labels.to(device))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        if step:
+            times.append(time.perf_counter() - started)
+    return times
+
+
+def time_validation_slice(
+    module: nn.Module, *, input_size: int, slices: int, device: torch.device
+) -> float:
+    """Wall seconds per slice of the inference forward that validation runs."""
+    config = TrainConfig(data_dir=Path("."), input_size=input_size)
+    wrapper = _as_loaded(module, config, device)
+    module.eval()
+    inputs = torch.rand(slices, 1, input_size, input_size).expand(-1, 3, -1, -1)
+    forward(wrapper, inputs[:2])
+    started = time.perf_counter()
+    forward(wrapper, inputs)
+    return (time.perf_counter() - started) / slices
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--input-size", type=int, default=224)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    module = build_densenet121(seed=0).to(device).to(memory_format=torch.channels_last)
+    steps = time_training_step(
+        module,
+        input_size=args.input_size,
+        batch_size=args.batch_size,
+        steps=args.steps,
+        device=device,
+    )
+    per_slice = time_validation_slice(
+        module, input_size=args.input_size, slices=args.batch_size, device=device
+    )
+    result = {
+        "device": str(device),
+        "threads": torch.get_num_threads(),
+        "input_size": args.input_size,
+        "batch_size": args.batch_size,
+        "step_seconds": [round(t, 3) for t in steps],
+        "step_seconds_median": round(statistics.median(steps), 3),
+        "validation_seconds_per_slice": round(per_slice, 4),
+    }
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
