@@ -24,6 +24,7 @@ from db.migrate import upgrade
 from db.models import Study, StudyStatus
 from db.session import make_engine, make_sessionmaker, transaction
 from db.settings import Settings, get_settings
+from hrct_triage import ops_cli
 
 app = typer.Typer(
     help="PACS-integrated triage of chest HRCT for COVID-19 pneumonia.",
@@ -194,8 +195,13 @@ def show(
     as_json: Annotated[bool, typer.Option("--json", help="one JSON document")] = False,
 ) -> None:
     """One study: series, result, outputs and their delivery, timings, events."""
+    from db import stats
+
     with transaction(_sessions(get_settings())) as session:
         detail = queries.study_detail(session, study_uid)
+        timeline = stats.load_timeline(session, study_uid)
+    if detail is not None and timeline is not None:
+        detail.update(timeline.as_dict())
     if detail is None:
         console.print(f"no study {study_uid}", style="red")
         raise typer.Exit(NOTHING_MATCHED)
@@ -266,6 +272,41 @@ def resend(study_uids: list[str]) -> None:
 
 
 @app.command()
+def echo(
+    timeout: Annotated[
+        float | None, typer.Option(help="seconds per peer (default HRCT_DELIVERY_TIMEOUT_SECONDS)")
+    ] = None,
+) -> None:
+    """C-ECHO every destination in HRCT_DESTINATIONS; exit 1 if any does not answer."""
+    from worker.delivery import echo as c_echo
+
+    settings = get_settings()
+    destinations = settings.destination_list
+    if not destinations:
+        console.print("no destinations configured (HRCT_DESTINATIONS)")
+        raise typer.Exit(NOTHING_MATCHED)
+    results = [
+        c_echo(
+            d, calling_ae=settings.ae_title, timeout=timeout or settings.delivery_timeout_seconds
+        )
+        for d in destinations
+    ]
+    table = Table(title=f"C-ECHO from {settings.ae_title}")
+    for column in ("destination", "result", "status", "seconds"):
+        table.add_column(column, overflow="fold")
+    for result in results:
+        table.add_row(
+            str(result.destination),
+            "[green]ok[/]" if result.ok else "[red]FAILED[/]",
+            result.detail,
+            f"{result.seconds:.2f}",
+        )
+    console.print(table)
+    if not all(result.ok for result in results):
+        raise typer.Exit(1)
+
+
+@app.command()
 def phantom(
     out_dir: Path,
     covid: Annotated[int, typer.Option(help="COVID-19-like studies")] = 2,
@@ -309,3 +350,182 @@ def demo(
             console, out_dir=out_dir, covid=covid, healthy=healthy, slices=slices, timeout=timeout
         )
     )
+
+
+# --- training and evaluation (issue 4) --------------------------------------------------------
+# torch is imported inside the commands so that the rest of the CLI stays quick to start.
+# Multi-GPU: `torchrun --nproc-per-node N -m hrct_triage train ...` (one process per GPU).
+
+
+def _training_logging(level: str) -> None:
+    """Log through rich so that log lines appear above the progress bars, not through them.
+
+    Like ``_logging``, a no-op when logging is already set up (by a test runner, say).
+    """
+    from rich.logging import RichHandler
+
+    logging.basicConfig(
+        level=getattr(logging, level.upper(), logging.INFO),
+        format="%(message)s",
+        handlers=[RichHandler(console=Console(stderr=True), show_path=False)],
+    )
+
+
+@app.command()
+def train(
+    data_dir: Annotated[Path, typer.Argument(help="folder of DICOM studies, one folder each")],
+    labels: Annotated[Path | None, typer.Option(help="labels CSV [DATA_DIR/labels.csv]")] = None,
+    output_dir: Annotated[Path, typer.Option(help="split, state, history, cache")] = Path(
+        "runs/train"
+    ),
+    checkpoint: Annotated[
+        Path | None, typer.Option(help="best weights [OUTPUT_DIR/densenet121.safetensors]")
+    ] = None,
+    cache_dir: Annotated[Path | None, typer.Option(help="[OUTPUT_DIR/cache]")] = None,
+    epochs: Annotated[int, typer.Option(help="paper: 20")] = 20,
+    batch_size: Annotated[int, typer.Option(help="global batch, paper: 32")] = 32,
+    learning_rate: Annotated[
+        float, typer.Option("--learning-rate", "--lr", help="initial; paper silent")
+    ] = 0.01,
+    momentum: Annotated[float, typer.Option(help="SGD momentum, paper: 0.9")] = 0.9,
+    weight_decay: Annotated[float, typer.Option(help="paper: none")] = 0.0,
+    step_size: Annotated[int, typer.Option(help="StepLR epochs, paper: 5")] = 5,
+    gamma: Annotated[float, typer.Option(help="StepLR factor; paper silent")] = 0.1,
+    flip_probability: Annotated[float, typer.Option(help="per axis, random flips")] = 0.5,
+    negative_stride: Annotated[int, typer.Option(help="every n-th lung slice of healthy")] = 3,
+    validation_fraction: Annotated[
+        float, typer.Option(help="patients per class; paper 20/295")
+    ] = 20 / 295,
+    test_fraction: Annotated[float, typer.Option(help="patients per class; paper 140/295")] = (
+        140 / 295
+    ),
+    seed: Annotated[int, typer.Option(help="split, initial weights, shuffling, flips")] = 0,
+    input_size: Annotated[int, typer.Option(help="pixels, paper: 224")] = 224,
+    window_width: Annotated[float, typer.Option(help="HU, paper: 1200")] = 1200.0,
+    window_level: Annotated[float, typer.Option(help="HU, paper: -600")] = -600.0,
+    threshold: Annotated[float, typer.Option(help="stored in the checkpoint")] = 0.8,
+    trim_fraction: Annotated[float, typer.Option(help="dropped at each end")] = 0.1,
+    min_slices: Annotated[int, typer.Option(help="smallest series analysed")] = 20,
+    pretrained: Annotated[
+        Path | None, typer.Option(help="local ImageNet DenseNet-121 weights (no download)")
+    ] = None,
+    resume: Annotated[Path | None, typer.Option(help="a state.pt to continue from")] = None,
+    model_version: Annotated[str | None, typer.Option(help="[DATE][-phantom]")] = None,
+    trained_on: Annotated[str | None, typer.Option(help="data description for the card")] = None,
+    workers: Annotated[int, typer.Option(help="DataLoader worker processes")] = 0,
+    device: Annotated[str | None, typer.Option(help="[cuda:LOCAL_RANK if any, else cpu]")] = None,
+    progress: Annotated[bool, typer.Option(help="rich progress bars")] = True,
+    log_level: str = "INFO",
+) -> None:
+    """Train DenseNet-121 with the paper's recipe; runs under torchrun for several GPUs."""
+    from worker.training.train import TrainConfig
+    from worker.training.train import train as run_training
+
+    _training_logging(log_level)
+    try:
+        config = TrainConfig(
+            data_dir=data_dir,
+            labels=labels,
+            output_dir=output_dir,
+            checkpoint=checkpoint,
+            cache_dir=cache_dir,
+            epochs=epochs,
+            batch_size=batch_size,
+            learning_rate=learning_rate,
+            momentum=momentum,
+            weight_decay=weight_decay,
+            step_size=step_size,
+            gamma=gamma,
+            flip_probability=flip_probability,
+            negative_stride=negative_stride,
+            validation_fraction=validation_fraction,
+            test_fraction=test_fraction,
+            seed=seed,
+            input_size=input_size,
+            window_width=window_width,
+            window_level=window_level,
+            threshold=threshold,
+            trim_fraction=trim_fraction,
+            min_slices=min_slices,
+            pretrained=pretrained,
+            resume=resume,
+            model_version=model_version,
+            trained_on=trained_on,
+            workers=workers,
+            device=device,
+            progress=progress,
+        )
+        result = run_training(config, console=Console(stderr=True))
+    except (ValueError, FileNotFoundError) as exc:
+        console.print(f"train: {exc}", style="red")
+        raise typer.Exit(1) from exc
+    if int(os.environ.get("RANK", "0")) == 0:
+        console.print(
+            f"best epoch {result.best_epoch}: {result.checkpoint} (sha256 {result.sha256})"
+        )
+
+
+@app.command()
+def evaluate(
+    data_dir: Annotated[Path, typer.Argument(help="folder of DICOM studies, one folder each")],
+    checkpoint: Annotated[Path, typer.Option(help="safetensors with its .sha256")],
+    labels: Annotated[Path | None, typer.Option(help="labels CSV [DATA_DIR/labels.csv]")] = None,
+    output_dir: Annotated[Path, typer.Option(help="report.md, report.json, PNGs")] = Path(
+        "runs/evaluate"
+    ),
+    split: Annotated[
+        list[str] | None, typer.Option(help="set(s) to report, e.g. validation, test [all]")
+    ] = None,
+    threshold: Annotated[float | None, typer.Option(help="[the checkpoint's]")] = None,
+    reader: Annotated[Path | None, typer.Option(help="CSV: study_uid,reader")] = None,
+    ci_method: Annotated[str, typer.Option(help="delong or bootstrap")] = "delong",
+    confidence: float = 0.95,
+    bootstrap: Annotated[int, typer.Option(help="bootstrap replicates")] = 2000,
+    seed: Annotated[int, typer.Option(help="bootstrap seed")] = 0,
+    pointing_tolerance_mm: Annotated[float, typer.Option(help="lesion mask dilation")] = 10.0,
+    batch_size: int = 32,
+    min_slices: int = 20,
+    device: Annotated[str | None, typer.Option(help="[cuda if any, else cpu]")] = None,
+    progress: Annotated[bool, typer.Option(help="rich progress bar")] = True,
+    log_level: str = "INFO",
+) -> None:
+    """Subject-level evaluation: Table 1 and 2 of the paper, ROC and threshold plots, JSON."""
+    from rich.markdown import Markdown
+
+    from worker.model import ModelError
+    from worker.training.evaluate import EvaluateConfig
+    from worker.training.evaluate import evaluate as run_evaluation
+
+    if ci_method not in ("delong", "bootstrap"):
+        raise typer.BadParameter("--ci-method must be delong or bootstrap")
+    _training_logging(log_level)
+    try:
+        config = EvaluateConfig(
+            data_dir=data_dir,
+            checkpoint=checkpoint,
+            labels=labels,
+            output_dir=output_dir,
+            splits=tuple(split or ()),
+            threshold=threshold,
+            reader=reader,
+            ci_method="bootstrap" if ci_method == "bootstrap" else "delong",
+            confidence=confidence,
+            n_bootstrap=bootstrap,
+            seed=seed,
+            pointing_tolerance_mm=pointing_tolerance_mm,
+            batch_size=batch_size,
+            min_slices=min_slices,
+            device=device,
+            progress=progress,
+        )
+        run_evaluation(config, console=Console(stderr=True))
+    except (ValueError, FileNotFoundError, ModelError) as exc:
+        console.print(f"evaluate: {exc}", style="red")
+        raise typer.Exit(1) from exc
+    console.print(Markdown((output_dir / "report.md").read_text(encoding="utf-8")))
+    console.print(f"report: {output_dir / 'report.md'} and {output_dir / 'report.json'}")
+
+
+# Operations commands live in their own module; registered here so `hrct-triage --help` lists them.
+app.command("stats")(ops_cli.stats_command)
+app.command("web")(ops_cli.web_command)
