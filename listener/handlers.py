@@ -28,6 +28,7 @@ from db.settings import Settings
 from db.storage import InvalidUID, validate_uid
 from listener.access import AccessPolicy
 from listener.dicom_header import MalformedDataSet, read_header
+from listener.metrics import ListenerMetrics, rejection_kind
 from listener.spool import (
     content_hash,
     file_meta,
@@ -71,6 +72,7 @@ class ListenerState:
     spool_dir: Path  # absolute, so worklist paths do not depend on the working folder
     tls: bool = False
     associations: dict[int, _Open] = field(default_factory=dict)
+    metrics: ListenerMetrics = field(default_factory=ListenerMetrics)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def opened(self, assoc: Any) -> _Open | None:
@@ -79,13 +81,17 @@ class ListenerState:
 
 
 class _Refused(Exception):
-    """A C-STORE that ends in a failure status, with the reason for the log and the audit."""
+    """A C-STORE that ends in a failure status, with the reason for the log and the audit, and
+    ``kind``: a short fixed name of the reason, for metric labels (the reason text carries
+    sizes and UIDs, which would make a new time series per refusal)."""
 
-    def __init__(self, status: int, reason: str, *, transient: bool = False) -> None:
+    def __init__(self, status: int, reason: str, kind: str, *, transient: bool = False) -> None:
         super().__init__(reason)
         self.status = status
         self.reason = reason
+        self.kind = kind
         self.transient = transient
+        self.study_uid: str | None = None  # once the header gave a valid one
 
 
 def _now() -> datetime:
@@ -115,7 +121,15 @@ def handle_requested(event: events.Event, state: ListenerState) -> None:
     if rejection is None:
         return
     assoc.acse.send_reject(rejection.result, rejection.source, rejection.diagnostic)
-    _record_rejection(state, calling, called, address, port, rejection.reason)
+    _record_rejection(
+        state,
+        calling,
+        called,
+        address,
+        port,
+        rejection.reason,
+        rejection_kind(rejection.source, rejection.diagnostic),
+    )
     assoc.kill()  # as pynetdicom does after its own rejections: waits until the RJ is sent
 
 
@@ -130,14 +144,28 @@ def handle_rejected(event: events.Event, state: ListenerState) -> None:
     )
     reason = _REJECT_REASONS.get(key, f"rejected (source {key[0]}, diagnostic {key[1]})")
     address, port = _peer(assoc)
-    _record_rejection(state, calling, called, address, port, reason)
+    _record_rejection(state, calling, called, address, port, reason, rejection_kind(*key))
 
 
 def _record_rejection(
-    state: ListenerState, calling: str, called: str, address: str, port: int, reason: str
+    state: ListenerState,
+    calling: str,
+    called: str,
+    address: str,
+    port: int,
+    reason: str,
+    kind: str,
 ) -> None:
+    state.metrics.associations.labels(outcome="rejected").inc()
+    state.metrics.rejections.labels(reason=kind).inc()
     log.warning(
-        "association rejected from %s@%s:%d (called %s): %s", calling, address, port, called, reason
+        "association rejected from %s@%s:%d (called %s): %s",
+        calling,
+        address,
+        port,
+        called,
+        reason,
+        extra={"reason_kind": kind},
     )
     try:
         with transaction(state.sessions) as session:
@@ -173,7 +201,14 @@ def handle_accepted(event: events.Event, state: ListenerState) -> None:
         )
     with state.lock:
         state.associations[id(assoc)] = _Open(row_id)
-    log.info("association %d accepted from %s@%s:%d", row_id, calling, address, port)
+    log.info(
+        "association %d accepted from %s@%s:%d",
+        row_id,
+        calling,
+        address,
+        port,
+        extra={"association": row_id},
+    )
 
 
 def handle_closed(event: events.Event, state: ListenerState, how: str) -> None:
@@ -182,6 +217,7 @@ def handle_closed(event: events.Event, state: ListenerState, how: str) -> None:
         opened = state.associations.pop(id(event.assoc), None)
     if opened is None:
         return
+    state.metrics.associations.labels(outcome=how).inc()
     with transaction(state.sessions) as session:
         worklist.close_association(
             session, opened.row_id, state=how, now=_now(), tally=opened.tally
@@ -192,6 +228,7 @@ def handle_closed(event: events.Event, state: ListenerState, how: str) -> None:
         how,
         opened.tally.instances,
         opened.tally.failures,
+        extra={"association": opened.row_id},
     )
 
 
@@ -205,7 +242,21 @@ def handle_store(event: events.Event, state: ListenerState) -> int:
             status = _store(event, state, data, association_id)
         except _Refused as refusal:
             status = refusal.status
-            log.warning("C-STORE refused with 0x%04X: %s", status, refusal.reason)
+            state.metrics.refusals.labels(status=f"0x{status:04X}", reason=refusal.kind).inc()
+            log.warning(
+                "C-STORE refused with 0x%04X: %s",
+                status,
+                refusal.reason,
+                extra={
+                    "association": association_id,
+                    "study_uid": refusal.study_uid,
+                    "status": f"0x{status:04X}",
+                    "reason_kind": refusal.kind,
+                },
+            )
+        else:
+            state.metrics.instances.inc()
+            state.metrics.received_bytes.inc(size)
     if opened is not None:
         opened.tally.count(status, size)
     return status
@@ -220,12 +271,15 @@ def _store(
             OUT_OF_RESOURCES,
             f"data set of {len(data)} bytes exceeds HRCT_MAX_INSTANCE_BYTES "
             f"({settings.max_instance_bytes})",
+            "too_large",
         )
     transfer_syntax = str(event.context.transfer_syntax)
     try:
         header = read_header(data, transfer_syntax)
     except MalformedDataSet as error:
-        raise _Refused(CANNOT_UNDERSTAND, f"not a whole DICOM data set: {error}") from None
+        raise _Refused(
+            CANNOT_UNDERSTAND, f"not a whole DICOM data set: {error}", "malformed"
+        ) from None
     study_uid, series_uid, sop_uid, sop_class = _identify(header, event)
 
     try:
@@ -237,7 +291,10 @@ def _store(
             spooled = write_instance(path, meta, data, sha256)
         except OSError as error:
             raise _Refused(
-                OUT_OF_RESOURCES, f"spool write failed: {error.strerror}", transient=True
+                OUT_OF_RESOURCES,
+                f"spool write failed: {error.strerror}",
+                "spool_write",
+                transient=True,
             ) from None
         facts = worklist.InstanceFacts(
             study_uid=study_uid,
@@ -256,6 +313,7 @@ def _store(
         )
         superseded = _record(state, facts, association_id)
     except _Refused as refusal:
+        refusal.study_uid = study_uid
         _record_refusal(state, association_id, study_uid, sop_uid, refusal)
         raise
     if superseded is not None and superseded != str(spooled.path):
@@ -268,12 +326,16 @@ def _check_free_space(state: ListenerState, size: int) -> None:
         free = free_bytes(state.spool_dir)
     except OSError as error:
         raise _Refused(
-            OUT_OF_RESOURCES, f"spool unavailable: {error.strerror}", transient=True
+            OUT_OF_RESOURCES,
+            f"spool unavailable: {error.strerror}",
+            "spool_unavailable",
+            transient=True,
         ) from None
     if free - size < state.settings.min_free_disk_bytes:
         raise _Refused(
             OUT_OF_RESOURCES,
             f"spool has {free} bytes free, below HRCT_MIN_FREE_DISK_BYTES after this instance",
+            "disk_full",
             transient=True,
         )
 
@@ -294,12 +356,16 @@ def _record(
             )
     except Exception as error:  # database unreachable: the scanner must keep its copy
         raise _Refused(
-            OUT_OF_RESOURCES, f"worklist write failed: {type(error).__name__}", transient=True
+            OUT_OF_RESOURCES,
+            f"worklist write failed: {type(error).__name__}",
+            "database",
+            transient=True,
         ) from None
     if outcome is worklist.Recorded.REPLACED:
         log.warning(
             "SOP instance %s received again with different content; newest kept",
             facts.sop_instance_uid,
+            extra={"study_uid": facts.study_uid, "association": association_id},
         )
     return superseded
 
@@ -344,18 +410,20 @@ def _identify(header: Dataset, event: events.Event) -> tuple[str, str, str, str]
         study_uid = validate_uid(header.get("StudyInstanceUID"), "StudyInstanceUID")
         series_uid = validate_uid(header.get("SeriesInstanceUID"), "SeriesInstanceUID")
     except InvalidUID as error:
-        raise _Refused(INVALID_UID, str(error)) from None
+        raise _Refused(INVALID_UID, str(error), "invalid_uid") from None
     if sop_class != str(event.context.abstract_syntax):
         raise _Refused(
             DATASET_DOES_NOT_MATCH_SOP_CLASS,
             f"SOP Class {sop_class} differs from the presentation context's "
             f"{event.context.abstract_syntax}",
+            "sop_class_mismatch",
         )
     requested = str(getattr(event.request, "AffectedSOPInstanceUID", "") or "")
     if requested and requested != sop_uid:
         raise _Refused(
             DATASET_DOES_NOT_MATCH_SOP_CLASS,
             f"SOPInstanceUID {sop_uid} differs from the request's {requested[:64]}",
+            "sop_instance_mismatch",
         )
     return study_uid, series_uid, sop_uid, sop_class
 

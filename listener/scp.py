@@ -15,11 +15,13 @@ from pynetdicom import AE, AllStoragePresentationContexts, evt
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from sqlalchemy.orm import Session, sessionmaker
 
+from db.metrics import WorklistCollector
 from db.session import make_engine, make_sessionmaker
 from db.settings import Settings
 from listener import handlers
 from listener.access import AccessPolicy
 from listener.dispatch import Dispatcher
+from listener.metrics import MetricsServer
 from listener.reconcile import reconcile
 from listener.tls import server_context
 
@@ -75,7 +77,8 @@ def event_handlers(state: handlers.ListenerState) -> list[Any]:
 
 
 class Listener:
-    """The SCP plus its dispatcher thread; ``start`` returns once the port is listening."""
+    """The SCP plus its dispatcher thread and its ``/metrics`` endpoint (``HRCT_METRICS_PORT``,
+    on ``HRCT_BIND_ADDRESS``); ``start`` returns once the DICOM port is listening."""
 
     def __init__(
         self,
@@ -95,6 +98,14 @@ class Listener:
             tls=settings.tls_enabled,
         )
         self.dispatcher = Dispatcher(settings, self.sessions)
+        metrics = self.state.metrics
+        metrics.track_open_associations(lambda: len(self.state.associations))
+        metrics.registry.register(WorklistCollector(self.sessions))
+        self.metrics_server = (
+            MetricsServer(metrics.registry, settings.bind_address, settings.metrics_port)
+            if settings.metrics_port
+            else None
+        )
         self._stop = threading.Event()
         self._server: Any = None
         self._thread: threading.Thread | None = None
@@ -110,6 +121,8 @@ class Listener:
             evt_handlers=event_handlers(self.state),
         )
         self.port = int(self._server.server_address[1])
+        if self.metrics_server is not None:
+            self.metrics_server.start()
         if self.run_dispatcher:
             self._thread = threading.Thread(
                 target=self.dispatcher.run_forever,
@@ -130,6 +143,8 @@ class Listener:
         self._stop.set()
         if self._server is not None:
             self._server.shutdown()
+        if self.metrics_server is not None:
+            self.metrics_server.stop()
         if self._thread is not None:
             self._thread.join(timeout=10)
 

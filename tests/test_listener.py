@@ -32,6 +32,7 @@ def listener_settings(data_dir: Path, database_url: str, **overrides: Any) -> Se
         "port": free_port(),
         "quiet_seconds": 5,
         "min_free_disk_bytes": 0,
+        "metrics_port": 0,  # tests that scrape metrics ask for a free port of their own
         **overrides,
     }
     return Settings(_env_file=None, **values)

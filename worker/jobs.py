@@ -56,6 +56,11 @@ def _now() -> datetime:
     return datetime.now(UTC)
 
 
+def _context(claim: worklist.Claim) -> dict[str, object]:
+    """``extra=`` fields of a log line about a claimed study (see ``db.logs``)."""
+    return {"study_id": claim.study_id, "study_uid": claim.study_uid}
+
+
 def run_triage(ctx: WorkerContext, study_id: int) -> str:
     """Analyse one study and deliver its outputs; returns the study's new status."""
     settings = ctx.settings
@@ -80,13 +85,13 @@ def run_triage(ctx: WorkerContext, study_id: int) -> str:
         status = _analyse_and_record(ctx, claim)
     except NotApplicable as verdict:
         owes_sr = _record_not_applicable(ctx, claim, verdict.reason)
-        log.info("study %d not applicable: %s", study_id, verdict.reason)
+        log.info("study %d not applicable: %s", study_id, verdict.reason, extra=_context(claim))
         if owes_sr:
             run_delivery(ctx, study_id)
         return "not_applicable"
     except Exception as error:
         reason = f"{type(error).__name__}: {error}"[:500]
-        log.exception("analysis of study %d failed", study_id)
+        log.exception("analysis of study %d failed", study_id, extra=_context(claim))
         with transaction(ctx.sessions) as session:
             outcome = worklist.fail_analysis(
                 session,
@@ -156,7 +161,11 @@ def _analyse_and_record(ctx: WorkerContext, claim: worklist.Claim) -> str:
             delivery_grace_seconds=DELIVERY_GRACE_SECONDS,
         )
         if not recorded:
-            log.info("study %d changed during analysis; result discarded", claim.study_id)
+            log.info(
+                "study %d changed during analysis; result discarded",
+                claim.study_id,
+                extra=_context(claim),
+            )
             return "ignored"
         status = session.get(Study, claim.study_id)
         assert status is not None
@@ -165,6 +174,7 @@ def _analyse_and_record(ctx: WorkerContext, claim: worklist.Claim) -> str:
             claim.study_id,
             analysis.probability,
             "POSITIVE" if analysis.positive else "negative",
+            extra=_context(claim),
         )
         return status.status
 
@@ -198,7 +208,11 @@ def _record_not_applicable(ctx: WorkerContext, claim: worklist.Claim, reason: st
         try:
             outputs = _not_analysed_outputs(ctx, claim, reason)
         except Exception:
-            log.exception("study %d: not-analysed SR could not be built", claim.study_id)
+            log.exception(
+                "study %d: not-analysed SR could not be built",
+                claim.study_id,
+                extra=_context(claim),
+            )
     with transaction(ctx.sessions) as session:
         recorded = worklist.mark_not_applicable(
             session,
@@ -360,5 +374,6 @@ def _deliver_round(ctx: WorkerContext, study_id: int, pending: list[_Pending]) -
                 len(results),
                 destination,
                 first,
+                extra={"study_id": study_id},
             )
     return most_attempts

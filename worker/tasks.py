@@ -11,8 +11,9 @@ import threading
 from functools import lru_cache
 from typing import TYPE_CHECKING
 
-from celery.signals import worker_process_init
+from celery.signals import setup_logging, worker_process_init
 
+from db.logs import configure_logging
 from db.queue import DELIVER_TASK, TRIAGE_TASK
 from db.session import make_engine, make_sessionmaker
 from db.settings import get_settings
@@ -44,6 +45,14 @@ def context() -> WorkerContext:
     settings = get_settings()
     sessions = make_sessionmaker(make_engine(settings.resolved_database_url))
     return WorkerContext(settings=settings, sessions=sessions, model=_loaded_model)
+
+
+@setup_logging.connect
+def _logging(loglevel: str | int | None = None, **_: object) -> None:
+    """Log like the listener (``HRCT_LOG_FORMAT``: text or JSON lines) instead of Celery's own
+    format, so one shipper parses every process. Connecting here is enough: Celery imports this
+    module (``include``) before it sets up logging, and a receiver replaces its set-up."""
+    configure_logging(get_settings(), loglevel or "INFO")
 
 
 @worker_process_init.connect
