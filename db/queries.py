@@ -96,9 +96,22 @@ def _instance_counts(session: Session, study_ids: Sequence[int]) -> dict[int, in
 
 
 def worklist_rows(
-    session: Session, *, status: str | None = None, limit: int | None = None
+    session: Session,
+    *,
+    status: str | None = None,
+    limit: int | None = None,
+    positive: bool | None = None,
+    since: datetime | None = None,
+    scanner: str | None = None,
+    accession: str | None = None,
 ) -> list[dict[str, Any]]:
-    """Studies, urgent first; ties by time waiting (oldest first)."""
+    """Studies, urgent first; ties by time waiting (oldest first).
+
+    Filters combine with AND: ``positive`` True/False keeps analysed studies with that result
+    (None: any, analysed or not); ``since`` keeps studies whose first instance arrived at or
+    after it; ``scanner`` is the calling AE title, exactly; ``accession`` a case-insensitive
+    part of the accession number (what a radiologist reads off the RIS).
+    """
     query = (
         select(Study)
         .options(selectinload(Study.outputs).selectinload(Output.deliveries))
@@ -106,6 +119,14 @@ def worklist_rows(
     )
     if status:
         query = query.where(Study.status == status)
+    if positive is not None:
+        query = query.where(Study.positive.is_(positive))
+    if since is not None:
+        query = query.where(Study.first_instance_at >= since)
+    if scanner:
+        query = query.where(Study.calling_ae == scanner)
+    if accession:
+        query = query.where(Study.accession_number.icontains(accession, autoescape=True))
     if limit:
         query = query.limit(limit)
     studies = session.scalars(query).all()

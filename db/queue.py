@@ -14,6 +14,10 @@ TRIAGE_TASK = "hrct.triage_study"
 DELIVER_TASK = "hrct.deliver_study"
 TASK_FOR_OUTBOX = {"triage": TRIAGE_TASK, "deliver": DELIVER_TASK}
 QUEUE = "hrct"
+# Studies that jump the queue (see ``db.priority.is_urgent`` for the rule). Workers consume
+# ``CONSUME_ORDER``: the urgent queue first.
+URGENT_QUEUE = "hrct.urgent"
+CONSUME_ORDER = (URGENT_QUEUE, QUEUE)
 
 
 def celery_config(settings: Settings) -> dict[str, Any]:
@@ -47,5 +51,12 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         # SQLAlchemy transport would pass these to create_engine, so Redis only.)
         config["broker_transport_options"] = {
             "visibility_timeout": int(settings.lease_seconds) + 60,
+            # kombu's Redis channel polls its queues round robin by default, so an urgent study
+            # could wait behind a routine one. "priority" polls them in the order the worker
+            # names them (``CONSUME_ORDER``): the urgent queue is always emptied first.
+            "queue_order_strategy": "priority",
         }
+    # The embedded SQLAlchemy transport has no such option (its transport options go to
+    # create_engine) and always polls round robin: there an urgent study waits behind at most
+    # one routine study per worker process (prefetch 1), not behind the whole queue.
     return config

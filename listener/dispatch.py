@@ -4,6 +4,10 @@ A study is queued in the same transaction that writes its outbox row; publishing
 happens afterwards and is marked only once the broker took the message. A broker outage therefore
 delays a study but never loses it, and a message the broker lost is published again after
 ``HRCT_REPUBLISH_SECONDS`` (the worklist claim makes a second copy harmless).
+
+Due rows are published most urgent first: those ``db.priority.is_urgent`` picks (operator
+``requeue --urgent``, a scanner in ``HRCT_URGENT_AETS``, a positive result's delivery) to
+``hrct.urgent``, the rest by worklist priority to ``hrct``. Workers drain ``hrct.urgent`` first.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ from celery import Celery
 from sqlalchemy.orm import Session, sessionmaker
 
 from db import worklist
-from db.queue import QUEUE, TASK_FOR_OUTBOX, celery_config
+from db.queue import QUEUE, TASK_FOR_OUTBOX, URGENT_QUEUE, celery_config
 from db.session import transaction
 from db.settings import Settings
 
@@ -52,11 +56,17 @@ class Dispatcher:
             due = worklist.due_publications(
                 session, now=now, republish_seconds=self.settings.republish_seconds
             )
+            urgent = worklist.urgent_publications(
+                session, due, urgent_aets=self.settings.urgent_aets
+            )
+        # Urgent first; within each group the worklist priority order of ``due_publications``.
+        due.sort(key=lambda publication: publication.outbox_id not in urgent)
         published: list[int] = []
         for publication in due:
+            queue = URGENT_QUEUE if publication.outbox_id in urgent else QUEUE
             try:
                 self.app.send_task(
-                    TASK_FOR_OUTBOX[publication.task], args=[publication.study_id], queue=QUEUE
+                    TASK_FOR_OUTBOX[publication.task], args=[publication.study_id], queue=queue
                 )
             except Exception as error:
                 if self._broker_down_since is None:
@@ -67,6 +77,13 @@ class Dispatcher:
                         len(due) - len(published),
                     )
                 break
+            if queue == URGENT_QUEUE:
+                log.info(
+                    "study %d (%s) to the urgent queue: %s",
+                    publication.study_id,
+                    publication.task,
+                    urgent[publication.outbox_id],
+                )
             published.append(publication.outbox_id)
         if published:
             if self._broker_down_since is not None:
