@@ -43,7 +43,7 @@ def test_compose_file_runs_every_process_on_redis_with_aof_and_postgres() -> Non
     text = (DEPLOY / "compose.yaml").read_text()
     compose: dict[str, Any] = yaml.safe_load(text)
     services = compose["services"]
-    assert {"redis", "postgres", "migrate", "listener", "worker"} <= set(services)
+    assert {"redis", "postgres", "migrate", "listener", "worker", "web"} <= set(services)
     assert "--appendonly" in services["redis"]["command"]
     assert services["migrate"]["command"] == ["db", "upgrade"]
     assert services["listener"]["depends_on"]["migrate"]["condition"] == (
@@ -54,6 +54,23 @@ def test_compose_file_runs_every_process_on_redis_with_aof_and_postgres() -> Non
     env = compose["x-hrct-env"]
     assert set(env) >= SPEC_SETTINGS
     assert _names(text) <= KNOWN_SETTINGS, _names(text) - KNOWN_SETTINGS
+
+
+def test_compose_file_serves_the_web_worklist_with_a_token_and_a_health_check() -> None:
+    # given the compose file
+    compose: dict[str, Any] = yaml.safe_load((DEPLOY / "compose.yaml").read_text())
+    # when we look at its web service
+    web = compose["services"]["web"]
+    # then it runs `hrct-triage web` on port 8080 with a required token, after the migration
+    assert web["command"] == ["web"]
+    assert web["environment"]["HRCT_WEB_TOKEN"].startswith("${HRCT_WEB_TOKEN:?")
+    assert web["environment"]["HRCT_WEB_HOST"] == "0.0.0.0"
+    assert str(web["environment"]["HRCT_WEB_PORT"]) == "8080"
+    assert web["environment"]["HRCT_DATABASE_URL"] == compose["x-hrct-env"]["HRCT_DATABASE_URL"]
+    assert "8080:8080" in web["ports"]
+    assert web["depends_on"]["migrate"]["condition"] == "service_completed_successfully"
+    # and its health check asks /healthz, the one page that needs no token
+    assert "http://127.0.0.1:8080/healthz" in " ".join(web["healthcheck"]["test"])
 
 
 def test_kubernetes_manifests_parse_and_request_a_gpu_per_worker() -> None:
@@ -78,6 +95,33 @@ def test_kubernetes_manifests_parse_and_request_a_gpu_per_worker() -> None:
     assert _names(text) <= KNOWN_SETTINGS
 
 
+def test_kubernetes_web_deployment_reads_its_token_from_the_secret() -> None:
+    # given the Kubernetes manifests
+    documents = [
+        d for d in yaml.safe_load_all((DEPLOY / "k8s" / "hrct-triage.yaml").read_text()) if d
+    ]
+    by_kind = {(d["kind"], d["metadata"]["name"]): d for d in documents}
+    # when we look at the web Deployment, its Service and the Secret
+    deployment = by_kind[("Deployment", "hrct-web")]
+    service = by_kind[("Service", "hrct-web")]
+    secret = by_kind[("Secret", "hrct-triage")]["stringData"]
+    # then the token is in the Secret (not the ConfigMap) and the pod takes the Secret
+    assert secret["HRCT_WEB_TOKEN"]
+    assert "HRCT_WEB_TOKEN" not in by_kind[("ConfigMap", "hrct-triage")]["data"]
+    container = deployment["spec"]["template"]["spec"]["containers"][0]
+    assert container["args"] == ["web"]
+    assert {"secretRef": {"name": "hrct-triage"}} in container["envFrom"]
+    env = {e["name"]: e["value"] for e in container["env"]}
+    assert env == {"HRCT_WEB_HOST": "0.0.0.0", "HRCT_WEB_PORT": "8080"}
+    # and it is probed on /healthz and reachable through its Service
+    (port,) = container["ports"]
+    assert port["containerPort"] == 8080
+    for probe in ("livenessProbe", "readinessProbe"):
+        assert container[probe]["httpGet"] == {"path": "/healthz", "port": port["name"]}
+    assert service["spec"]["selector"] == deployment["spec"]["template"]["metadata"]["labels"]
+    assert service["spec"]["ports"][0]["targetPort"] == port["name"]
+
+
 def test_systemd_units_verify(tmp_path: Path) -> None:
     analyze = shutil.which("systemd-analyze")
     if analyze is None:
@@ -91,10 +135,18 @@ def test_systemd_units_verify(tmp_path: Path) -> None:
     shutil.copy(tmp_path / "hrct-worker@.service", tmp_path / "hrct-worker@0.service")
     units = [
         str(tmp_path / n)
-        for n in ("hrct-migrate.service", "hrct-listener.service", "hrct-worker@0.service")
+        for n in (
+            "hrct-migrate.service",
+            "hrct-listener.service",
+            "hrct-worker@0.service",
+            "hrct-web.service",
+        )
     ]
     result = subprocess.run(
         [analyze, "verify", *units], capture_output=True, text=True, timeout=60, check=False
     )
     assert result.returncode == 0, result.stderr
     assert _names((DEPLOY / "env.example").read_text()) <= KNOWN_SETTINGS
+    web = (DEPLOY / "systemd" / "hrct-web.service").read_text()
+    assert "ExecStart=/opt/hrct-triage/.venv/bin/hrct-triage web\n" in web
+    assert "EnvironmentFile=/etc/hrct-triage/env" in web
