@@ -10,7 +10,7 @@ import re
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -154,11 +154,32 @@ class Settings(BaseSettings):
     # Time to notification (last instance -> SR acknowledged) above which `stats` and the log
     # raise an alarm: 15 minutes, the turnaround a triage tool must beat to change reading order.
     notification_target_seconds: float = Field(900.0, gt=0)
+    # Calling AE titles whose studies go to the urgent queue (emergency department, ICU
+    # scanners): their patients wait for the answer. Empty: only operator `requeue --urgent`
+    # and positive results' deliveries jump the queue.
+    urgent_aets: Annotated[list[str], NoDecode] = Field(default_factory=list)
+
+    @field_validator("urgent_aets", mode="before")
+    @classmethod
+    def _split_urgent_aets(cls, value: object) -> list[str]:
+        return _comma_list(value)
 
     sr_series_number: int = Field(9901, ge=1, le=2**31 - 1)
     sr_series_description: str = "AI COVID-19 triage SR - not for diagnostic use"
     sc_series_number: int = Field(9902, ge=1, le=2**31 - 1)
     sc_series_description: str = "AI COVID-19 heat map - not for diagnostic use"
+
+    # --- metrics and logs (observability) ---
+    # Port of the Prometheus /metrics endpoint the listener serves (on HRCT_BIND_ADDRESS); 0 turns
+    # it off. 9464 is the port the OpenTelemetry/Prometheus exporter convention uses, clear of
+    # DICOM (104, 11112) and of the web worklist (8080). Worker figures (analysis duration,
+    # delivery failures, time to notification) are read from the worklist on each scrape, so this
+    # one endpoint covers every worker on every host.
+    metrics_port: int = Field(9464, ge=0, le=65535)
+    # "text" for people at a terminal; "json" (one object per line, with study_uid and
+    # association when known) for a log shipper. Text is the default because `demo` and `up` are
+    # run by hand first.
+    log_format: Literal["text", "json"] = "text"
 
     @field_validator("sr_series_description", "sc_series_description")
     @classmethod

@@ -22,9 +22,11 @@ from rich.table import Table
 from db import queries, worklist
 from db.migrate import upgrade
 from db.models import Study, StudyStatus
+from db.priority import URGENT_MARK
+from db.queue import CONSUME_ORDER
 from db.session import make_engine, make_sessionmaker, transaction
 from db.settings import Settings, get_settings
-from hrct_triage import ops_cli
+from hrct_triage import ops_admin, ops_cli
 
 app = typer.Typer(
     help="PACS-integrated triage of chest HRCT for COVID-19 pneumonia.",
@@ -38,11 +40,11 @@ console = Console(width=None if sys.stdout.isatty() else 180)
 NOTHING_MATCHED = 3
 
 
-def _logging(level: str = "INFO") -> None:
-    logging.basicConfig(
-        level=getattr(logging, level.upper(), logging.INFO),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+def _logging(level: str = "INFO", settings: Settings | None = None) -> None:
+    """Text or JSON lines (HRCT_LOG_FORMAT); never patient identifiers either way."""
+    from db.logs import configure_logging
+
+    configure_logging(settings or get_settings(), level)
 
 
 def _sessions(settings: Settings) -> Any:
@@ -66,8 +68,8 @@ def listen(log_level: str = "INFO") -> None:
     """Run the DICOM listener and the outbox dispatcher."""
     from listener.scp import Listener
 
-    _logging(log_level)
     settings = get_settings()
+    _logging(log_level, settings)
     upgrade(settings.resolved_database_url)
     listener = Listener(settings)
     listener.start()
@@ -78,11 +80,17 @@ def listen(log_level: str = "INFO") -> None:
 @app.command()
 def worker(
     concurrency: Annotated[int, typer.Option(help="analyses at once (one per GPU)")] = 1,
-    queue: Annotated[str, typer.Option(help="broker queue to consume")] = "hrct",
+    queue: Annotated[
+        str, typer.Option(help="broker queues to consume, comma list, most urgent first")
+    ] = ",".join(CONSUME_ORDER),
     pool: Annotated[str, typer.Option(help="Celery pool: prefork or solo")] = "prefork",
     log_level: str = "INFO",
 ) -> None:
-    """Run a Celery worker that analyses and delivers studies."""
+    """Run a Celery worker that analyses and delivers studies.
+
+    By default it consumes ``hrct.urgent`` before ``hrct``: on Redis strictly (the urgent queue
+    is emptied first), on the embedded broker round robin between the two.
+    """
     from worker.celery_app import app as celery_app
 
     celery_app.worker_main(
@@ -113,8 +121,8 @@ def up(
     """Run listener, dispatcher and worker(s) on this machine with the configured services."""
     from hrct_triage.processes import running_gateway
 
-    _logging(log_level)
     settings = get_settings()
+    _logging(log_level, settings)
     upgrade(settings.resolved_database_url)
     with running_gateway(settings, workers=workers):
         _wait_for_signal()
@@ -176,17 +184,44 @@ def render_worklist(rows: list[dict[str, Any]]) -> Table:
 def worklist_command(
     status: Annotated[str | None, typer.Option(help="only studies in this state")] = None,
     limit: Annotated[int | None, typer.Option(help="at most this many rows")] = None,
+    positive: Annotated[
+        bool | None,
+        typer.Option("--positive/--negative", help="only analysed studies with this result"),
+    ] = None,
+    since: Annotated[
+        datetime | None, typer.Option(help="first instance at or after this (UTC if no zone)")
+    ] = None,
+    scanner: Annotated[str | None, typer.Option(help="calling AE title of the scanner")] = None,
+    accession: Annotated[str | None, typer.Option(help="text in the accession number")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="one JSON document")] = False,
 ) -> None:
-    """Studies, urgent first."""
+    """Studies, urgent first. With a filter, exit 3 when nothing matched."""
     if status is not None and status not in StudyStatus.ALL:
         raise typer.BadParameter(f"unknown status {status!r}; one of {', '.join(StudyStatus.ALL)}")
+    filtered = any(v is not None for v in (status, positive, since, scanner, accession))
     with transaction(_sessions(get_settings())) as session:
-        rows = queries.worklist_rows(session, status=status, limit=limit)
+        rows = queries.worklist_rows(
+            session,
+            status=status,
+            limit=limit,
+            positive=positive,
+            since=_aware(since),
+            scanner=scanner,
+            accession=accession,
+        )
     if as_json:
         _print_json(rows)
     else:
         console.print(render_worklist(rows))
+    if filtered and not rows:
+        raise typer.Exit(NOTHING_MATCHED)
+
+
+def _aware(moment: datetime | None) -> datetime | None:
+    """typer parses dates without a zone; the worklist's clock is UTC."""
+    if moment is None or moment.tzinfo is not None:
+        return moment
+    return moment.replace(tzinfo=UTC)
 
 
 @app.command()
@@ -222,6 +257,9 @@ def requeue(
     ] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="list, change nothing")] = False,
     yes: Annotated[bool, typer.Option("--yes", "-y", help="no confirmation for many")] = False,
+    urgent: Annotated[
+        bool, typer.Option("--urgent", help="publish to the urgent queue (jumps the queue)")
+    ] = False,
 ) -> None:
     """Analyse again and deliver again (new outputs that supersede the old)."""
     if not study_uids and not status:
@@ -239,7 +277,8 @@ def requeue(
             typer.confirm(f"requeue {len(studies)} studies?", abort=True)
         now = datetime.now(UTC)
         for study in studies:
-            changed = worklist.requeue(session, study, now=now, detail="requeued by operator")
+            detail = f"requeued by operator {URGENT_MARK}" if urgent else "requeued by operator"
+            changed = worklist.requeue(session, study, now=now, detail=detail)
             console.print(f"{'requeued' if changed else 'still receiving, left'} {study.study_uid}")
 
 
@@ -278,19 +317,11 @@ def echo(
     ] = None,
 ) -> None:
     """C-ECHO every destination in HRCT_DESTINATIONS; exit 1 if any does not answer."""
-    from worker.delivery import echo as c_echo
-
     settings = get_settings()
-    destinations = settings.destination_list
-    if not destinations:
+    if not settings.destination_list:
         console.print("no destinations configured (HRCT_DESTINATIONS)")
         raise typer.Exit(NOTHING_MATCHED)
-    results = [
-        c_echo(
-            d, calling_ae=settings.ae_title, timeout=timeout or settings.delivery_timeout_seconds
-        )
-        for d in destinations
-    ]
+    results = ops_admin.echo_all(settings, timeout)
     table = Table(title=f"C-ECHO from {settings.ae_title}")
     for column in ("destination", "result", "status", "seconds"):
         table.add_column(column, overflow="fold")
@@ -526,6 +557,9 @@ def evaluate(
     console.print(f"report: {output_dir / 'report.md'} and {output_dir / 'report.json'}")
 
 
+app.command("cancel")(ops_admin.cancel_command)
+app.command("purge")(ops_admin.purge_command)
+app.command("doctor")(ops_admin.doctor_command)
 # Operations commands live in their own module; registered here so `hrct-triage --help` lists them.
 app.command("stats")(ops_cli.stats_command)
 app.command("web")(ops_cli.web_command)

@@ -52,6 +52,7 @@ def run_demo(
         broker_url=None,
         port=free_port(),
         quiet_seconds=DEMO_QUIET_SECONDS,
+        metrics_port=0,  # the demo must not need (or take) the production metrics port
         poll_seconds=0.5,
         destinations=[f"{pacs.ae_title}@127.0.0.1:{pacs_port}"],
         model_path=checkpoint,

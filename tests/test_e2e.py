@@ -107,6 +107,7 @@ def _start_gateway(
             "HRCT_ALLOW_UNTRAINED": "1",
             "HRCT_MAX_ATTEMPTS": "1",
             "HRCT_HEATMAPS": "2",
+            "HRCT_METRICS_PORT": "0",
         }
     )
     if database_url:
