@@ -8,13 +8,16 @@ between tests.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import socket
 import subprocess
+import urllib.request
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import psycopg
 import pytest
@@ -186,3 +189,74 @@ def pacs(tmp_path: Path) -> Iterator[StoreSCP]:
     scp = StoreSCP(tmp_path / "pacs").start()
     yield scp
     scp.stop()
+
+
+class Orthanc:
+    """Orthanc (Debian package) as a real PACS: its own storage, free DICOM and HTTP ports on
+    loopback, no authentication. ``extra_config`` adds modalities, Lua scripts and the like."""
+
+    def __init__(
+        self,
+        folder: Path,
+        *,
+        ae_title: str = "ORTHANC",
+        extra_config: dict[str, Any] | None = None,
+        verbose: bool = False,
+    ) -> None:
+        require_tool("Orthanc")
+        self.ae_title = ae_title
+        self.verbose = verbose
+        self.port, self.http_port = free_port(), free_port()
+        folder.mkdir(parents=True, exist_ok=True)
+        config: dict[str, Any] = {
+            "Name": "hrct-test",
+            "StorageDirectory": str(folder / "storage"),
+            "IndexDirectory": str(folder / "storage"),
+            "DicomAet": ae_title,
+            "DicomPort": self.port,
+            "HttpPort": self.http_port,
+            "RemoteAccessAllowed": False,
+            "AuthenticationEnabled": False,
+            "DicomModalities": {"hrct": ["HRCT_TRIAGE", "127.0.0.1", 11112]},
+            "Plugins": [],
+            **(extra_config or {}),
+        }
+        self.config = folder / "orthanc.json"
+        self.config.write_text(json.dumps(config))
+        self.log = folder / "orthanc.log"
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> Orthanc:
+        args = ["Orthanc", *(["--verbose"] if self.verbose else []), str(self.config)]
+        self.process = subprocess.Popen(args, stdout=self.log.open("wb"), stderr=subprocess.STDOUT)
+        _wait_for_port(self.http_port, timeout=30)
+        _wait_for_port(self.port, timeout=30)
+        return self
+
+    def stop(self) -> None:
+        if self.process is not None:
+            self.process.terminate()
+            self.process.wait(timeout=30)
+            self.process = None
+
+    @property
+    def destination(self) -> str:
+        return f"{self.ae_title}@127.0.0.1:{self.port}"
+
+    def get(self, path: str) -> Any:
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.http_port}{path}", timeout=30) as r:
+            return json.load(r)
+
+    def upload(self, path: Path) -> dict[str, Any]:
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{self.http_port}/instances",
+            data=path.read_bytes(),
+            headers={"Content-Type": "application/dicom"},
+            method="POST",
+        )
+        with urllib.request.urlopen(request, timeout=30) as r:
+            answer: dict[str, Any] = json.load(r)
+            return answer
+
+    def sop_instance_uids(self) -> list[str]:
+        return [i["MainDicomTags"]["SOPInstanceUID"] for i in self.get("/instances?expand")]

@@ -9,13 +9,11 @@ function as the worker would. Nothing here waits on a clock.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import random
 import subprocess
 import sys
 import threading
-import urllib.request
 from collections import Counter
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
@@ -34,7 +32,7 @@ from db.migrate import upgrade
 from db.models import Delivery, OutboxRow, Output, Study, StudyStatus
 from db.session import make_engine, make_sessionmaker, transaction
 from db.settings import Settings
-from tests.conftest import StoreSCP, _wait_for_port, dciodvfy_errors, free_port, require_tool
+from tests.conftest import Orthanc, StoreSCP, dciodvfy_errors, free_port
 from tests.test_outputs import WHEN, ct_series, make_analysis
 from worker.artifacts import build_study_outputs
 from worker.jobs import DELIVERY_JITTER, WorkerContext, delivery_backoff, run_delivery, run_triage
@@ -190,57 +188,6 @@ def _sop_uids(paths: list[Path]) -> list[str]:
 
 
 # ---------------------------------------------------------------- peers
-
-
-class Orthanc:
-    """Orthanc as the PACS: its own storage, DICOM and HTTP ports, REST on localhost only."""
-
-    def __init__(self, folder: Path, ae_title: str = "ORTHANC") -> None:
-        require_tool("Orthanc")
-        self.ae_title = ae_title
-        self.port, self.http_port = free_port(), free_port()
-        folder.mkdir(parents=True, exist_ok=True)
-        config = {
-            "Name": "hrct-test",
-            "StorageDirectory": str(folder / "storage"),
-            "IndexDirectory": str(folder / "storage"),
-            "DicomAet": ae_title,
-            "DicomPort": self.port,
-            "HttpPort": self.http_port,
-            "RemoteAccessAllowed": False,
-            "AuthenticationEnabled": False,
-            "DicomModalities": {"hrct": ["HRCT_TRIAGE", "127.0.0.1", 11112]},
-            "Plugins": [],
-        }
-        self.config = folder / "orthanc.json"
-        self.config.write_text(json.dumps(config))
-        self.log = folder / "orthanc.log"
-        self.process: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> Orthanc:
-        self.process = subprocess.Popen(
-            ["Orthanc", str(self.config)], stdout=self.log.open("wb"), stderr=subprocess.STDOUT
-        )
-        _wait_for_port(self.http_port, timeout=30)
-        _wait_for_port(self.port, timeout=30)
-        return self
-
-    def stop(self) -> None:
-        if self.process is not None:
-            self.process.terminate()
-            self.process.wait(timeout=30)
-            self.process = None
-
-    @property
-    def destination(self) -> str:
-        return f"{self.ae_title}@127.0.0.1:{self.port}"
-
-    def get(self, path: str) -> Any:
-        with urllib.request.urlopen(f"http://127.0.0.1:{self.http_port}{path}", timeout=30) as r:
-            return json.load(r)
-
-    def sop_instance_uids(self) -> list[str]:
-        return [i["MainDicomTags"]["SOPInstanceUID"] for i in self.get("/instances?expand")]
 
 
 @pytest.fixture

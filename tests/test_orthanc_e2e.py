@@ -13,7 +13,6 @@ import os
 import subprocess
 import sys
 import time
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -24,7 +23,7 @@ from sqlalchemy import select
 
 from db.models import Study, StudyStatus
 from db.session import make_engine, make_sessionmaker, transaction
-from tests.conftest import _wait_for_port, free_port, require_tool
+from tests.conftest import Orthanc, _wait_for_port, free_port
 
 GATEWAY_AE = "HRCT_TRIAGE"
 PACS_AE = "HOSPITAL_PACS"
@@ -58,70 +57,24 @@ end
 """
 
 
-class OrthancPacs:
-    """Orthanc with its own storage, free DICOM/HTTP ports on loopback, no authentication,
-    the gateway as modality ``hrct`` and the forwarding Lua script."""
-
-    def __init__(self, folder: Path, gateway_port: int) -> None:
-        require_tool("Orthanc")
-        self.port, self.http_port = free_port(), free_port()
-        folder.mkdir(parents=True, exist_ok=True)
-        script = folder / "forward.lua"
-        script.write_text(FORWARD_LUA)
-        config = {
+def hospital_pacs(folder: Path, gateway_port: int) -> Orthanc:
+    """Orthanc as the hospital PACS: the gateway as modality ``hrct`` and the forwarding Lua
+    script that sends each stable study's CT series to it once."""
+    folder.mkdir(parents=True, exist_ok=True)
+    script = folder / "forward.lua"
+    script.write_text(FORWARD_LUA)
+    return Orthanc(
+        folder,
+        ae_title=PACS_AE,
+        verbose=True,
+        extra_config={
             "Name": "hrct-hospital-pacs",
-            "StorageDirectory": str(folder / "storage"),
-            "IndexDirectory": str(folder / "storage"),
-            "DicomAet": PACS_AE,
-            "DicomPort": self.port,
-            "HttpPort": self.http_port,
-            "RemoteAccessAllowed": False,
-            "AuthenticationEnabled": False,
             "DicomModalities": {"hrct": [GATEWAY_AE, "127.0.0.1", gateway_port]},
             "UserMetadata": {"HrctForwarded": 1024},
             "LuaScripts": [str(script)],
             "StableAge": 2,
-            "Plugins": [],
-        }
-        self.config = folder / "orthanc.json"
-        self.config.write_text(json.dumps(config))
-        self.log = folder / "orthanc.log"
-        self.process: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> OrthancPacs:
-        self.process = subprocess.Popen(
-            ["Orthanc", "--verbose", str(self.config)],
-            stdout=self.log.open("wb"),
-            stderr=subprocess.STDOUT,
-        )
-        _wait_for_port(self.http_port, timeout=30)
-        _wait_for_port(self.port, timeout=30)
-        return self
-
-    def stop(self) -> None:
-        if self.process is not None:
-            self.process.terminate()
-            self.process.wait(timeout=30)
-            self.process = None
-
-    @property
-    def destination(self) -> str:
-        return f"{PACS_AE}@127.0.0.1:{self.port}"
-
-    def get(self, path: str) -> Any:
-        with urllib.request.urlopen(f"http://127.0.0.1:{self.http_port}{path}", timeout=30) as r:
-            return json.load(r)
-
-    def upload(self, path: Path) -> dict[str, Any]:
-        request = urllib.request.Request(
-            f"http://127.0.0.1:{self.http_port}/instances",
-            data=path.read_bytes(),
-            headers={"Content-Type": "application/dicom"},
-            method="POST",
-        )
-        with urllib.request.urlopen(request, timeout=30) as r:
-            answer: dict[str, Any] = json.load(r)
-            return answer
+        },
+    )
 
 
 @pytest.fixture
@@ -130,8 +83,8 @@ def gateway_port() -> int:
 
 
 @pytest.fixture
-def orthanc(tmp_path: Path, gateway_port: int) -> Iterator[OrthancPacs]:
-    pacs = OrthancPacs(tmp_path / "orthanc", gateway_port).start()
+def orthanc(tmp_path: Path, gateway_port: int) -> Iterator[Orthanc]:
+    pacs = hospital_pacs(tmp_path / "orthanc", gateway_port).start()
     yield pacs
     pacs.stop()
 
@@ -177,13 +130,13 @@ class Gateway:
 
 
 @pytest.fixture
-def gateway(tmp_path: Path, gateway_port: int, orthanc: OrthancPacs) -> Iterator[Gateway]:
+def gateway(tmp_path: Path, gateway_port: int, orthanc: Orthanc) -> Iterator[Gateway]:
     gw = Gateway(tmp_path, gateway_port, orthanc.destination)
     yield gw
     gw.stop()
 
 
-def _logs(orthanc: OrthancPacs, gateway: Gateway) -> str:
+def _logs(orthanc: Orthanc, gateway: Gateway) -> str:
     return (
         f"\n--- Orthanc log (tail) ---\n{orthanc.log.read_text(errors='replace')[-4000:]}"
         f"\n--- gateway log (tail) ---\n{gateway.log.read_text(errors='replace')[-4000:]}"
@@ -191,7 +144,7 @@ def _logs(orthanc: OrthancPacs, gateway: Gateway) -> str:
 
 
 def _wait_for_study(
-    gateway: Gateway, orthanc: OrthancPacs, study_uid: str, timeout: float = 120
+    gateway: Gateway, orthanc: Orthanc, study_uid: str, timeout: float = 120
 ) -> Study:
     """Poll the gateway's SQLite worklist until the study reaches a terminal state."""
     engine = make_engine(gateway.database_url)
@@ -218,7 +171,7 @@ def _wait_for_study(
 
 
 def _wait_for_modalities(
-    orthanc: OrthancPacs, gateway: Gateway, study_id: str, wanted: set[str], timeout: float = 60
+    orthanc: Orthanc, gateway: Gateway, study_id: str, wanted: set[str], timeout: float = 60
 ) -> dict[str, list[dict[str, Any]]]:
     """The study's series in Orthanc, by modality, once every ``wanted`` modality is there."""
     deadline = time.monotonic() + timeout
@@ -237,7 +190,7 @@ def _wait_for_modalities(
 
 
 def _wait_until_stable(
-    orthanc: OrthancPacs, gateway: Gateway, study_id: str, timeout: float = 30
+    orthanc: Orthanc, gateway: Gateway, study_id: str, timeout: float = 30
 ) -> None:
     """Wait for Orthanc's stable event after our outputs arrived (the one that must not
     forward again)."""
@@ -250,7 +203,7 @@ def _wait_until_stable(
 
 
 def test_study_uploaded_to_orthanc_comes_back_with_our_sr_and_heat_maps(
-    tmp_path: Path, orthanc: OrthancPacs, gateway: Gateway
+    tmp_path: Path, orthanc: Orthanc, gateway: Gateway
 ) -> None:
     # given a COVID-like phantom study (localizer, 40 thin slices, soft-tissue series)
     from worker.phantom import write_phantom_studies
