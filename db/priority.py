@@ -1,19 +1,22 @@
 """Worklist priority (bigger is more urgent) and the rule that sends a study to the urgent queue.
 
-Priority bands, highest first; ties are broken by time waiting (first instance, oldest first):
+Every study is in one of three bands; ``HRCT_PRIORITY_BANDS`` orders them, most urgent first
+(default ``positive,unanswered,negative``). Within a band, a higher probability comes first; ties
+are broken by time waiting (first instance, oldest first):
 
-=============  =============================  ================================================
-band           value                          studies
-=============  =============================  ================================================
-positive       ``POSITIVE_BASE`` + 1000 * p   the AI found COVID-19: by probability ``p``
-unanswered     ``UNANSWERED``                 the AI has not (yet) answered: still arriving,
-                                              waiting, in analysis, failed or not applicable;
-                                              a radiologist must read these without help
-negative       ``NEGATIVE``                   the AI found no COVID-19
-=============  =============================  ================================================
+=============  ================================================================================
+band           studies
+=============  ================================================================================
+positive       the AI found COVID-19
+unanswered     the AI has not (yet) answered: still arriving, waiting, in analysis, failed or
+               not applicable; a radiologist must read these without help
+negative       the AI found no COVID-19 (a 0.7 comes before a 0.1)
+=============  ================================================================================
 
-``failed`` and ``not_applicable`` are in the middle band on purpose: they are never hidden below
-the negatives, since nobody else will look at them.
+``failed`` and ``not_applicable`` are unanswered on purpose: with the default order they are
+never hidden below the negatives, since nobody else will look at them. Priorities are stored
+with each study; ``reprioritise`` recomputes them when the listener starts, so a changed order
+applies to the whole worklist.
 
 The urgent queue (``db.queue.URGENT_QUEUE``) is a different question, asked when the dispatcher
 publishes a study: before analysis nothing is known about the result, so urgency comes from
@@ -22,26 +25,60 @@ where the study came from and from the operator. See ``is_urgent``.
 
 from __future__ import annotations
 
-from collections.abc import Collection
+from collections.abc import Collection, Sequence
 
-from db.models import StudyStatus
+from sqlalchemy import select
+from sqlalchemy.orm import Session
 
-POSITIVE_BASE = 2000
-UNANSWERED = 1000
-NEGATIVE = 0
+from db.models import Study, StudyStatus
+
+BANDS = ("positive", "unanswered", "negative")
+# Room for 1000 probability steps inside each band, so bands never overlap.
+_BAND_WIDTH = 2000
 
 # Written into the event detail of an operator's ``requeue --urgent``; the dispatcher reads it
 # back, so the flag survives a broker outage and a republish without a column of its own.
 URGENT_MARK = "[urgent]"
 
 
-def priority_for(status: str, positive: bool | None, probability: float | None) -> int:
-    """The worklist priority of a study in ``status`` with this result (see the bands above)."""
+def band_of(status: str, positive: bool | None) -> str:
     if status in (StudyStatus.FAILED, StudyStatus.NOT_APPLICABLE) or positive is None:
-        return UNANSWERED
-    if positive:
-        return POSITIVE_BASE + round(1000 * (probability or 0.0))
-    return NEGATIVE
+        return "unanswered"
+    return "positive" if positive else "negative"
+
+
+def configured_bands() -> tuple[str, ...]:
+    """The band order of this process's settings (``HRCT_PRIORITY_BANDS``)."""
+    from db.settings import get_settings
+
+    return tuple(get_settings().priority_bands)
+
+
+def priority_for(
+    status: str,
+    positive: bool | None,
+    probability: float | None,
+    bands: Sequence[str] | None = None,
+) -> int:
+    """The worklist priority of a study in ``status`` with this result (see the bands above)."""
+    order = tuple(bands) if bands is not None else configured_bands()
+    band = band_of(status, positive)
+    base = (len(order) - 1 - order.index(band)) * _BAND_WIDTH
+    if band == "unanswered":
+        return base
+    return base + round(1000 * (probability or 0.0))
+
+
+def reprioritise(session: Session, bands: Sequence[str] | None = None) -> int:
+    """Recompute every study's stored priority (after ``HRCT_PRIORITY_BANDS`` changed);
+    returns how many changed."""
+    changed = 0
+    for study in session.scalars(select(Study)):
+        value = priority_for(study.status, study.positive, study.probability, bands)
+        if value != study.priority:
+            study.priority = value
+            changed += 1
+    return changed
 
 
 def is_urgent(

@@ -147,6 +147,11 @@ class Settings(BaseSettings):
     # reports as clutter).
     not_analysed_sr: bool = False
     # Series of the outputs; the descriptions must say "not for diagnostic use".
+    # Worklist bands, most urgent first (db/priority.py): what a radiologist reads first.
+    priority_bands: Annotated[list[str], NoDecode] = Field(
+        default_factory=lambda: ["positive", "unanswered", "negative"]
+    )
+
     # The read-only web worklist (`hrct-triage web`): its bearer token, and where it listens.
     web_token: str | None = None
     web_host: str = "127.0.0.1"
@@ -186,7 +191,17 @@ class Settings(BaseSettings):
     def _not_for_diagnostic_use(cls, value: str) -> str:
         return check_series_description(value)
 
-    @field_validator("allowed_aets", "destinations", mode="before")
+    @field_validator("priority_bands")
+    @classmethod
+    def _check_bands(cls, value: list[str]) -> list[str]:
+        if sorted(value) != sorted(["positive", "unanswered", "negative"]):
+            raise ValueError(
+                "HRCT_PRIORITY_BANDS must name positive, unanswered and negative once each, "
+                f"most urgent first; got {','.join(value)!r}"
+            )
+        return value
+
+    @field_validator("allowed_aets", "destinations", "priority_bands", mode="before")
     @classmethod
     def _split(cls, value: object) -> list[str]:
         return _comma_list(value)

@@ -16,7 +16,8 @@ from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from sqlalchemy.orm import Session, sessionmaker
 
 from db.metrics import WorklistCollector
-from db.session import make_engine, make_sessionmaker
+from db.priority import reprioritise
+from db.session import make_engine, make_sessionmaker, transaction
 from db.settings import Settings
 from listener import handlers
 from listener.access import AccessPolicy
@@ -113,6 +114,11 @@ class Listener:
     def start(self) -> None:
         self.settings.spool_dir.mkdir(parents=True, exist_ok=True)
         self.reconciliation = reconcile(self.state.spool_dir, self.sessions)
+        with transaction(self.sessions) as session:
+            # HRCT_PRIORITY_BANDS may have changed since the priorities were stored.
+            changed = reprioritise(session, self.settings.priority_bands)
+        if changed:
+            log.info("worklist priorities recomputed for %d studies", changed)
         ae = build_ae(self.settings)
         self._server = ae.start_server(
             (self.settings.bind_address, self.settings.port),

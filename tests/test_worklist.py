@@ -5,12 +5,16 @@ from __future__ import annotations
 import threading
 from datetime import UTC, datetime, timedelta
 
+import pytest
+from pydantic import ValidationError
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from db import queries, worklist
 from db.models import Event, Instance, OutboxRow, Study, StudyStatus
+from db.priority import reprioritise
 from db.session import transaction
+from db.settings import Settings
 
 T0 = datetime(2026, 1, 1, 12, 0, tzinfo=UTC)
 
@@ -259,3 +263,57 @@ def test_requeue_starts_a_new_generation_and_worklist_puts_positives_first(
             select(func.count()).select_from(Event).where(Event.study_id == ids["1.2.3"])
         )
         assert events and events >= 4
+
+
+def test_priority_bands_follow_the_setting_and_reprioritise_applies_a_new_order(
+    sessions: sessionmaker[Session],
+) -> None:
+    # given a positive, an unanswered and a negative study under the default band order
+    # (the unanswered one last, so completing the others does not queue it)
+    results = {"1.2.3": 0.95, "1.2.5": 0.7, "1.2.4": None}
+    for uid, probability in results.items():
+        with transaction(sessions) as session:
+            worklist.record_instance(
+                session, facts(f"{uid}.1.1", study=uid), association_id=None, now=T0
+            )
+        if probability is None:
+            continue
+        study_id = complete(sessions, T0 + timedelta(seconds=10))[0]
+        with transaction(sessions) as session:
+            claim = worklist.claim(session, study_id, worker="w", lease_seconds=60, now=T0)
+            assert claim is not None
+            worklist.finish_analysis(
+                session,
+                claim,
+                now=T0,
+                destinations=[],
+                outputs=[],
+                delivery_grace_seconds=60,
+                analysis=worklist.AnalysisRecord(
+                    probability, probability >= 0.8, 0.8, "v", f"{uid}.1", [], {}
+                ),
+            )
+
+    def order() -> list[str]:
+        with transaction(sessions) as session:
+            return [row["study_uid"] for row in queries.worklist_rows(session)]
+
+    assert order() == ["1.2.3", "1.2.4", "1.2.5"]
+    # when a site wants studies the AI has not answered on top, and reprioritises
+    with transaction(sessions) as session:
+        changed = reprioritise(session, ["unanswered", "positive", "negative"])
+    # then the stored priorities follow the new order
+    assert changed == 2  # the negative stays in the bottom band with the same value
+    assert order() == ["1.2.4", "1.2.3", "1.2.5"]
+
+
+def test_band_order_setting_must_name_each_band_once() -> None:
+    assert Settings(
+        _env_file=None, priority_bands="negative, positive,unanswered"
+    ).priority_bands == [  # type: ignore[call-arg]
+        "negative",
+        "positive",
+        "unanswered",
+    ]
+    with pytest.raises(ValidationError, match="HRCT_PRIORITY_BANDS"):
+        Settings(_env_file=None, priority_bands="positive,positive,negative")  # type: ignore[call-arg]
