@@ -1,0 +1,112 @@
+"""Worker path against the bare model, in the same process and run (issue 4's CPU target).
+
+    .venv/bin/python benchmarks/pipeline_speed.py [--slices 300] [--repeat 2] [--checkpoint PATH]
+
+The worker path is what a task does after its claim: series selection, HU volume, lung slices,
+preprocessing, batched forward with CAM, trimmed mean, heat maps, and the SR and SC objects built
+and written ("SR ready"). The baseline is ``model.module(x)`` alone over the same preprocessed
+lung slices, same batch size, memory format and autocast. Both are timed alternately
+``--repeat`` times; the best of each is compared, and the ratio is printed last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--slices", type=int, default=300)
+    parser.add_argument("--repeat", type=int, default=2)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--checkpoint", type=Path, default=None)
+    args = parser.parse_args()
+
+    import torch
+
+    from worker.artifacts import build_study_outputs
+    from worker.model import load_model
+    from worker.phantom import write_phantom_studies
+    from worker.pipeline import analyse_study
+    from worker.preprocess import lung_slices, model_input
+    from worker.series import select_series
+    from worker.volume import load_volume
+
+    model = load_model(args.checkpoint, allow_untrained=args.checkpoint is None)
+    print(
+        f"model {model.info.version} on {model.device} (bf16={model.bf16}), "
+        f"torch threads {torch.get_num_threads()}"
+    )
+    with tempfile.TemporaryDirectory() as scratch:
+        folder = Path(scratch)
+        (study,) = write_phantom_studies(
+            folder / "in", covid=1, healthy=0, slices=args.slices, seed=5
+        )
+        paths = sorted(study.folder.glob("*.dcm"))
+
+        volume = load_volume(select_series(paths))
+        lung = lung_slices(volume.hu, pixel_spacing=volume.pixel_spacing).nonzero()[0]
+        inputs = model_input(
+            volume.hu,
+            indices=lung,
+            size=model.info.input_size,
+            width=model.info.window_width,
+            level=model.info.window_level,
+        )
+        print(f"{len(paths)} files, {volume.shape[0]} thin slices, {len(lung)} lung slices")
+
+        def bare() -> float:
+            started = time.perf_counter()
+            with (
+                torch.inference_mode(),
+                torch.autocast(model.device.type, dtype=torch.bfloat16, enabled=model.bf16),
+            ):
+                for start in range(0, inputs.shape[0], args.batch_size):
+                    batch = inputs[start : start + args.batch_size].to(model.device)
+                    model.module(batch.contiguous(memory_format=torch.channels_last))
+            return time.perf_counter() - started
+
+        def worker_path(run: int) -> tuple[float, dict[str, float]]:
+            started = time.perf_counter()
+            analysis, headers = analyse_study(
+                study.study_uid, paths, model, batch_size=args.batch_size
+            )
+            build_study_outputs(
+                analysis,
+                headers,
+                generation=run,
+                content_datetime=datetime(2026, 1, 1, tzinfo=UTC),
+                predecessor=None,
+                out_dir=folder / f"out{run}",
+            )
+            return time.perf_counter() - started, analysis.timings
+
+        bare()  # warm-up: first-call allocations and kernel selection are not what we measure
+        bare_times, path_times, stages = [], [], {}
+        for run in range(1, args.repeat + 1):
+            bare_times.append(bare())
+            elapsed, stages = worker_path(run)
+            path_times.append(elapsed)
+            print(f"run {run}: bare forward {bare_times[-1]:.2f} s, worker path {elapsed:.2f} s")
+    print(
+        "worker stages of the last run: " + ", ".join(f"{k} {v:.2f} s" for k, v in stages.items())
+    )
+    best_bare, best_path = min(bare_times), min(path_times)
+    print(
+        f"bare forward {best_bare:.2f} s ({len(lung) / best_bare:.1f} slices/s), "
+        f"worker path to SR ready {best_path:.2f} s"
+    )
+    print(f"ratio worker path / bare forward: {best_path / best_bare:.2f}x (target <= 1.3x)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
