@@ -13,6 +13,7 @@ import os
 import shutil
 import socket
 import subprocess
+import time
 import urllib.request
 import uuid
 from collections.abc import Iterator
@@ -21,10 +22,14 @@ from typing import Any
 
 import psycopg
 import pytest
+from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from db.migrate import upgrade
-from db.session import make_engine, make_sessionmaker
+from db.models import Association
+from db.session import make_engine, make_sessionmaker, transaction
+from db.settings import Settings
+from listener.scp import Listener
 
 PG_ADMIN = os.environ.get("HRCT_TEST_PG", "postgresql://postgres@127.0.0.1:5432/test")
 REDIS_URL = os.environ.get("HRCT_TEST_REDIS", "redis://127.0.0.1:6379")
@@ -260,3 +265,69 @@ class Orthanc:
 
     def sop_instance_uids(self) -> list[str]:
         return [i["MainDicomTags"]["SOPInstanceUID"] for i in self.get("/instances?expand")]
+
+
+# --- the listener under test -------------------------------------------------------------
+
+
+def listener_settings(data_dir: Path, database_url: str, **overrides: Any) -> Settings:
+    """Settings of a test listener: its own port, no .env, no dispatcher round of its own."""
+    values: dict[str, Any] = {
+        "data_dir": data_dir,
+        "database_url": database_url,
+        "port": free_port(),
+        "quiet_seconds": 5,
+        "min_free_disk_bytes": 0,
+        "metrics_port": 0,  # tests that scrape metrics ask for a free port of their own
+        **overrides,
+    }
+    return Settings(_env_file=None, **values)
+
+
+@pytest.fixture
+def sqlite_sessions(sqlite_url: str) -> Iterator[sessionmaker[Session]]:
+    """A migrated SQLite worklist alone (tests whose subject does not differ by backend)."""
+    upgrade(sqlite_url)
+    engine = make_engine(sqlite_url)
+    yield make_sessionmaker(engine)
+    engine.dispose()
+
+
+@pytest.fixture
+def listener(
+    tmp_path: Path, database_url: str, sessions: sessionmaker[Session]
+) -> Iterator[Listener]:
+    scp = Listener(
+        listener_settings(tmp_path / "var", database_url), sessions, run_dispatcher=False
+    )
+    scp.start()
+    yield scp
+    scp.stop()
+
+
+@pytest.fixture
+def sqlite_listener(
+    tmp_path: Path, sqlite_url: str, sqlite_sessions: sessionmaker[Session]
+) -> Iterator[Listener]:
+    scp = Listener(
+        listener_settings(tmp_path / "var", sqlite_url), sqlite_sessions, run_dispatcher=False
+    )
+    scp.start()
+    yield scp
+    scp.stop()
+
+
+def thin_series(phantom_dir: Path) -> list[Path]:
+    study = sorted((phantom_dir / "studies").iterdir())[0]
+    return sorted(p for p in study.rglob("*.dcm"))
+
+
+def wait_until_no_open_association(sessions: sessionmaker[Session]) -> None:
+    """The listener records the release in its own thread, just after the client returns."""
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        with transaction(sessions) as session:
+            if not session.scalars(select(Association).where(Association.state == "open")).all():
+                return
+        time.sleep(0.05)
+    raise AssertionError("association still open 10 s after release")

@@ -6,7 +6,6 @@ files; the listener never decodes pixels. (This file may import the worker; list
 from __future__ import annotations
 
 import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 
 import pydicom
@@ -15,12 +14,10 @@ from pydicom import uid
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from db.migrate import upgrade
 from db.models import Instance
-from db.session import make_engine, make_sessionmaker, transaction
+from db.session import transaction
 from listener.scp import Listener
 from tests.conftest import require_tool, storescu
-from tests.test_listener import listener_settings
 
 # (DCMTK compressor and its options, storescu proposal, transfer syntax)
 LOSSLESS = [
@@ -45,29 +42,16 @@ def small_study(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
     )
 
 
-@pytest.fixture
-def sqlite_listener(
-    tmp_path: Path, sqlite_url: str
-) -> Iterator[tuple[Listener, sessionmaker[Session]]]:
-    upgrade(sqlite_url)
-    engine = make_engine(sqlite_url)
-    sessions = make_sessionmaker(engine)
-    scp = Listener(listener_settings(tmp_path / "var", sqlite_url), sessions, run_dispatcher=False)
-    scp.start()
-    yield scp, sessions
-    scp.stop()
-    engine.dispose()
-
-
 def test_lossless_transfer_syntaxes_analyse_like_the_uncompressed_study(
     small_study: list[Path],
-    sqlite_listener: tuple[Listener, sessionmaker[Session]],
+    sqlite_listener: Listener,
+    sqlite_sessions: sessionmaker[Session],
     tmp_path: Path,
 ) -> None:
     from worker.model import load_model
     from worker.pipeline import analyse_study
 
-    listener, sessions = sqlite_listener
+    listener, sessions = sqlite_listener, sqlite_sessions
     model = load_model(None, allow_untrained=True)
     study_uid = str(pydicom.dcmread(small_study[0], stop_before_pixels=True).StudyInstanceUID)
 

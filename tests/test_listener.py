@@ -5,54 +5,24 @@ from __future__ import annotations
 
 import hashlib
 import subprocess
-import time
-from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
 
 import pydicom
-import pytest
 from pynetdicom import AE
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from db.models import Association, Instance, Study, StudyStatus
 from db.session import transaction
-from db.settings import Settings
 from listener.scp import Listener
-from tests.conftest import dcmtk_env, free_port, require_tool, storescu
-
-
-def listener_settings(data_dir: Path, database_url: str, **overrides: Any) -> Settings:
-    """Settings of a test listener: its own port, no .env, no dispatcher round of its own."""
-    values: dict[str, Any] = {
-        "data_dir": data_dir,
-        "database_url": database_url,
-        "port": free_port(),
-        "quiet_seconds": 5,
-        "min_free_disk_bytes": 0,
-        "metrics_port": 0,  # tests that scrape metrics ask for a free port of their own
-        **overrides,
-    }
-    return Settings(_env_file=None, **values)
-
-
-@pytest.fixture
-def listener(
-    tmp_path: Path, database_url: str, sessions: sessionmaker[Session]
-) -> Iterator[Listener]:
-    scp = Listener(
-        listener_settings(tmp_path / "var", database_url), sessions, run_dispatcher=False
-    )
-    scp.start()
-    yield scp
-    scp.stop()
-
-
-def thin_series(phantom_dir: Path) -> list[Path]:
-    study = sorted((phantom_dir / "studies").iterdir())[0]
-    return sorted(p for p in study.rglob("*.dcm"))
+from tests.conftest import (
+    dcmtk_env,
+    require_tool,
+    storescu,
+    thin_series,
+    wait_until_no_open_association,
+)
 
 
 def test_echo_answers(listener: Listener) -> None:
@@ -137,17 +107,6 @@ def test_open_association_keeps_its_study_receiving(
     assoc.release()
     wait_until_no_open_association(sessions)
     assert listener.dispatcher.run_once(now=far_later)[0] == 1
-
-
-def wait_until_no_open_association(sessions: sessionmaker[Session]) -> None:
-    """The listener records the release in its own thread, just after the client returns."""
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        with transaction(sessions) as session:
-            if not session.scalars(select(Association).where(Association.state == "open")).all():
-                return
-        time.sleep(0.05)
-    raise AssertionError("association still open 10 s after release")
 
 
 def test_uid_that_would_escape_the_spool_is_refused(

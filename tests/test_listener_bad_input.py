@@ -20,21 +20,12 @@ from pynetdicom.association import Association as ClientAssociation
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from db.migrate import upgrade
 from db.models import Association, Instance, InstanceReplacement
-from db.session import make_engine, make_sessionmaker, transaction
+from db.session import transaction
 from listener.scp import Listener
-from tests.test_listener import listener_settings, thin_series, wait_until_no_open_association
+from tests.conftest import listener_settings, thin_series, wait_until_no_open_association
 
 MAX_INSTANCE_BYTES = 2_000_000  # a 512x512 CT slice (~0.5 MB) fits, a 3 MB private element not
-
-
-@pytest.fixture
-def sqlite_sessions(sqlite_url: str) -> Iterator[sessionmaker[Session]]:
-    upgrade(sqlite_url)
-    engine = make_engine(sqlite_url)
-    yield make_sessionmaker(engine)
-    engine.dispose()
 
 
 @pytest.fixture

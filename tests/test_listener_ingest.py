@@ -6,58 +6,27 @@ from __future__ import annotations
 
 import shutil
 import subprocess
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pydicom
-import pytest
 from pydicom import uid
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from db import worklist
-from db.migrate import upgrade
 from db.models import Association, Instance, Study
-from db.session import make_engine, make_sessionmaker, transaction
+from db.session import transaction
 from listener.scp import Listener
 from listener.spool import content_hash
-from tests.conftest import require_tool, storescu
-from tests.test_listener import listener_settings, thin_series, wait_until_no_open_association
-
-
-@pytest.fixture
-def sqlite_sessions(sqlite_url: str) -> Iterator[sessionmaker[Session]]:
-    upgrade(sqlite_url)
-    engine = make_engine(sqlite_url)
-    yield make_sessionmaker(engine)
-    engine.dispose()
-
-
-@pytest.fixture
-def sqlite_listener(
-    tmp_path: Path, sqlite_url: str, sqlite_sessions: sessionmaker[Session]
-) -> Iterator[Listener]:
-    scp = Listener(
-        listener_settings(tmp_path / "var", sqlite_url), sqlite_sessions, run_dispatcher=False
-    )
-    scp.start()
-    yield scp
-    scp.stop()
-
-
-@pytest.fixture
-def listener(
-    tmp_path: Path, database_url: str, sessions: sessionmaker[Session]
-) -> Iterator[Listener]:
-    """On SQLite and PostgreSQL: concurrency is where the two backends differ."""
-    scp = Listener(
-        listener_settings(tmp_path / "var", database_url), sessions, run_dispatcher=False
-    )
-    scp.start()
-    yield scp
-    scp.stop()
+from tests.conftest import (
+    listener_settings,
+    require_tool,
+    storescu,
+    thin_series,
+    wait_until_no_open_association,
+)
 
 
 def _dcmtk(tool: str, *args: str | Path) -> None:

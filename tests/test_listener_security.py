@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import ssl
 import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -13,22 +12,12 @@ from pynetdicom import AE
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from db.migrate import upgrade
 from db.models import Association
-from db.session import make_engine, make_sessionmaker, transaction
+from db.session import transaction
 from listener.scp import Listener
-from tests.conftest import require_tool
-from tests.test_listener import listener_settings, wait_until_no_open_association
+from tests.conftest import listener_settings, require_tool, wait_until_no_open_association
 
 VERIFICATION = "1.2.840.10008.1.1"
-
-
-@pytest.fixture
-def sqlite_sessions(sqlite_url: str) -> Iterator[sessionmaker[Session]]:
-    upgrade(sqlite_url)
-    engine = make_engine(sqlite_url)
-    yield make_sessionmaker(engine)
-    engine.dispose()
 
 
 def _echo(

@@ -19,7 +19,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from db.logs import JsonFormatter, configure_logging, make_formatter
 from db.settings import Settings
 from listener.scp import Listener
-from tests.test_listener import listener_settings, thin_series, wait_until_no_open_association
+from tests.conftest import listener_settings, thin_series, wait_until_no_open_association
 
 PATIENT_NAME = "Zzyzx^Philomena^Quintessa"
 PATIENT_ID = "PID-8675309-XQ"

@@ -17,8 +17,13 @@ from db.metrics import WorklistCollector
 from db.models import Delivery, DeliveryState, Output, Study, StudyStatus
 from db.session import transaction
 from listener.scp import Listener
-from tests.conftest import free_port, storescu
-from tests.test_listener import listener_settings, thin_series, wait_until_no_open_association
+from tests.conftest import (
+    free_port,
+    listener_settings,
+    storescu,
+    thin_series,
+    wait_until_no_open_association,
+)
 
 SR_CLASS = "1.2.840.10008.5.1.4.1.1.88.34"
 
