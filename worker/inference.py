@@ -80,7 +80,8 @@ def forward(
             pooled = torch.flatten(F.adaptive_avg_pool2d(features, (1, 1)), 1)
             logits = network.classifier(pooled).float()
             probabilities.append(torch.softmax(logits, dim=1)[:, COVID_CLASS].cpu())
-            cams.append(torch.einsum("k,nkhw->nhw", covid_row, features.float()).cpu())
+            with torch.autocast(model.device.type, enabled=False):  # einsum would go bf16
+                cams.append(torch.einsum("k,nkhw->nhw", covid_row, features.float()).cpu())
     if not probabilities:
         return SliceScores(np.zeros(0), np.zeros((0, 0, 0), dtype=np.float32))
     return SliceScores(

@@ -40,6 +40,7 @@ __all__ = [
     "cpu_supports_bf16",
     "file_sha256",
     "load_model",
+    "native_bf16",
     "save_checkpoint",
 ]
 
@@ -170,7 +171,7 @@ def load_model(
         module, metadata, info = _untrained(path, allow_untrained=allow_untrained)
     else:
         module, metadata, info = _from_checkpoint(path)
-    use_bf16 = _native_bf16(target) if bf16 is None else bf16
+    use_bf16 = native_bf16(target) if bf16 is None else bf16
     module = module.to(target).to(memory_format=torch.channels_last)
     module.eval()
     log.info(
@@ -253,7 +254,8 @@ def _model_info(metadata: CheckpointMetadata, digest: str | None, untrained: boo
     )
 
 
-def _native_bf16(device: torch.device) -> bool:
+def native_bf16(device: torch.device) -> bool:
+    """True where bf16 autocast runs in hardware on ``device`` (fast), not emulated (slow)."""
     if device.type == "cuda":
         return bool(torch.cuda.is_bf16_supported())
     return device.type == "cpu" and cpu_supports_bf16()

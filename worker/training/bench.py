@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from worker.inference import forward
-from worker.model import build_densenet121
+from worker.model import build_densenet121, native_bf16
 from worker.training.dataset import random_flips
 from worker.training.train import TrainConfig, _as_loaded
 
@@ -26,9 +26,18 @@ __all__ = ["time_training_step", "time_validation_slice"]
 
 
 def time_training_step(
-    module: nn.Module, *, input_size: int, batch_size: int, steps: int, device: torch.device
+    module: nn.Module,
+    *,
+    input_size: int,
+    batch_size: int,
+    steps: int,
+    device: torch.device,
+    bf16: bool = False,
 ) -> list[float]:
-    """Wall seconds of each of ``steps`` SGD steps, after one untimed warm-up step."""
+    """Wall seconds of each of ``steps`` SGD steps, after one untimed warm-up step.
+
+    ``bf16`` runs the forward under bf16 autocast, as training does where the hardware has it.
+    """
     optimizer = torch.optim.SGD(module.parameters(), lr=0.01, momentum=0.9)
     loss_fn = nn.CrossEntropyLoss()
     generator = torch.Generator().manual_seed(0)
@@ -40,7 +49,9 @@ def time_training_step(
         started = time.perf_counter()
         batch = random_flips(pixels, probability=0.5, generator=generator)
         batch = batch.expand(-1, 3, -1, -1).to(device).contiguous(memory_format=torch.channels_last)
-        loss = loss_fn(module(batch), labels.to(device))
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            logits = module(batch)
+        loss = loss_fn(logits.float(), labels.to(device))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -74,13 +85,18 @@ def main() -> None:
     args = parser.parse_args()
     device = torch.device(args.device)
     module = build_densenet121(seed=0).to(device).to(memory_format=torch.channels_last)
-    steps = time_training_step(
-        module,
-        input_size=args.input_size,
-        batch_size=args.batch_size,
-        steps=args.steps,
-        device=device,
-    )
+    timed = {
+        precision: time_training_step(
+            module,
+            input_size=args.input_size,
+            batch_size=args.batch_size,
+            steps=args.steps,
+            device=device,
+            bf16=precision == "bf16",
+        )
+        for precision in (["fp32", "bf16"] if native_bf16(device) else ["fp32"])
+    }
+    steps = timed["bf16" if "bf16" in timed else "fp32"]  # what training uses here
     per_slice = time_validation_slice(
         module, input_size=args.input_size, slices=args.batch_size, device=device
     )
@@ -89,8 +105,13 @@ def main() -> None:
         "threads": torch.get_num_threads(),
         "input_size": args.input_size,
         "batch_size": args.batch_size,
-        "step_seconds": [round(t, 3) for t in steps],
+        "step_seconds": {k: [round(t, 3) for t in v] for k, v in timed.items()},
         "step_seconds_median": round(statistics.median(steps), 3),
+        "bf16_speedup": (
+            round(statistics.median(timed["fp32"]) / statistics.median(timed["bf16"]), 2)
+            if "bf16" in timed
+            else None
+        ),
         "validation_seconds_per_slice": round(per_slice, 4),
     }
     print(json.dumps(result))
