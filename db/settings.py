@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Literal
+from urllib.parse import urlsplit
 
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -20,21 +21,45 @@ _DESTINATION = re.compile(r"^(?P<ae>[^@]{1,16})@(?P<host>[^:]+):(?P<port>\d{1,5}
 
 @dataclass(frozen=True)
 class Destination:
-    """A DICOM peer that receives our SR and SC objects (``AE@host:port``)."""
+    """A peer that receives our SR and SC objects: a DICOM AE (``AE@host:port``, C-STORE) or a
+    DICOMweb service (``https://host/dicom-web``, STOW-RS to ``<url>/studies``)."""
 
     ae_title: str
     host: str
     port: int
+    url: str | None = None  # set for a DICOMweb destination
+
+    @property
+    def is_dicomweb(self) -> bool:
+        return self.url is not None
 
     def __str__(self) -> str:
-        return f"{self.ae_title}@{self.host}:{self.port}"
+        return self.url if self.url is not None else f"{self.ae_title}@{self.host}:{self.port}"
 
     @classmethod
     def parse(cls, text: str) -> Destination:
-        match = _DESTINATION.match(text.strip())
+        text = text.strip()
+        if text.lower().startswith(("http://", "https://")):
+            return cls._parse_url(text)
+        match = _DESTINATION.match(text)
         if match is None:
-            raise ValueError(f"HRCT_DESTINATIONS entry {text!r} is not AE@host:port")
+            raise ValueError(
+                f"HRCT_DESTINATIONS entry {text!r} is not AE@host:port or an http(s):// URL"
+            )
         return cls(match["ae"], match["host"], int(match["port"]))
+
+    @classmethod
+    def _parse_url(cls, text: str) -> Destination:
+        parts = urlsplit(text)
+        if not parts.hostname or parts.query or parts.fragment:
+            raise ValueError(f"HRCT_DESTINATIONS entry {text!r} is not a DICOMweb base URL")
+        if parts.username or parts.password:
+            # The entry is logged and stored with every delivery row: no secrets in it.
+            raise ValueError(
+                "a DICOMweb destination must not carry credentials; set HRCT_DICOMWEB_TOKEN"
+            )
+        port = parts.port or (443 if parts.scheme.lower() == "https" else 80)
+        return cls("", parts.hostname, port, text.rstrip("/"))
 
 
 NOT_FOR_DIAGNOSTIC_USE = "not for diagnostic use"
@@ -139,6 +164,11 @@ class Settings(BaseSettings):
     # results reach it within the hour.
     delivery_backoff_max_seconds: float = Field(3600.0, ge=0)
     delivery_timeout_seconds: float = Field(30.0, gt=0)
+    # Bearer token sent to DICOMweb (STOW-RS) destinations; kept out of the destination entry,
+    # which is logged and stored with each delivery row.
+    dicomweb_token: str | None = Field(None, repr=False)
+    # CA bundle for https destinations whose certificate is not signed by a system CA.
+    dicomweb_ca: Path | None = None
     # A worker's hold on a study's delivery round, so two workers never send it at once; a killed
     # worker's hold lapses after this. Ten minutes covers a round of ten objects to two slow
     # destinations at the 30 s timeout per answer.

@@ -28,7 +28,7 @@ from db.session import make_engine, make_sessionmaker, transaction
 from db.settings import Settings, get_settings
 
 if TYPE_CHECKING:
-    from worker.delivery import EchoResult
+    from worker.send_results import EchoResult
 
 # Off a terminal (CI logs, pipes) rich would fold 64-character UIDs at 80 columns.
 console = Console(width=None if sys.stdout.isatty() else 180)
@@ -49,7 +49,11 @@ def echo_all(settings: Settings, timeout: float | None) -> list[EchoResult]:
 
     return [
         c_echo(
-            d, calling_ae=settings.ae_title, timeout=timeout or settings.delivery_timeout_seconds
+            d,
+            calling_ae=settings.ae_title,
+            timeout=timeout or settings.delivery_timeout_seconds,
+            dicomweb_token=settings.dicomweb_token,
+            dicomweb_ca=settings.dicomweb_ca,
         )
         for d in settings.destination_list
     ]

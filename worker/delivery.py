@@ -1,4 +1,5 @@
-"""C-STORE SCU and C-ECHO: sends our SR and SC objects to a destination PACS, checks it answers.
+"""C-STORE SCU and C-ECHO: sends our SR and SC objects to a destination PACS, checks it answers
+(DICOMweb destinations go to ``worker.stow``).
 
 Contract, written once:
 
@@ -15,7 +16,6 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +25,9 @@ from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.status import code_to_category
 
 from db.settings import Destination
+from worker.send_results import EchoResult, SendResult
+from worker.stow import check as dicomweb_check
+from worker.stow import stow_files
 
 log = logging.getLogger("hrct.delivery")
 
@@ -32,22 +35,6 @@ log = logging.getLogger("hrct.delivery")
 # transfer syntax every PACS must accept (pynetdicom converts when only that is accepted).
 OFFERED_TRANSFER_SYNTAXES = [uid.ExplicitVRLittleEndian, uid.ImplicitVRLittleEndian]
 _DELIVERED = ("Success", "Warning")
-
-
-@dataclass(frozen=True)
-class SendResult:
-    path: Path
-    status: int | None  # the PACS's answer, None when it never answered
-    error: str | None  # None when delivered (success or warning)
-
-
-@dataclass(frozen=True)
-class EchoResult:
-    destination: Destination
-    ok: bool
-    status: int | None  # the C-ECHO status, None when there was no answer
-    detail: str
-    seconds: float
 
 
 def _ae(calling_ae: str, timeout: float) -> AE:
@@ -70,9 +57,16 @@ def _association_problem(assoc: Any, destination: Destination) -> str:
 
 
 def send_files(
-    destination: Destination, paths: Sequence[Path], *, calling_ae: str, timeout: float
+    destination: Destination,
+    paths: Sequence[Path],
+    *,
+    calling_ae: str,
+    timeout: float,
+    dicomweb_token: str | None = None,
+    dicomweb_ca: Path | None = None,
 ) -> list[SendResult]:
-    """Send every file over one association; one result per path, in order."""
+    """Send every file over one association (one STOW-RS request for a DICOMweb destination);
+    one result per path, in order."""
     datasets: list[Dataset | None] = [_read(path) for path in paths]
     readable = [ds for ds in datasets if ds is not None]
     unreadable = {
@@ -82,6 +76,14 @@ def send_files(
     }
     if not readable:
         return [unreadable[path] for path in paths]
+    if destination.is_dicomweb:
+        readable_paths = [p for p in paths if p not in unreadable]
+        sent = stow_files(
+            destination, readable_paths, readable,
+            token=dicomweb_token, ca=dicomweb_ca, timeout=timeout,
+        )  # fmt: skip
+        by_path = dict(zip(readable_paths, sent, strict=True))
+        return [unreadable.get(path) or by_path[path] for path in paths]
     ae = _ae(calling_ae, timeout)
     for sop_class in sorted({str(ds.SOPClassUID) for ds in readable}):
         ae.add_requested_context(sop_class, OFFERED_TRANSFER_SYNTAXES)
@@ -132,9 +134,18 @@ def _send_one(
     return SendResult(path, code, f"{destination} answered 0x{code:04X} ({category})")
 
 
-def echo(destination: Destination, *, calling_ae: str, timeout: float) -> EchoResult:
+def echo(
+    destination: Destination,
+    *,
+    calling_ae: str,
+    timeout: float,
+    dicomweb_token: str | None = None,
+    dicomweb_ca: Path | None = None,
+) -> EchoResult:
     """C-ECHO ``destination`` with the same AE title and timeouts as a delivery would use, so
-    a green echo means a delivery would at least associate."""
+    a green echo means a delivery would at least associate (a QIDO-RS search for DICOMweb)."""
+    if destination.is_dicomweb:
+        return dicomweb_check(destination, token=dicomweb_token, ca=dicomweb_ca, timeout=timeout)
     started = time.monotonic()
     ae = _ae(calling_ae, timeout)
     ae.add_requested_context(Verification)

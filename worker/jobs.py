@@ -351,6 +351,8 @@ def _deliver_round(ctx: WorkerContext, study_id: int, pending: list[_Pending]) -
             [item.path for item in items],
             calling_ae=settings.ae_title,
             timeout=settings.delivery_timeout_seconds,
+            dicomweb_token=settings.dicomweb_token,
+            dicomweb_ca=settings.dicomweb_ca,
         )
         with transaction(ctx.sessions) as session:
             for item, result in zip(items, results, strict=True):
