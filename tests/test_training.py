@@ -25,7 +25,13 @@ from tests.training_fixtures import (  # noqa: F401 (fixtures)
     trained_run,
 )
 from worker.model import CheckpointError, build_densenet121, load_model, sidecar_path
-from worker.training.dataset import CachedStudy, SliceDataset, random_flips
+from worker.training.dataset import (
+    CachedStudy,
+    PreprocessSettings,
+    SliceDataset,
+    cache_study,
+    random_flips,
+)
 from worker.training.labels import (
     LabelledStudy,
     assign_splits,
@@ -173,6 +179,22 @@ def test_positives_without_slice_labels_use_lung_slices_and_empty_labels_give_no
     assert dataset.class_counts() == (4, 10)
     pixels, label = dataset[0]
     assert pixels.shape == (1, 4, 4) and pixels.dtype == torch.float32 and label == 1
+
+
+def test_every_study_gets_its_own_cache_files(
+    tiny_phantoms: Path,  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    # Given the phantom studies (their UIDs are full of dots, which once made Path.with_suffix
+    # give every study the same cache file, so training saw one study under many labels)
+    studies = read_labels(tiny_phantoms / "labels.csv", data_dir=tiny_phantoms)
+    settings = PreprocessSettings(input_size=SMALL_INPUT)
+
+    # When each is cached, Then each has its own pair of files and its own pixels
+    cached = [cache_study(s, cache_dir=tmp_path, settings=settings) for s in studies]
+    assert len(list(tmp_path.glob("*.npy"))) == len(list(tmp_path.glob("*.json"))) == len(studies)
+    first, second = cached[0].inputs, cached[-1].inputs
+    assert first.shape != second.shape or not np.array_equal(first, second)
 
 
 def test_random_flips_only_mirror_and_repeat_with_the_same_generator() -> None:

@@ -130,8 +130,9 @@ def cache_study(
 ) -> CachedStudy:
     """Preprocess ``study`` once (or reuse the cache) and return its slices, memory-mapped."""
     paths = study_paths(study.folder)
-    stem = cache_dir / _cache_key(study, paths, settings)
-    array_path, meta_path = stem.with_suffix(".npy"), stem.with_suffix(".json")
+    key = _cache_key(study, paths, settings)
+    # Not ``with_suffix``: the key is a UID full of dots, and every study would share one file.
+    array_path, meta_path = cache_dir / f"{key}.npy", cache_dir / f"{key}.json"
     if not (array_path.exists() and meta_path.exists()):
         _write_cache(study, paths, settings, array_path, meta_path)
     meta = json.loads(meta_path.read_text(encoding="utf-8"))
