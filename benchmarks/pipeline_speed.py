@@ -1,12 +1,16 @@
 """Worker path against the bare model, in the same process and run (issue 4's CPU target).
 
     .venv/bin/python benchmarks/pipeline_speed.py [--slices 300] [--repeat 2] [--checkpoint PATH]
+        [--compile]
 
 The worker path is what a task does after its claim: series selection, HU volume, lung slices,
 preprocessing, batched forward with CAM, trimmed mean, heat maps, and the SR and SC objects built
 and written ("SR ready"). The baseline is ``model.module(x)`` alone over the same preprocessed
-lung slices, same batch size, memory format and autocast. Both are timed alternately
-``--repeat`` times; the best of each is compared, and the ratio is printed last.
+lung slices, same batch size, memory format and autocast. A second baseline is the plain
+forward the issue compares against on a GPU: fp32, eager, default memory format. All are timed
+alternately ``--repeat`` times (CUDA synchronised); the best of each is compared, and the ratios
+are printed last. ``--compile`` loads the worker's model with ``torch.compile`` on its features
+(HRCT_COMPILE_MODEL); its warm-up is left out of the timings.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ def main() -> int:
     parser.add_argument("--repeat", type=int, default=2)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--checkpoint", type=Path, default=None)
+    parser.add_argument("--compile", action="store_true")
     args = parser.parse_args()
 
     import torch
@@ -40,7 +45,16 @@ def main() -> int:
     from worker.series import select_series
     from worker.volume import load_volume
 
-    model = load_model(args.checkpoint, allow_untrained=args.checkpoint is None)
+    model = load_model(
+        args.checkpoint, allow_untrained=args.checkpoint is None, compile_features=args.compile
+    )
+    plain = load_model(args.checkpoint, allow_untrained=args.checkpoint is None, bf16=False)
+    plain.module.to(memory_format=torch.contiguous_format)
+
+    def sync() -> None:
+        if model.device.type == "cuda":
+            torch.cuda.synchronize(model.device)
+
     print(
         f"model {model.info.version} on {model.device} (bf16={model.bf16}), "
         f"torch threads {torch.get_num_threads()}"
@@ -72,6 +86,15 @@ def main() -> int:
                 for start in range(0, inputs.shape[0], args.batch_size):
                     batch = inputs[start : start + args.batch_size].to(model.device)
                     model.module(batch.contiguous(memory_format=torch.channels_last))
+            sync()
+            return time.perf_counter() - started
+
+        def fp32_eager() -> float:
+            started = time.perf_counter()
+            with torch.inference_mode():
+                for start in range(0, inputs.shape[0], args.batch_size):
+                    plain.module(inputs[start : start + args.batch_size].to(plain.device))
+            sync()
             return time.perf_counter() - started
 
         def worker_path(run: int) -> tuple[float, dict[str, float]]:
@@ -87,24 +110,32 @@ def main() -> int:
                 predecessor=None,
                 out_dir=folder / f"out{run}",
             )
+            sync()
             return time.perf_counter() - started, analysis.timings
 
-        bare()  # warm-up: first-call allocations and kernel selection are not what we measure
-        bare_times, path_times, stages = [], [], {}
+        # warm-up: first-call allocations, kernel selection and compilation are not measured
+        bare(), fp32_eager(), worker_path(0)
+        bare_times, eager_times, path_times, stages = [], [], [], {}
         for run in range(1, args.repeat + 1):
             bare_times.append(bare())
+            eager_times.append(fp32_eager())
             elapsed, stages = worker_path(run)
             path_times.append(elapsed)
-            print(f"run {run}: bare forward {bare_times[-1]:.2f} s, worker path {elapsed:.2f} s")
+            print(
+                f"run {run}: bare forward {bare_times[-1]:.2f} s, fp32 eager "
+                f"{eager_times[-1]:.2f} s, worker path {elapsed:.2f} s"
+            )
     print(
         "worker stages of the last run: " + ", ".join(f"{k} {v:.2f} s" for k, v in stages.items())
     )
-    best_bare, best_path = min(bare_times), min(path_times)
+    best_bare, best_eager, best_path = min(bare_times), min(eager_times), min(path_times)
     print(
-        f"bare forward {best_bare:.2f} s ({len(lung) / best_bare:.1f} slices/s), "
-        f"worker path to SR ready {best_path:.2f} s"
+        f"bare forward {best_bare:.2f} s ({len(lung) / best_bare:.1f} slices/s), fp32 eager "
+        f"{best_eager:.2f} s ({len(lung) / best_eager:.1f} slices/s), worker path to SR ready "
+        f"{best_path:.2f} s ({len(lung) / best_path:.1f} slices/s)"
     )
     print(f"ratio worker path / bare forward: {best_path / best_bare:.2f}x (target <= 1.3x)")
+    print(f"ratio worker path speed / fp32 eager speed: {best_eager / best_path:.2f}x")
     return 0
 
 

@@ -91,6 +91,8 @@ def forward(
 
 
 def _to_device(batch: torch.Tensor, model: LoadedModel) -> torch.Tensor:
+    if model.device.type == "cuda" and batch.device.type == "cpu":
+        batch = batch.contiguous().pin_memory()  # pinned: the copy overlaps the GPU's work
     batch = batch.to(model.device, non_blocking=True)
     if model.channels_last:
         return batch.contiguous(memory_format=torch.channels_last)

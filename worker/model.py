@@ -21,12 +21,13 @@ import hashlib
 import logging
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
+from typing import cast
 
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
-from torchvision.models import densenet121
+from torchvision.models import DenseNet, densenet121
 
 from worker.results import ModelInfo
 
@@ -159,12 +160,14 @@ def load_model(
     allow_untrained: bool,
     device: str | None = None,
     bf16: bool | None = None,
+    compile_features: bool = False,
 ) -> LoadedModel:
     """Load a checked checkpoint, or deterministic untrained weights when allowed.
 
     ``device`` defaults to CUDA when available, else CPU; ``bf16`` defaults to what the device
-    does natively. Raises :class:`WeightsMissing` or :class:`CheckpointError` (both
-    :class:`ModelError`).
+    does natively. ``compile_features`` wraps the feature extractor in ``torch.compile`` (the
+    classifier and the CAM stay eager: they are tiny). Raises :class:`WeightsMissing` or
+    :class:`CheckpointError` (both :class:`ModelError`).
     """
     target = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if path is None or not path.exists():
@@ -174,9 +177,13 @@ def load_model(
     use_bf16 = native_bf16(target) if bf16 is None else bf16
     module = module.to(target).to(memory_format=torch.channels_last)
     module.eval()
+    if compile_features:
+        network = cast(DenseNet, module)
+        network.features = cast(nn.Sequential, torch.compile(network.features))
     log.info(
-        "model %s %s on %s (bf16=%s, channels_last)", info.name, info.version, target, use_bf16
-    )
+        "model %s %s on %s (bf16=%s, channels_last, compiled=%s)",
+        info.name, info.version, target, use_bf16, compile_features,
+    )  # fmt: skip
     return LoadedModel(module, info, metadata, target, use_bf16, channels_last=True)
 
 

@@ -69,6 +69,7 @@ def analyse_study(
             size=model.info.input_size,
             width=model.info.window_width,
             level=model.info.window_level,
+            device=model.device,
         )
     with _timed(timings, "forward"):
         scores = forward(model, inputs, batch_size=batch_size)

@@ -121,12 +121,15 @@ def model_input(
     size: int = DEFAULT_INPUT_SIZE,
     width: float = DEFAULT_WINDOW_WIDTH,
     level: float = DEFAULT_WINDOW_LEVEL,
+    device: torch.device | None = None,
 ) -> torch.Tensor:
-    """(slices, rows, columns) HU -> (len(indices), 3, size, size) float32 network input (CPU).
+    """(slices, rows, columns) HU -> (len(indices), 3, size, size) float32 network input.
 
     ``indices`` picks slices (all by default) without copying the whole stack. Lung window first,
     then a bilinear antialiased resize, then the one channel is repeated three times as a view
-    (``expand``), so the result costs the memory of a single channel.
+    (``expand``), so the result costs the memory of a single channel. With a CUDA ``device`` the
+    raw HU chunks travel from pinned host memory and the window and resize run on the GPU, where
+    they cost next to nothing; the result then lives on that device.
     """
     if hu.ndim != 3:
         raise ValueError(f"hu must be (slices, rows, columns), got shape {hu.shape}")
@@ -136,10 +139,13 @@ def model_input(
         raise ValueError(f"size must be >= 1, got {size}")
     chosen = np.arange(hu.shape[0]) if indices is None else np.asarray(indices, dtype=np.intp)
     low = level - width / 2.0
-    out = torch.empty((len(chosen), 1, size, size), dtype=torch.float32)
+    on_gpu = device is not None and device.type == "cuda"
+    out = torch.empty((len(chosen), 1, size, size), dtype=torch.float32, device=device)
     for start in range(0, len(chosen), _CHUNK):
         picked = hu[chosen[start : start + _CHUNK]]
         chunk = torch.from_numpy(np.ascontiguousarray(picked, dtype=np.float32))
+        if on_gpu:
+            chunk = chunk.pin_memory().to(device, non_blocking=True)
         windowed = ((chunk - low) / width).clamp_(0.0, 1.0).unsqueeze(1)
         resized = F.interpolate(
             windowed, size=(size, size), mode="bilinear", antialias=True, align_corners=False
