@@ -344,22 +344,46 @@ def phantom(
     healthy: Annotated[int, typer.Option(help="healthy studies (with confounders)")] = 2,
     slices: Annotated[int, typer.Option(help="slices of the thin lung series")] = 64,
     seed: Annotated[int, typer.Option(help="same seed, same files")] = 0,
+    thickness: Annotated[
+        float, typer.Option(help="SliceThickness (mm) of the thin series, below 5")
+    ] = 1.0,
+    kernel: Annotated[
+        str, typer.Option(help="ConvolutionKernel of the thin series: LUNG, BONE, STANDARD, SOFT")
+    ] = "LUNG",
+    transfer_syntax: Annotated[
+        str,
+        typer.Option(
+            help="of every CT image: explicit, deflated, rle, jpeg-ls, jpeg2000, jpeg-lossless "
+            "(process 14 SV1, needs DCMTK dcmcjpeg), jpeg-ls-near (lossy, NEAR 2)"
+        ),
+    ] = "explicit",
+    enhanced: Annotated[
+        bool,
+        typer.Option("--enhanced", help="thin series as one multi-frame Enhanced CT instance"),
+    ] = False,
 ) -> None:
     """Write synthetic chest CT studies, one folder each, and labels.csv."""
     from rich.progress import Progress
 
     from worker.phantom import write_phantom_studies
 
-    with Progress(console=console) as progress:
-        task = progress.add_task("phantoms", total=covid + healthy)
-        studies = write_phantom_studies(
-            out_dir,
-            covid=covid,
-            healthy=healthy,
-            slices=slices,
-            seed=seed,
-            progress=lambda done, total: progress.update(task, completed=done, total=total),
-        )
+    try:
+        with Progress(console=console) as progress:
+            task = progress.add_task("phantoms", total=covid + healthy)
+            studies = write_phantom_studies(
+                out_dir,
+                covid=covid,
+                healthy=healthy,
+                slices=slices,
+                seed=seed,
+                progress=lambda done, total: progress.update(task, completed=done, total=total),
+                thickness=thickness,
+                kernel=kernel,
+                transfer_syntax=transfer_syntax,
+                enhanced=enhanced,
+            )
+    except ValueError as exc:  # checked before any file is written
+        raise typer.BadParameter(str(exc)) from exc
     console.print(f"{len(studies)} studies in {out_dir} (labels in {out_dir / 'labels.csv'})")
 
 

@@ -12,20 +12,27 @@ import shutil
 import subprocess
 from collections import defaultdict
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pydicom
 import pytest
 from numpy.typing import NDArray
 from scipy import ndimage
+from typer.testing import CliRunner
 
+from hrct_triage.cli import app
+from tests.conftest import dciodvfy_errors
 from worker.phantom import (
     LABELS_NAME,
     LESION_MASKS_NAME,
+    TRANSFER_SYNTAXES,
     PhantomStudy,
     write_non_ct_study,
     write_phantom_studies,
 )
+from worker.series import select_series
+from worker.volume import CTVolume, load_volume
 
 SLICES = 24
 SEED = 0
@@ -275,3 +282,290 @@ def test_non_ct_study_has_secondary_captures_only(tmp_path: Path) -> None:
     again = write_non_ct_study(tmp_path / "again", seed=SEED)
     for path in folder.glob("*.dcm"):
         assert path.read_bytes() == (again / path.name).read_bytes()
+
+
+# --- options: transfer syntax, thickness, kernel, Enhanced CT --------------------------------
+
+# Seed 3: covid_001 stores 12-bit unsigned values, healthy_001 16-bit signed ones with padding,
+# so every encoder sees both kinds of pixel data.
+OPTION_SEED = 3
+OPTION_SLICES = 8
+LOSSLESS = [name for name in TRANSFER_SYNTAXES if name not in ("explicit", "jpeg-ls-near")]
+
+
+def _write(folder: Path, **options: Any) -> list[PhantomStudy]:
+    return write_phantom_studies(
+        folder, covid=1, healthy=1, slices=OPTION_SLICES, seed=OPTION_SEED, **options
+    )
+
+
+def _volume(study: PhantomStudy) -> CTVolume:
+    """The thin series as the worker selects and loads it."""
+    return load_volume(select_series(sorted(study.folder.glob("*.dcm")), min_slices=OPTION_SLICES))
+
+
+@pytest.fixture(scope="module")
+def plain(tmp_path_factory: pytest.TempPathFactory) -> list[PhantomStudy]:
+    """Default options: Explicit VR Little Endian, 1 mm LUNG, single-frame."""
+    studies = _write(tmp_path_factory.mktemp("plain"))
+    signed = [int(_thin_slices(s)[0].PixelRepresentation) for s in studies]
+    assert signed == [0, 1]  # one study of each pixel representation
+    return studies
+
+
+@pytest.fixture(scope="module")
+def soft(tmp_path_factory: pytest.TempPathFactory) -> list[PhantomStudy]:
+    return _write(tmp_path_factory.mktemp("soft"), kernel="SOFT")
+
+
+@pytest.fixture(scope="module")
+def bone_thin(tmp_path_factory: pytest.TempPathFactory) -> list[PhantomStudy]:
+    return _write(tmp_path_factory.mktemp("bone"), kernel="bone", thickness=0.625)
+
+
+def _assert_same_hu(studies: list[PhantomStudy], reference: list[PhantomStudy]) -> None:
+    for study, ref in zip(studies, reference, strict=True):
+        # the worker's selection and volume give exactly the uncompressed Hounsfield units
+        volume, expected = _volume(study), _volume(ref)
+        assert np.array_equal(volume.hu, expected.hu), study.folder
+        # and every other CT image (localizer, thick series) decodes to the same stored values
+        for path in sorted(ref.folder.glob("CT_0[13]_*.dcm")):
+            again = pydicom.dcmread(study.folder / path.name)
+            assert np.array_equal(again.pixel_array, pydicom.dcmread(path).pixel_array), path.name
+
+
+@pytest.mark.parametrize("name", LOSSLESS)
+def test_lossless_transfer_syntaxes_decode_to_the_same_hu(
+    tmp_path: Path, plain: list[PhantomStudy], name: str
+) -> None:
+    # when the studies of the plain fixture are written again in a lossless transfer syntax
+    studies = _write(tmp_path, transfer_syntax=name)
+    # then every CT image says so, keeps its UIDs and its lossless flag
+    for study, ref in zip(studies, plain, strict=True):
+        assert study.lung_series_uid == ref.lung_series_uid
+        assert study.lesion_instances == ref.lesion_instances
+        for path in study.folder.glob("*.dcm"):
+            ds = pydicom.dcmread(path, stop_before_pixels=True)
+            assert ds.file_meta.TransferSyntaxUID == TRANSFER_SYNTAXES[name]
+            assert ds.SOPInstanceUID == pydicom.dcmread(ref.folder / path.name).SOPInstanceUID
+            assert ds.LossyImageCompression == "00"
+    # and the pixel data decodes to exactly the same values
+    _assert_same_hu(studies, plain)
+
+
+@pytest.mark.parametrize("name", ["jpeg-ls", "jpeg-lossless", "deflated"])
+def test_compressed_enhanced_ct_decodes_to_the_same_hu(
+    tmp_path: Path, plain: list[PhantomStudy], name: str
+) -> None:
+    # when the thin series is one compressed Enhanced CT instance (one fragment a frame)
+    studies = _write(tmp_path, transfer_syntax=name, enhanced=True)
+    # then the worker loads it as a multi-frame series with the same HU, frame k = slice k
+    for study in studies:
+        volume = _volume(study)
+        assert volume.frame_numbers == tuple(range(1, OPTION_SLICES + 1))
+    _assert_same_hu(studies, plain)
+
+
+def test_near_lossless_stays_within_two_hu_and_says_it_is_lossy(
+    tmp_path: Path, plain: list[PhantomStudy]
+) -> None:
+    # when the studies are written JPEG-LS near-lossless
+    studies = _write(tmp_path, transfer_syntax="jpeg-ls-near")
+    for study, ref in zip(studies, plain, strict=True):
+        # then each HU is within NEAR = 2 of the lossless one
+        difference = np.abs(_volume(study).hu - _volume(ref).hu)
+        assert 0 < float(difference.max()) <= 2.0
+        # and the images say they are lossy, under UIDs of their own
+        ds = _thin_slices(study)[0]
+        assert ds.file_meta.TransferSyntaxUID == TRANSFER_SYNTAXES["jpeg-ls-near"]
+        assert (ds.LossyImageCompression, ds.LossyImageCompressionMethod) == ("01", "ISO_14495_1")
+        assert float(ds.LossyImageCompressionRatio) > 1.0
+        assert study.lung_series_uid != ref.lung_series_uid
+        assert study.study_uid == ref.study_uid
+    # and the padding of the signed study is declared as a range that covers the moved values
+    signed = _thin_slices(studies[1])[OPTION_SLICES // 2]
+    low, high = int(signed.PixelPaddingValue), int(signed.PixelPaddingRangeLimit)
+    assert (low, high) == (-2002, -1998)
+    plain_pixels = _thin_slices(plain[1])[OPTION_SLICES // 2].pixel_array
+    padded = signed.pixel_array[plain_pixels == -2000]
+    assert padded.size and ((padded >= low) & (padded <= high)).all()
+
+
+def test_options_keep_the_files_byte_identical_by_seed(tmp_path: Path) -> None:
+    # given a study written with every option changed
+    options: dict[str, Any] = {
+        "thickness": 2.0,
+        "kernel": "BONE",
+        "transfer_syntax": "rle",
+        "enhanced": True,
+    }
+    first = write_phantom_studies(tmp_path / "a", covid=1, healthy=0, slices=8, seed=5, **options)
+    # when it is written again with the same seed and options
+    again = write_phantom_studies(tmp_path / "b", covid=1, healthy=0, slices=8, seed=5, **options)
+    # then every file is byte-identical
+    names = sorted(p.name for p in first[0].folder.iterdir())
+    assert "CT_02_enhanced.dcm" in names
+    for name in names:
+        assert (first[0].folder / name).read_bytes() == (again[0].folder / name).read_bytes()
+
+
+def test_thickness_and_kernel_are_in_the_thin_series_headers(
+    plain: list[PhantomStudy], bone_thin: list[PhantomStudy]
+) -> None:
+    for study, ref in zip(bone_thin, plain, strict=True):
+        # given the thin series written 0.625 mm with the BONE kernel
+        thin = _thin_slices(study)
+        # then its headers say so, under a series UID of its own in the same study
+        for ds in thin:
+            assert float(ds.SliceThickness) == 0.625
+            assert ds.ConvolutionKernel == "BONE"
+            assert ds.SeriesDescription == "CHEST 0.625 BONE"
+        assert study.lung_series_uid != ref.lung_series_uid
+        assert thin[0].StudyInstanceUID == ref.study_uid
+        # and the same slices at the same places, with the same ground truth
+        assert [ds.ImagePositionPatient for ds in thin] == [
+            ds.ImagePositionPatient for ds in _thin_slices(ref)
+        ]
+        assert study.lesion_instances == ref.lesion_instances
+        # while the localizer and the thick series are the plain study's, byte for byte
+        for path in ref.folder.glob("CT_0[13]_*.dcm"):
+            assert path.read_bytes() == (study.folder / path.name).read_bytes()
+
+
+def _grain(ds: pydicom.Dataset) -> float:
+    """Pixel-to-pixel variation inside the body: higher for sharper, noisier kernels."""
+    hu = _hu(ds)[160:352, 160:352]
+    return float(np.median(np.abs(np.diff(hu, axis=1))))
+
+
+def test_sharper_kernels_look_sharper_and_noisier(
+    plain: list[PhantomStudy], soft: list[PhantomStudy], bone_thin: list[PhantomStudy]
+) -> None:
+    # given the same slice through BONE (0.625 mm), LUNG and SOFT (1 mm) reconstructions
+    k = OPTION_SLICES // 2
+    grain = {
+        kernel: _grain(_thin_slices(studies[0])[k])
+        for kernel, studies in (("BONE", bone_thin), ("LUNG", plain), ("SOFT", soft))
+    }
+    # then the grain follows the kernel
+    assert grain["BONE"] > grain["LUNG"] > grain["SOFT"], grain
+
+
+def test_series_selection_prefers_the_thinnest_then_the_lung_kernel(
+    plain: list[PhantomStudy], soft: list[PhantomStudy], bone_thin: list[PhantomStudy]
+) -> None:
+    # given the plain study (1 mm LUNG, 5 mm STANDARD, localizer) and the same study's thin
+    # series reconstructed 1 mm SOFT and 0.625 mm BONE
+    study = sorted(plain[0].folder.glob("*.dcm"))
+    soft_thin = sorted(soft[0].folder.glob("CT_02_*.dcm"))
+    bone = sorted(bone_thin[0].folder.glob("CT_02_*.dcm"))
+    # when selecting among 1 mm series, then the lung kernel wins over the soft one
+    chosen = select_series([*soft_thin, *study], min_slices=OPTION_SLICES)
+    assert chosen.series_uid == plain[0].lung_series_uid
+    assert (chosen.slice_thickness, chosen.kernel) == (1.0, "LUNG")
+    # and a thinner series wins before any kernel rule
+    chosen = select_series([*soft_thin, *study, *bone], min_slices=OPTION_SLICES)
+    assert chosen.series_uid == bone_thin[0].lung_series_uid
+    assert (chosen.slice_thickness, chosen.kernel) == (0.625, "BONE")
+
+
+def test_enhanced_ct_headers_carry_thickness_kernel_and_frame_mapping(tmp_path: Path) -> None:
+    # when a study is written with its thin series as one Enhanced CT instance, 2 mm SOFT
+    study = write_phantom_studies(
+        tmp_path,
+        covid=1,
+        healthy=0,
+        slices=8,
+        seed=OPTION_SEED,
+        thickness=2,
+        kernel="SOFT",
+        enhanced=True,
+    )[0]
+    paths = sorted(study.folder.glob("CT_02_*.dcm"))
+    assert [p.name for p in paths] == ["CT_02_enhanced.dcm"]
+    ds = pydicom.dcmread(paths[0])
+    # then it is one Enhanced CT instance of 8 frames with the functional groups the worker reads
+    assert ds.SOPClassUID == "1.2.840.10008.5.1.4.1.1.2.1"
+    assert ds.SeriesInstanceUID == study.lung_series_uid and int(ds.NumberOfFrames) == 8
+    shared = ds.SharedFunctionalGroupsSequence[0]
+    assert float(shared.PixelMeasuresSequence[0].SliceThickness) == 2.0
+    reconstruction = shared.CTReconstructionSequence[0]
+    assert (reconstruction.ConvolutionKernel, reconstruction.ConvolutionKernelGroup) == (
+        "SOFT",
+        "SOFT_TISSUE",
+    )
+    assert shared.CTImageFrameTypeSequence[0].FrameType[0] == "ORIGINAL"
+    transform = shared.PixelValueTransformationSequence[0]
+    assert (float(transform.RescaleIntercept), transform.RescaleType) == (-1024.0, "HU")
+    # and frame k sits where slice k of the single-frame series sits, numbered k in the masks
+    z = [
+        float(f.PlanePositionSequence[0].ImagePositionPatient[2])
+        for f in ds.PerFrameFunctionalGroupsSequence
+    ]
+    assert np.allclose(np.diff(z), -260.0 / 8, atol=1e-3)
+    stacks = [f.FrameContentSequence[0] for f in ds.PerFrameFunctionalGroupsSequence]
+    assert [int(c.InStackPositionNumber) for c in stacks] == list(range(1, 9))
+    saved = np.load(study.folder / LESION_MASKS_NAME)
+    assert list(saved["instance_numbers"]) == list(range(1, 9))
+    assert set(saved["sop_instance_uids"]) == {ds.SOPInstanceUID}
+    assert study.lesion_instances == [i + 1 for i in range(8) if saved["masks"][i].any()]
+
+
+@pytest.mark.dcmtk
+@pytest.mark.parametrize(
+    ("name", "enhanced"),
+    [
+        ("explicit", True),
+        ("jpeg2000", True),
+        ("rle", False),
+        ("jpeg-lossless", False),
+        ("jpeg-ls-near", False),
+    ],
+)
+def test_dciodvfy_finds_no_error_in_option_outputs(
+    tmp_path: Path, name: str, enhanced: bool
+) -> None:
+    # given a study written with a transfer syntax, its thin series single- or multi-frame
+    study = write_phantom_studies(
+        tmp_path,
+        covid=0,
+        healthy=1,
+        slices=8,
+        seed=OPTION_SEED,
+        transfer_syntax=name,
+        enhanced=enhanced,
+    )[0]
+    # then dciodvfy finds no error in the thin series, the thick series or the localizer
+    first_two = sorted(study.folder.glob("CT_0[12]_*.dcm"))[:2]
+    for path in [*first_two, study.folder / "CT_03_0001.dcm"]:
+        assert dciodvfy_errors(path) == [], path
+
+
+def test_bad_options_are_refused_before_anything_is_written(tmp_path: Path) -> None:
+    for options, message in (
+        ({"thickness": 5.0}, "thickness"),
+        ({"thickness": 0.0}, "thickness"),
+        ({"kernel": "B70f"}, "kernel must be one of LUNG, BONE, STANDARD, SOFT"),
+        ({"transfer_syntax": "jpeg-baseline"}, "transfer syntax must be one of"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            write_phantom_studies(tmp_path / "out", covid=1, healthy=0, slices=8, **options)
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_passes_the_options_through(tmp_path: Path) -> None:
+    # when the CLI writes one study with every option
+    args = ["phantom", str(tmp_path), "--covid", "1", "--healthy", "0", "--slices", "8"]
+    args += ["--seed", str(OPTION_SEED), "--thickness", "0.75", "--kernel", "bone"]
+    args += ["--transfer-syntax", "jpeg-ls", "--enhanced"]
+    result = CliRunner().invoke(app, args, catch_exceptions=False)
+    # then it succeeds and the files say what was asked
+    assert result.exit_code == 0, result.output
+    ds = pydicom.dcmread(tmp_path / "covid_001" / "CT_02_enhanced.dcm", stop_before_pixels=True)
+    assert ds.file_meta.TransferSyntaxUID == TRANSFER_SYNTAXES["jpeg-ls"]
+    shared = ds.SharedFunctionalGroupsSequence[0]
+    assert float(shared.PixelMeasuresSequence[0].SliceThickness) == 0.75
+    assert shared.CTReconstructionSequence[0].ConvolutionKernel == "BONE"
+    # and a bad option is a usage error (exit 2) naming the choices
+    bad = CliRunner().invoke(app, [*args[:2], "--kernel", "fuzzy"])
+    assert bad.exit_code == 2 and "LUNG, BONE, STANDARD, SOFT" in bad.output

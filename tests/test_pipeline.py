@@ -30,6 +30,7 @@ from pydicom.uid import (
     SecondaryCaptureImageStorage,
 )
 
+from tests.conftest import dciodvfy_errors
 from worker.inference import cam_image, forward, study_probability, top_slices, trim_count
 from worker.model import (
     CheckpointError,
@@ -38,10 +39,12 @@ from worker.model import (
     ModelError,
     WeightsMissing,
     build_densenet121,
+    cpu_supports_bf16,
     file_sha256,
     load_model,
     save_checkpoint,
 )
+from worker.phantom import LESION_MASKS_NAME, PhantomStudy, write_phantom_studies
 from worker.pipeline import analyse_study
 from worker.preprocess import lung_slices, lung_window, model_input
 from worker.results import NotApplicable, StudyAnalysis
@@ -419,11 +422,27 @@ def test_forward_matches_the_torchvision_forward(untrained: LoadedModel) -> None
     inputs = model_input(np.stack([phantom_hu(spec, i) for i in (5, 10, 15)]))
     # When scored in batches of 2
     scores = forward(untrained, inputs, batch_size=2)
-    # Then the probabilities equal softmax(DenseNet(x))[:, 1] and the raw CAMs are 7 x 7
-    with torch.inference_mode():
-        expected = torch.softmax(untrained.module(inputs.contiguous()), dim=1)[:, 1]
+    # Then the probabilities equal softmax(DenseNet(x))[:, 1] under the same precision (bf16
+    # autocast where the CPU has bf16 in hardware) and the raw CAMs are 7 x 7 float32
+    with (
+        torch.inference_mode(),
+        torch.autocast("cpu", dtype=torch.bfloat16, enabled=untrained.bf16),
+    ):
+        logits = untrained.module(inputs.contiguous(memory_format=torch.channels_last))
+    expected = torch.softmax(logits.float(), dim=1)[:, 1]
     assert scores.probabilities == pytest.approx(expected.double().numpy(), abs=1e-5)
-    assert scores.cams.shape == (3, 7, 7)
+    assert scores.cams.shape == (3, 7, 7) and scores.cams.dtype == np.float32
+
+
+def test_bf16_forward_stays_close_to_fp32() -> None:
+    # Given the same weights run in fp32 and under bf16 autocast (emulated where the CPU lacks it)
+    spec = SeriesSpec()
+    inputs = model_input(np.stack([phantom_hu(spec, i) for i in (5, 10, 15)]))
+    fp32 = forward(load_model(None, allow_untrained=True, device="cpu", bf16=False), inputs)
+    bf16 = forward(load_model(None, allow_untrained=True, device="cpu", bf16=True), inputs)
+    # Then the probabilities agree to well within what moves a decision at 0.8
+    assert np.abs(fp32.probabilities - bf16.probabilities).max() < 0.006
+    assert bf16.cams.dtype == np.float32
 
 
 def test_cam_is_source_sized_and_in_unit_range(
@@ -502,7 +521,7 @@ def test_checkpoint_round_trip_checks_sha256(tmp_path: Path) -> None:
     assert loaded.metadata == _metadata()
     assert loaded.info.version == "0.1.0-phantom" and not loaded.info.untrained
     assert loaded.info.trained_on == "synthetic phantoms only"
-    assert not loaded.bf16 and not loaded.module.training
+    assert loaded.bf16 == cpu_supports_bf16() and not loaded.module.training
     original = module.state_dict()
     assert all(torch.equal(v, original[k]) for k, v in loaded.module.state_dict().items())
 
@@ -576,3 +595,51 @@ def _dcmcjpeg(paths: Sequence[Path], folder: Path) -> list[Path]:
         subprocess.run(["dcmcjpeg", "+e1", str(path), str(copy)], check=True, capture_output=True)
         copies.append(copy)
     return copies
+
+
+# --- phantom studies from worker.phantom -------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def phantom_twins(tmp_path_factory: pytest.TempPathFactory) -> tuple[PhantomStudy, PhantomStudy]:
+    """One positive phantom study (24 thin slices), single-frame and as Enhanced CT."""
+    folder = tmp_path_factory.mktemp("phantom-twins")
+    single = write_phantom_studies(folder / "single", covid=1, healthy=0, slices=24, seed=11)
+    enhanced = write_phantom_studies(
+        folder / "enhanced", covid=1, healthy=0, slices=24, seed=11, enhanced=True
+    )
+    return single[0], enhanced[0]
+
+
+@pytest.mark.dcmtk
+def test_enhanced_phantom_is_chosen_and_scored_like_its_single_frame_twin(
+    phantom_twins: tuple[PhantomStudy, PhantomStudy], untrained: LoadedModel
+) -> None:
+    # Given the same phantom study sent single-frame and with its thin series as Enhanced CT
+    single, enhanced = phantom_twins
+    enhanced_file = enhanced.folder / "CT_02_enhanced.dcm"
+    assert enhanced.study_uid == single.study_uid
+    # When each study is analysed as the worker receives it (localizer, thin, thick series)
+    results = [
+        analyse_study(s.study_uid, sorted(s.folder.glob("*.dcm")), untrained, batch_size=8)[0]
+        for s in (single, enhanced)
+    ]
+    reference, analysis = results
+    # Then the Enhanced CT instance is the series chosen, frame k standing for slice k
+    assert analysis.series_uid == enhanced.lung_series_uid
+    assert reference.series_uid == single.lung_series_uid
+    assert {s.sop_instance_uid for s in analysis.slices} == {
+        str(pydicom.dcmread(enhanced_file, stop_before_pixels=True).SOPInstanceUID)
+    }
+    with np.load(single.folder / LESION_MASKS_NAME) as saved:
+        uids, instances = saved["sop_instance_uids"].tolist(), saved["instance_numbers"].tolist()
+    numbers = dict(zip(uids, instances, strict=True))
+    assert [s.frame_number for s in analysis.slices] == [
+        numbers[s.sop_instance_uid] for s in reference.slices
+    ]
+    # And the study probability and every slice's are those of the single-frame twin
+    assert analysis.probability == pytest.approx(reference.probability, abs=1e-3)
+    assert _probabilities(analysis) == pytest.approx(_probabilities(reference), abs=1e-3)
+    assert enhanced.lesion_instances == single.lesion_instances
+    # And dciodvfy finds no error in the Enhanced CT instance
+    assert dciodvfy_errors(enhanced_file) == []

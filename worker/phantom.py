@@ -13,34 +13,60 @@ model reads, and a thick soft-tissue series that the series picker must pass ove
 Everything is deterministic by seed, UIDs included (no clock anywhere), so tests can compare bytes
 and a training set can be rebuilt exactly. Per slice, 2-D fields are computed from the 3-D shapes
 with numpy inside bounding boxes; there are no per-voxel Python loops.
+
+Options vary how the study is sent, never who the patient is (the anatomy, lesions and noise draws
+depend on the seed alone): the thin series' slice thickness and reconstruction kernel (header, and
+the noise and sharpness of its pixels), the transfer syntax of every CT image
+(``TRANSFER_SYNTAXES``) and, with ``enhanced``, the thin series as one multi-frame Enhanced CT
+Image instance. The defaults write exactly the files written before these options existed. A
+series whose content an option changes gets UIDs of its own (the study UID stays), so two
+variants of one study can meet in one PACS or one series selection without clashing; a lossless
+transfer syntax keeps every UID, as a lossless transcoding would.
 """
 
 from __future__ import annotations
 
 import csv
 import math
-from collections.abc import Callable, Iterable
+import shutil
+import subprocess
+import tempfile
+import zlib
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 from numpy.typing import NDArray
+from pydicom import dcmread
 from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.encaps import encapsulate, generate_frames
 from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import correct_ambiguous_vr, write_data_element, write_file_meta_info
+from pydicom.pixels import get_encoder
 from pydicom.uid import (
+    UID,
     CTImageStorage,
+    DeflatedExplicitVRLittleEndian,
+    EnhancedCTImageStorage,
     ExplicitVRLittleEndian,
+    JPEG2000Lossless,
+    JPEGLosslessSV1,
+    JPEGLSLossless,
+    JPEGLSNearLossless,
+    RLELossless,
     SecondaryCaptureImageStorage,
     generate_uid,
 )
 from scipy import ndimage
 
 __all__ = [
+    "KERNELS",
     "LABELS_NAME",
     "LESION_MASKS_NAME",
+    "TRANSFER_SYNTAXES",
     "PhantomStudy",
     "write_non_ct_study",
     "write_phantom_studies",
@@ -50,6 +76,110 @@ LABELS_NAME = "labels.csv"
 """Name of the per-run label file written directly under ``out_dir``."""
 LESION_MASKS_NAME = "lesion_masks.npz"
 """Name of the ground-truth lesion masks file inside each study folder (not a DICOM file)."""
+
+
+@dataclass(frozen=True)
+class _Kernel:
+    """How a reconstruction kernel looks: its Enhanced CT group, sharpness and noise."""
+
+    group: str  # ConvolutionKernelGroup (Enhanced CT defined terms)
+    blur_passes: int  # 3-tap smoothing passes (the point-spread): fewer is sharper
+    noise: float  # noise standard deviation relative to the lung kernel's
+
+
+_KERNEL_LOOK = {
+    "LUNG": _Kernel("LUNG", 1, 1.0),
+    "BONE": _Kernel("BONE", 0, 1.3),
+    "STANDARD": _Kernel("SOFT_TISSUE", 3, 0.55),
+    "SOFT": _Kernel("SOFT_TISSUE", 4, 0.45),
+}
+KERNELS: tuple[str, ...] = tuple(_KERNEL_LOOK)
+"""Reconstruction kernels the thin series can have (its ConvolutionKernel); LUNG is the default.
+BONE is sharper and noisier, STANDARD and SOFT smoother and quieter, as on a scanner."""
+
+
+@dataclass(frozen=True)
+class _Syntax:
+    """How the CT images are written in one transfer syntax."""
+
+    name: str  # the option's name
+    uid: UID
+    encoder: Literal["native", "deflate", "pydicom", "dcmtk"]
+    lossy_method: str | None = None  # LossyImageCompressionMethod; None: lossless
+    jls_error: int = 0  # NEAR of JPEG-LS near-lossless: largest error of a stored value
+
+    @property
+    def encapsulated(self) -> bool:
+        return self.encoder in ("pydicom", "dcmtk")
+
+
+_SYNTAXES = {
+    syntax.name: syntax
+    for syntax in (
+        _Syntax("explicit", ExplicitVRLittleEndian, "native"),
+        _Syntax("deflated", DeflatedExplicitVRLittleEndian, "deflate"),
+        _Syntax("rle", RLELossless, "pydicom"),
+        _Syntax("jpeg-ls", JPEGLSLossless, "pydicom"),
+        _Syntax("jpeg2000", JPEG2000Lossless, "pydicom"),
+        _Syntax("jpeg-lossless", JPEGLosslessSV1, "dcmtk"),
+        _Syntax("jpeg-ls-near", JPEGLSNearLossless, "pydicom", "ISO_14495_1", jls_error=2),
+    )
+}
+TRANSFER_SYNTAXES: dict[str, str] = {name: str(s.uid) for name, s in _SYNTAXES.items()}
+"""Transfer syntaxes the CT images can be written in, by option name, and their UIDs.
+
+``explicit`` (Explicit VR Little Endian) is the default. All are lossless but ``jpeg-ls-near``
+(JPEG-LS near-lossless, NEAR = 2: each stored value, i.e. each HU, within 2 of the original; marked
+LossyImageCompression 01). ``deflated`` is written here with zlib; ``rle``, ``jpeg-ls``,
+``jpeg2000`` and ``jpeg-ls-near`` are encoded by pydicom with its plugins (pylibjpeg-rle or
+pydicom's own RLE, pyjpegls, pylibjpeg-openjpeg); ``jpeg-lossless`` (process 14, selection value 1)
+has no pydicom encoder and is encoded by DCMTK's ``dcmcjpeg``, which must be on PATH. JPEG baseline
+is not offered: it holds 8 bits a sample, and the CT Image IOD needs 16 bits allocated."""
+
+THIN_THICKNESS_LIMIT = 5.0
+"""The thin series must stay thinner than this (the thick soft-tissue series' slice thickness)."""
+
+
+@dataclass(frozen=True)
+class _Options:
+    """How a study is sent; the defaults are the files written before these options existed."""
+
+    thickness: float = 1.0  # SliceThickness (mm) of the thin series
+    kernel: str = "LUNG"  # ConvolutionKernel of the thin series
+    transfer_syntax: str = "explicit"  # a TRANSFER_SYNTAXES name, for every CT image
+    enhanced: bool = False  # the thin series as one multi-frame Enhanced CT Image instance
+
+    def check(self) -> None:
+        if not (math.isfinite(self.thickness) and 0.0 < self.thickness < THIN_THICKNESS_LIMIT):
+            raise ValueError(
+                f"thickness must be > 0 and < {THIN_THICKNESS_LIMIT:g} mm (the thin series stays "
+                f"thinner than the soft-tissue series), got {self.thickness:g}"
+            )
+        if self.kernel not in _KERNEL_LOOK:
+            raise ValueError(f"kernel must be one of {', '.join(KERNELS)}, got {self.kernel!r}")
+        syntax = _SYNTAXES.get(self.transfer_syntax)
+        if syntax is None:
+            names = ", ".join(TRANSFER_SYNTAXES)
+            raise ValueError(
+                f"transfer syntax must be one of {names}, got {self.transfer_syntax!r}"
+            )
+        if syntax.encoder == "dcmtk" and shutil.which("dcmcjpeg") is None:
+            raise ValueError(f"transfer syntax {syntax.name} needs DCMTK's dcmcjpeg on PATH")
+
+    @property
+    def syntax(self) -> _Syntax:
+        return _SYNTAXES[self.transfer_syntax]
+
+    def variant(self, *, thin: bool) -> tuple[str, ...]:
+        """Extra UID parts of a series whose content an option changes; none for the defaults."""
+        parts: list[str] = []
+        if thin and (self.thickness != 1.0 or self.kernel != "LUNG" or self.enhanced):
+            parts += ["recon", _ds(self.thickness), self.kernel]
+            parts += ["enhanced"] if self.enhanced else []
+        if self.syntax.lossy_method is not None:
+            parts += ["lossy", self.syntax.name]
+        return tuple(parts)
+
 
 Label = Literal["covid", "healthy"]
 F32 = NDArray[np.float32]
@@ -97,7 +227,9 @@ class PhantomStudy:
     label: str  # "covid" or "healthy"
     patient_id: str
     lung_series_uid: str
-    lesion_instances: list[int]  # InstanceNumbers of thin lung-series slices with a lesion
+    # InstanceNumbers of thin lung-series slices with a lesion; with ``enhanced``, the frame
+    # numbers of the one Enhanced CT instance, which are the same numbers (frame k is slice k)
+    lesion_instances: list[int]
 
 
 def write_phantom_studies(
@@ -108,6 +240,10 @@ def write_phantom_studies(
     slices: int = 64,
     seed: int = 0,
     progress: Callable[[int, int], None] | None = None,
+    thickness: float = 1.0,
+    kernel: str = "LUNG",
+    transfer_syntax: str = "explicit",
+    enhanced: bool = False,
 ) -> list[PhantomStudy]:
     """Write ``covid`` positive and ``healthy`` negative studies under ``out_dir``.
 
@@ -117,17 +253,37 @@ def write_phantom_studies(
     ``out_dir/labels.csv`` lists every study. A study depends only on (seed, label, index,
     slices), so asking for more studies never changes the ones already asked for;
     ``progress(done, total)`` is called after each study so a CLI can show a bar.
+
+    ``thickness`` (mm, below 5) and ``kernel`` (one of ``KERNELS``) are the thin series'
+    SliceThickness and ConvolutionKernel; its noise follows them (less for thicker slices and
+    smoother kernels), its slice positions do not. ``transfer_syntax`` (a ``TRANSFER_SYNTAXES``
+    name) applies to every CT image. With ``enhanced`` the thin series is one Enhanced CT Image
+    instance (``CT_02_enhanced.dcm``) whose frame k is the single-frame series' slice k (table
+    order, apex first): ``lesion_instances`` and the masks' ``instance_numbers`` are then frame
+    numbers, and its ``sop_instance_uids`` repeat the one instance's UID. The patient (anatomy,
+    lesions, noise draws) depends on the seed alone, never on these options.
     """
     if covid < 0 or healthy < 0:
         raise ValueError("covid and healthy must be >= 0")
     if slices < 8:
         raise ValueError("slices must be >= 8 to cover the chest")
+    options = _Options(
+        thickness=float(thickness),
+        kernel=kernel.upper(),
+        transfer_syntax=transfer_syntax.lower(),
+        enhanced=enhanced,
+    )
+    options.check()
     out_dir.mkdir(parents=True, exist_ok=True)
     plan: list[tuple[Label, int]] = [("covid", i + 1) for i in range(covid)]
     plan += [("healthy", i + 1) for i in range(healthy)]
     studies: list[PhantomStudy] = []
     for done, (label, index) in enumerate(plan, start=1):
-        studies.append(_write_ct_study(out_dir, label=label, index=index, slices=slices, seed=seed))
+        studies.append(
+            _write_ct_study(
+                out_dir, label=label, index=index, slices=slices, seed=seed, options=options
+            )
+        )
         if progress is not None:
             progress(done, len(plan))
     _write_labels(out_dir / LABELS_NAME, studies)
@@ -1252,6 +1408,8 @@ class _Series:
     image_type: str  # "AXIAL" or "LOCALIZER"
     window: tuple[float, float]  # centre, width
     offset_s: float  # seconds after the study started
+    blur_passes: int = 1  # the reconstruction kernel's smoothing (see _Detail)
+    noise: float = 1.0  # noise standard deviation relative to the patient's noise_sigma
 
 
 def _ds(v: float) -> str:
@@ -1381,11 +1539,11 @@ def _outside_circle(grid: _Grid) -> Mask:
     return (grid.x[None, :] ** 2 + grid.y[:, None] ** 2) > radius**2
 
 
-def _file_meta(ds: Dataset) -> FileMetaDataset:
+def _file_meta(ds: Dataset, transfer_syntax: UID = ExplicitVRLittleEndian) -> FileMetaDataset:
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = ds.SOPClassUID
     meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    meta.TransferSyntaxUID = transfer_syntax
     return meta
 
 
@@ -1406,26 +1564,129 @@ def _encode(ds: Dataset) -> dict[int, bytes]:
     return out
 
 
+@dataclass(frozen=True)
+class _Format:
+    """What an encoder needs to know about the stored values of one frame."""
+
+    rows: int
+    columns: int
+    bits_stored: int
+    pixel_representation: int
+
+    @staticmethod
+    def of(ds: Dataset) -> _Format:
+        return _Format(
+            int(ds.Rows), int(ds.Columns), int(ds.BitsStored), int(ds.PixelRepresentation)
+        )
+
+
 class _SeriesWriter:
     """Writes the images of one series, encoding the elements they share only once.
 
-    pydicom spends milliseconds a file walking ~90 elements, and a series differs in five.
+    pydicom spends milliseconds a file walking ~90 elements, and a series differs in five. Pixel
+    data is written as given (Explicit VR Little Endian, or deflated with the rest of the data
+    set) or compressed frame by frame and encapsulated, as ``syntax`` says.
     """
 
-    def __init__(self, shared: Dataset) -> None:
+    def __init__(self, shared: Dataset, syntax: _Syntax | None = None) -> None:
+        self._syntax = syntax or _SYNTAXES["explicit"]
+        if self._syntax.lossy_method is not None:
+            shared.LossyImageCompression = "01"
+            shared.LossyImageCompressionMethod = self._syntax.lossy_method
         correct_ambiguous_vr(shared, is_little_endian=True)
         self._shared = _encode(shared)
         self._sop_class = shared.SOPClassUID
+        self._format = _Format.of(shared)
 
-    def write(self, path: Path, own: Dataset, pixel_data: bytes) -> None:
-        own.add(DataElement(0x7FE00010, "OW", pixel_data))
+    def write(self, path: Path, own: Dataset, frames: Sequence[bytes]) -> None:
+        own.add(self._pixel_data(own, frames))
         parts = self._shared | _encode(own)
         own.SOPClassUID = self._sop_class
         meta = DicomBytesIO()
         meta.is_little_endian, meta.is_implicit_VR = True, False
-        write_file_meta_info(meta, _file_meta(own), enforce_standard=True)
+        write_file_meta_info(meta, _file_meta(own, self._syntax.uid), enforce_standard=True)
         body = b"".join(parts[tag] for tag in sorted(parts))
+        if self._syntax.encoder == "deflate":
+            body = _deflate(body)
         path.write_bytes(b"\0" * 128 + b"DICM" + meta.getvalue() + body)
+
+    def _pixel_data(self, own: Dataset, frames: Sequence[bytes]) -> DataElement:
+        if not self._syntax.encapsulated:
+            return DataElement(0x7FE00010, "OW", b"".join(frames))
+        encoded = [_encode_frame(self._syntax, frame, self._format) for frame in frames]
+        if self._syntax.lossy_method is not None:
+            ratio = sum(map(len, frames)) / sum(map(len, encoded))
+            own.LossyImageCompressionRatio = _ds(ratio)
+        return DataElement(
+            0x7FE00010, "OB", encapsulate(encoded, has_bot=True), is_undefined_length=True
+        )
+
+
+def _encode_frame(syntax: _Syntax, frame: bytes, fmt: _Format) -> bytes:
+    """One frame's stored values compressed in an encapsulated transfer syntax."""
+    if syntax.encoder == "dcmtk":
+        return _dcmcjpeg(frame, fmt)
+    extra: dict[str, Any] = {"jls_error": syntax.jls_error} if syntax.jls_error else {}
+    encoded = get_encoder(syntax.uid).encode(
+        frame,
+        rows=fmt.rows,
+        columns=fmt.columns,
+        samples_per_pixel=1,
+        bits_allocated=16,
+        bits_stored=fmt.bits_stored,
+        pixel_representation=fmt.pixel_representation,
+        photometric_interpretation="MONOCHROME2",
+        number_of_frames=1,
+        **extra,
+    )
+    return bytes(encoded)
+
+
+def _dcmcjpeg(frame: bytes, fmt: _Format) -> bytes:
+    """One frame as JPEG lossless (process 14, selection value 1), encoded by DCMTK's dcmcjpeg.
+
+    pydicom has no encoder for it. dcmcjpeg gets a bare image holding just the frame; its
+    encapsulated frame is taken back, so the phantom's own header stays as it is (DCMTK would add
+    a DerivationDescription and its own implementation UID).
+    """
+    tool = shutil.which("dcmcjpeg")
+    if tool is None:
+        raise RuntimeError("transfer syntax jpeg-lossless needs DCMTK's dcmcjpeg on PATH")
+    ds = Dataset()
+    ds.SOPClassUID = SecondaryCaptureImageStorage
+    ds.SOPInstanceUID = "2.25.1"
+    ds.Modality = "OT"
+    ds.Rows, ds.Columns = fmt.rows, fmt.columns
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.BitsAllocated = 16
+    ds.BitsStored = fmt.bits_stored
+    ds.HighBit = fmt.bits_stored - 1
+    ds.PixelRepresentation = fmt.pixel_representation
+    ds.PixelData = frame
+    with tempfile.TemporaryDirectory(prefix="phantom-jpeg-") as tmp:
+        source, target = Path(tmp) / "in.dcm", Path(tmp) / "out.dcm"
+        _save(ds, source)
+        done = subprocess.run(
+            [tool, "+e1", "+un", str(source), str(target)],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+        if done.returncode != 0:
+            raise RuntimeError(f"dcmcjpeg failed ({done.returncode}): {done.stderr.strip()}")
+        encoded = dcmread(target)
+        if str(encoded.file_meta.TransferSyntaxUID) != JPEGLosslessSV1:
+            raise RuntimeError("dcmcjpeg did not write JPEG lossless, selection value 1")
+        return next(generate_frames(encoded.PixelData, number_of_frames=1))
+
+
+def _deflate(body: bytes) -> bytes:
+    """The data set as one raw deflate stream (PS3.5 A.5), padded to an even length."""
+    packer = zlib.compressobj(6, zlib.DEFLATED, -zlib.MAX_WBITS)
+    out = packer.compress(body) + packer.flush()
+    return out + b"\0" if len(out) % 2 else out
 
 
 def _axial_plane(ds: Dataset, grid: _Grid) -> None:
@@ -1446,6 +1707,221 @@ def _axial_image(uid: str, grid: _Grid, z: float, instance: int) -> Dataset:
     return own
 
 
+# --- Enhanced CT Image (one multi-frame instance) ---------------------------------------------
+
+# Value 3 (image flavor) VOLUME: Enhanced CT has no AXIAL term; the orientation says axial.
+_ENHANCED_IMAGE_TYPE = ["ORIGINAL", "PRIMARY", "VOLUME", "NONE"]
+# Top-level attributes an Enhanced CT instance shares with the single-frame images; the
+# acquisition and reconstruction ones move into functional groups.
+_ENHANCED_COPIED = (
+    "Modality",
+    "SeriesInstanceUID",
+    "SeriesNumber",
+    "SeriesDescription",
+    "SeriesDate",
+    "SeriesTime",
+    "BodyPartExamined",
+    "PatientPosition",
+    "ProtocolName",
+    "FrameOfReferenceUID",
+    "PositionReferenceIndicator",
+    "AcquisitionNumber",
+    "ContentDate",
+    "ContentTime",
+    "InstanceCreationDate",
+    "InstanceCreationTime",
+    "SamplesPerPixel",
+    "PhotometricInterpretation",
+    "BitsAllocated",
+    "BitsStored",
+    "HighBit",
+    "PixelRepresentation",
+    "LossyImageCompression",
+    "BurnedInAnnotation",
+)
+
+
+def _item(**values: object) -> Dataset:
+    item = Dataset()
+    for keyword, value in values.items():
+        setattr(item, keyword, value)
+    return item
+
+
+def _code(value: str, scheme: str, meaning: str) -> Dataset:
+    return _item(CodeValue=value, CodingSchemeDesignator=scheme, CodeMeaning=meaning)
+
+
+def _enhanced_ct_dataset(ids: _Identity, anat: _Anatomy, series: _Series, uid: str) -> Dataset:
+    """The Enhanced CT Image modules of a series, with the functional groups all frames share.
+
+    Values are those of the single-frame images (``_ct_series_dataset``), moved where the
+    Enhanced CT IOD keeps them: Pixel Measures, Plane Orientation, Pixel Value Transformation,
+    Frame VOI LUT, CT Image Frame Type and the CT acquisition, reconstruction and exposure macros.
+    """
+    single = _ct_series_dataset(ids, anat, series, uid)
+    ds = Dataset()
+    ds.SOPClassUID = EnhancedCTImageStorage
+    _patient_study(ds, ids)
+    for keyword in _ENHANCED_COPIED:
+        ds.add(single[keyword])
+    ds.ImageType = _ENHANCED_IMAGE_TYPE
+    ds.InstanceNumber = 1
+    ds.AcquisitionDateTime = STUDY_DATE + ids.time(series.offset_s)
+    ds.AcquisitionDuration = CHEST_LENGTH_MM / float(single.TableSpeed)
+    ds.ContentQualification = "PRODUCT"
+    ds.PresentationLUTShape = "IDENTITY"
+    ds.PixelPresentation = "MONOCHROME"
+    ds.VolumetricProperties = "VOLUME"
+    ds.VolumeBasedCalculationTechnique = "NONE"
+    ds.AcquisitionContextSequence = []
+    look = _KERNEL_LOOK.get(series.kernel, _KERNEL_LOOK["STANDARD"])
+    shared = _item(
+        PlaneOrientationSequence=[_item(ImageOrientationPatient=["1", "0", "0", "0", "1", "0"])],
+        PixelValueTransformationSequence=[
+            _item(
+                RescaleIntercept=single.RescaleIntercept,
+                RescaleSlope=single.RescaleSlope,
+                RescaleType="HU",
+            )
+        ],
+        FrameVOILUTSequence=[
+            _item(WindowCenter=single.WindowCenter, WindowWidth=single.WindowWidth)
+        ],
+        CTImageFrameTypeSequence=[
+            _item(
+                FrameType=_ENHANCED_IMAGE_TYPE,
+                PixelPresentation="MONOCHROME",
+                VolumetricProperties="VOLUME",
+                VolumeBasedCalculationTechnique="NONE",
+            )
+        ],
+        CTAcquisitionTypeSequence=[
+            _item(AcquisitionType="SPIRAL", ConstantVolumeFlag="NO", FluoroscopyFlag="NO")
+        ],
+        CTAcquisitionDetailsSequence=[
+            _item(
+                DataCollectionDiameter=single.DataCollectionDiameter,
+                GantryDetectorTilt=single.GantryDetectorTilt,
+                TableHeight=single.TableHeight,
+                RotationDirection=single.RotationDirection,
+                RevolutionTime=single.RevolutionTime,
+                SingleCollimationWidth=single.SingleCollimationWidth,
+                TotalCollimationWidth=single.TotalCollimationWidth,
+            )
+        ],
+        CTTableDynamicsSequence=[
+            _item(
+                TableSpeed=single.TableSpeed,
+                TableFeedPerRotation=single.TableFeedPerRotation,
+                SpiralPitchFactor=single.SpiralPitchFactor,
+            )
+        ],
+        CTGeometrySequence=[
+            _item(
+                DistanceSourceToDetector=single.DistanceSourceToDetector,
+                DistanceSourceToDataCollectionCenter=float(single.DistanceSourceToPatient),
+            )
+        ],
+        CTExposureSequence=[
+            _item(
+                ExposureTimeInms=float(single.ExposureTime),
+                XRayTubeCurrentInmA=float(single.XRayTubeCurrent),
+                ExposureInmAs=float(single.Exposure),
+                ExposureModulationType="NONE",
+                CTDIvol=single.CTDIvol,
+                CTDIPhantomTypeCodeSequence=single.CTDIPhantomTypeCodeSequence,
+            )
+        ],
+        CTXRayDetailsSequence=[
+            _item(
+                KVP=single.KVP,
+                FocalSpots=single.FocalSpots,
+                FilterType="BUTTERFLY",
+                FilterMaterial="ALUMINUM",
+            )
+        ],
+        FrameAnatomySequence=[
+            _item(AnatomicRegionSequence=[_code("43799004", "SCT", "Chest")], FrameLaterality="U")
+        ],
+        IrradiationEventIdentificationSequence=[
+            _item(IrradiationEventUID=ids.uid("irradiation", series.number))
+        ],
+    )
+    shared.CTReconstructionSequence = [
+        _item(
+            ReconstructionAlgorithm="FILTER_BACK_PROJ",
+            ConvolutionKernel=series.kernel,
+            ConvolutionKernelGroup=look.group,
+            ReconstructionAngle=360.0,
+            ImageFilter="NONE",
+        )
+    ]
+    ds.SharedFunctionalGroupsSequence = [shared]
+    return ds
+
+
+def _enhanced_frames(
+    ds: Dataset, ids: _Identity, series: _Series, grid: _Grid, positions: Sequence[float]
+) -> None:
+    """Image size, dimensions and the per-frame groups: frame k is at ``positions[k - 1]``.
+
+    One stack (StackID 1) whose in-stack position numbers run in table order, apex first, as the
+    frames do; those two are the dimensions. Each frame's acquisition time follows the table.
+    """
+    _axial_plane(ds, grid)  # at the top level for now: moved into functional groups below
+    shared = ds.SharedFunctionalGroupsSequence[0]
+    shared.PixelMeasuresSequence = [
+        _item(PixelSpacing=ds.PixelSpacing, SliceThickness=_ds(float(series.thickness or 0.0)))
+    ]
+    reconstruction = shared.CTReconstructionSequence[0]
+    reconstruction.ReconstructionDiameter = ds.ReconstructionDiameter
+    reconstruction.ReconstructionPixelSpacing = [float(v) for v in ds.PixelSpacing]
+    del ds.ImageOrientationPatient, ds.PixelSpacing, ds.ReconstructionDiameter
+    ds.NumberOfFrames = len(positions)
+    organization = ids.uid("dimensions", series.number)
+    ds.DimensionOrganizationSequence = [_item(DimensionOrganizationUID=organization)]
+    ds.DimensionIndexSequence = [
+        _item(
+            DimensionOrganizationUID=organization,
+            DimensionIndexPointer=pointer,
+            FunctionalGroupPointer=0x00209111,  # Frame Content Sequence
+            DimensionDescriptionLabel=label,
+        )
+        for pointer, label in ((0x00209056, "Stack ID"), (0x00209057, "In-Stack Position"))
+    ]
+    table_speed = float(ds.SharedFunctionalGroupsSequence[0].CTTableDynamicsSequence[0].TableSpeed)
+    step_s = CHEST_LENGTH_MM / len(positions) / table_speed
+    x0, y0 = _ds(float(grid.x[0])), _ds(float(grid.y[0]))
+    frames = []
+    for k, z in enumerate(positions, start=1):
+        when = STUDY_DATE + ids.time(series.offset_s + (k - 1) * step_s)
+        frames.append(
+            _item(
+                FrameContentSequence=[
+                    _item(
+                        FrameAcquisitionNumber=1,
+                        FrameReferenceDateTime=when,
+                        FrameAcquisitionDateTime=when,
+                        FrameAcquisitionDuration=round(step_s * 1000.0, 3),
+                        StackID="1",
+                        InStackPositionNumber=k,
+                        DimensionIndexValues=[1, k],
+                    )
+                ],
+                PlanePositionSequence=[_item(ImagePositionPatient=[x0, y0, _ds(z)])],
+                CTPositionSequence=[
+                    _item(
+                        TablePosition=z,
+                        ReconstructionTargetCenterPatient=[0.0, 0.0, z],
+                        DataCollectionCenterPatient=[0.0, 0.0, z],
+                    )
+                ],
+            )
+        )
+    ds.PerFrameFunctionalGroupsSequence = frames
+
+
 def _slice_positions(anat: _Anatomy, count: int) -> list[float]:
     """Slice centres spread evenly from the apex end to the bases (table order)."""
     step = CHEST_LENGTH_MM / count
@@ -1453,8 +1929,57 @@ def _slice_positions(anat: _Anatomy, count: int) -> list[float]:
 
 
 THIN = _Series(2, "CHEST 1.0 LUNG", "LUNG", 1.0, "AXIAL", (-600.0, 1200.0), 40.0)
-THICK = _Series(3, "CHEST 5.0 STANDARD", "STANDARD", 5.0, "AXIAL", (40.0, 400.0), 40.0)
+# soft-tissue kernel on 5 mm: smoother, less noise
+THICK = _Series(
+    3, "CHEST 5.0 STANDARD", "STANDARD", 5.0, "AXIAL", (40.0, 400.0), 40.0, blur_passes=4, noise=0.4
+)
 SCOUT = _Series(1, "Topogram 0.6 T20s", "T20s", None, "LOCALIZER", (1800.0, 3000.0), 0.0)
+
+
+def _thin_series(options: _Options) -> _Series:
+    """The thin series as the options reconstruct it (THIN itself for the defaults).
+
+    Quantum noise goes with 1 / sqrt(slice thickness); the kernel sets sharpness and noise.
+    """
+    look = _KERNEL_LOOK[options.kernel]
+    mm = options.thickness
+    shown = f"{mm:.1f}" if mm == round(mm) else _ds(mm)
+    return replace(
+        THIN,
+        description=f"CHEST {shown} {options.kernel}",
+        kernel=options.kernel,
+        thickness=mm,
+        blur_passes=look.blur_passes,
+        noise=look.noise / math.sqrt(mm),
+    )
+
+
+def _render_series(
+    anat: _Anatomy, grid: _Grid, series: _Series, count: int, detail: _Detail
+) -> Iterator[tuple[int, float, F32, Mask]]:
+    """The slices of an axial series in table order: (index, z, HU, COVID lesion mask)."""
+    detail = replace(
+        detail, blur_passes=series.blur_passes, noise_sigma=anat.noise_sigma * series.noise
+    )
+    for k, z in enumerate(_slice_positions(anat, count)):
+        hu, _, lesions = _render(anat, grid, z, detail)
+        yield k, z, hu, lesions
+
+
+def _padding(ds: Dataset, grid: _Grid, anat: _Anatomy, syntax: _Syntax) -> Mask | None:
+    """Declare GE-like padding outside the reconstruction circle; where it goes (signed only).
+
+    Near-lossless compression moves the padding by up to NEAR, so a lossy syntax declares a
+    padding range (value and range limit) around it instead of one value.
+    """
+    if not anat.signed_pixels:
+        return None
+    outside = _outside_circle(grid)
+    spread = syntax.jls_error
+    ds.add_new(0x00280120, "SS", _PADDING - spread)  # Pixel Padding Value
+    if spread:
+        ds.add_new(0x00280121, "SS", _PADDING + spread)  # Pixel Padding Range Limit
+    return outside
 
 
 def _write_axial_series(
@@ -1465,42 +1990,73 @@ def _write_axial_series(
     *,
     count: int,
     detail: _Detail,
+    thin: bool,
+    syntax: _Syntax,
+    variant: tuple[str, ...] = (),
 ) -> tuple[list[str], Mask]:
     """Render and write one axial series; returns its SOP Instance UIDs and lesion masks."""
     grid = _Grid.square(MATRIX, anat.pixel_spacing)
-    shared = _ct_series_dataset(ids, anat, series, ids.uid("series", series.number))
+    shared = _ct_series_dataset(ids, anat, series, ids.uid("series", series.number, *variant))
     _axial_plane(shared, grid)
-    outside = None
-    if anat.signed_pixels:
-        outside = _outside_circle(grid)
-        shared.add_new(0x00280120, "SS", _PADDING)  # Pixel Padding Value
-    writer = _SeriesWriter(shared)
-    thin = series is THIN
-    if thin:
-        detail = replace(detail, blur_passes=1, noise_sigma=anat.noise_sigma)
-    else:  # soft-tissue kernel on 5 mm: smoother, less noise
-        detail = replace(detail, blur_passes=4, noise_sigma=anat.noise_sigma * 0.4)
+    outside = _padding(shared, grid, anat, syntax)
+    writer = _SeriesWriter(shared, syntax)
     uids: list[str] = []
     masks = np.zeros((count if thin else 0, *grid.shape), dtype=bool)
-    for k, z in enumerate(_slice_positions(anat, count)):
-        hu, _, lesions = _render(anat, grid, z, detail)
+    for k, z, hu, lesions in _render_series(anat, grid, series, count, detail):
         if thin:
             masks[k] = lesions
-        uid = ids.uid("image", series.number, k + 1)
+        uid = ids.uid("image", series.number, k + 1, *variant)
         own = _axial_image(uid, grid, z, k + 1)
         path = folder / f"CT_{series.number:02d}_{k + 1:04d}.dcm"
-        writer.write(path, own, _pixels(hu, anat, outside))
+        writer.write(path, own, [_pixels(hu, anat, outside)])
         uids.append(uid)
     return uids, masks
 
 
-def _write_localizer(folder: Path, anat: _Anatomy, ids: _Identity) -> None:
+def _write_enhanced_series(
+    folder: Path,
+    anat: _Anatomy,
+    ids: _Identity,
+    series: _Series,
+    *,
+    count: int,
+    detail: _Detail,
+    syntax: _Syntax,
+    variant: tuple[str, ...],
+) -> tuple[str, Mask]:
+    """Render the series as one Enhanced CT Image instance; returns its UID and lesion masks.
+
+    Frame k (1-based) is slice k of the single-frame series: same table position, same pixels.
+    """
+    grid = _Grid.square(MATRIX, anat.pixel_spacing)
+    positions = _slice_positions(anat, count)
+    ds = _enhanced_ct_dataset(ids, anat, series, ids.uid("series", series.number, *variant))
+    _enhanced_frames(ds, ids, series, grid, positions)
+    outside = _padding(ds, grid, anat, syntax)
+    masks = np.zeros((count, *grid.shape), dtype=bool)
+    frames: list[bytes] = []
+    for k, _, hu, lesions in _render_series(anat, grid, series, count, detail):
+        masks[k] = lesions
+        frames.append(_pixels(hu, anat, outside))
+    own = Dataset()
+    own.SOPInstanceUID = ids.uid("image", series.number, 1, *variant)
+    _SeriesWriter(ds, syntax).write(folder / f"CT_{series.number:02d}_enhanced.dcm", own, frames)
+    return str(own.SOPInstanceUID), masks
+
+
+def _write_localizer(
+    folder: Path,
+    anat: _Anatomy,
+    ids: _Identity,
+    syntax: _Syntax | None = None,
+    variant: tuple[str, ...] = (),
+) -> None:
     """A frontal scout image, as the scanner sends first."""
     width, height = 420.0, 420.0
     top = anat.z_top + 70.0
     proj = _projection(anat, width_mm=width, height_mm=height, z_top=top)
-    ds = _ct_series_dataset(ids, anat, SCOUT, ids.uid("series", SCOUT.number))
-    ds.SOPInstanceUID = ids.uid("image", SCOUT.number, 1)
+    ds = _ct_series_dataset(ids, anat, SCOUT, ids.uid("series", SCOUT.number, *variant))
+    sop_instance_uid = ids.uid("image", SCOUT.number, 1, *variant)
     ds.InstanceNumber = 1
     col, row = width / MATRIX, height / MATRIX
     ds.ImagePositionPatient = [_ds(-width / 2 + col / 2), "0", _ds(top - row / 2)]
@@ -1508,13 +2064,28 @@ def _write_localizer(folder: Path, anat: _Anatomy, ids: _Identity) -> None:
     ds.PixelSpacing = [_ds(row), _ds(col)]
     hu = proj * np.float32(140.0) - np.float32(1024.0)
     ds.Rows, ds.Columns = hu.shape
-    ds.PixelData = _pixels(hu, anat)
-    _save(ds, folder / f"CT_{SCOUT.number:02d}_0001.dcm")
+    path = folder / f"CT_{SCOUT.number:02d}_0001.dcm"
+    if syntax is None or syntax.encoder == "native":
+        ds.SOPInstanceUID = sop_instance_uid
+        ds.PixelData = _pixels(hu, anat)
+        _save(ds, path)
+        return
+    own = Dataset()
+    own.SOPInstanceUID = sop_instance_uid
+    _SeriesWriter(ds, syntax).write(path, own, [_pixels(hu, anat)])
 
 
 def _write_ct_study(
-    out_dir: Path, *, label: Label, index: int, slices: int, seed: int
+    out_dir: Path,
+    *,
+    label: Label,
+    index: int,
+    slices: int,
+    seed: int,
+    options: _Options | None = None,
 ) -> PhantomStudy:
+    options = options or _Options()
+    syntax = options.syntax
     rng = np.random.default_rng([seed, 0 if label == "covid" else 1, index])
     anat = _draw_anatomy(rng, label=label, slices=slices)
     ids = _Identity.make(seed=seed, label=label, index=index, rng=rng)
@@ -1523,10 +2094,39 @@ def _write_ct_study(
     for stale in folder.glob("*.dcm"):
         stale.unlink()
     detail = _Detail.make(rng, (MATRIX, MATRIX))
-    _write_localizer(folder, anat, ids)
-    uids, masks = _write_axial_series(folder, anat, ids, THIN, count=slices, detail=detail)
+    others = options.variant(thin=False)
+    _write_localizer(folder, anat, ids, syntax, others)
+    thin, variant = _thin_series(options), options.variant(thin=True)
+    if options.enhanced:
+        uid, masks = _write_enhanced_series(
+            folder, anat, ids, thin, count=slices, detail=detail, syntax=syntax, variant=variant
+        )
+        uids = [uid] * slices
+    else:
+        uids, masks = _write_axial_series(
+            folder,
+            anat,
+            ids,
+            thin,
+            count=slices,
+            detail=detail,
+            thin=True,
+            syntax=syntax,
+            variant=variant,
+        )
     thick = max(8, round(slices / 5))
-    _write_axial_series(folder, anat, ids, THICK, count=thick, detail=detail)
+    _write_axial_series(
+        folder,
+        anat,
+        ids,
+        THICK,
+        count=thick,
+        detail=detail,
+        thin=False,
+        syntax=syntax,
+        variant=others,
+    )
+    # InstanceNumbers of the thin slices, or frame numbers of the Enhanced CT instance: the same
     instances = np.arange(1, slices + 1, dtype=np.int32)
     np.savez_compressed(
         folder / LESION_MASKS_NAME,
@@ -1540,7 +2140,7 @@ def _write_ct_study(
         folder=folder,
         label=label,
         patient_id=ids.patient_id,
-        lung_series_uid=ids.uid("series", THIN.number),
+        lung_series_uid=ids.uid("series", THIN.number, *variant),
         lesion_instances=lesion_instances,
     )
 
