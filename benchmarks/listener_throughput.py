@@ -13,8 +13,14 @@ What it does, each case in the same run so the machine's load hits both sides al
   ``--sender-slices`` slices, to the listener and to ``storescp --fork``.
 
 Instances per second are counted from storescu's start to the last storescu's exit. The listener
-keeps its full guarantees while measured (fsync per file, SQLite ``synchronous=FULL`` commit per
-instance); storescp fsyncs nothing. Ratios are printed last.
+keeps its full guarantees while measured (every file and its folder fsynced, its worklist row
+committed with SQLite ``synchronous=FULL`` before the success status; rows of concurrent
+C-STOREs share commits); storescp fsyncs nothing. ``--processes`` sets
+``HRCT_LISTENER_PROCESSES`` for the concurrent case (the single association is one process's
+either way).
+
+On a shared machine one pass says little, so each case runs ``--repeat`` times, listener and
+reference taking turns, and the medians are compared. Ratios are printed last.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ import argparse
 import os
 import shutil
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -84,6 +91,20 @@ def make_series(folder: Path, *, studies: int, slices: int) -> list[Path]:
     return series_dirs
 
 
+def _children(pid: int) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            found.append(int(entry.name))
+    return found
+
+
 @dataclass
 class Server:
     process: subprocess.Popen[bytes]
@@ -91,11 +112,17 @@ class Server:
     called: str
 
     def peak_rss_kib(self) -> int:
-        """VmHWM of the server process (the listener is one process)."""
-        for line in Path(f"/proc/{self.process.pid}/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1])
-        return 0
+        """The largest VmHWM of the server process and its children (listener processes)."""
+        peaks = [0]
+        for pid in (self.process.pid, *_children(self.process.pid)):
+            try:
+                status = Path(f"/proc/{pid}/status").read_text()
+            except OSError:
+                continue
+            for line in status.splitlines():
+                if line.startswith("VmHWM:"):
+                    peaks.append(int(line.split()[1]))
+        return max(peaks)
 
     def stop(self) -> None:
         self.process.terminate()
@@ -106,7 +133,7 @@ class Server:
             self.process.wait()
 
 
-def start_listener(data_dir: Path) -> Server:
+def start_listener(data_dir: Path, processes: int = 1) -> Server:
     port = _free_port()
     command = [str(Path(sys.executable).with_name("hrct-triage")), "listen", "--log-level", "ERROR"]
     process = subprocess.Popen(
@@ -116,6 +143,7 @@ def start_listener(data_dir: Path) -> Server:
             HRCT_PORT=str(port),
             HRCT_QUIET_SECONDS="3600",  # nothing completes, so no analysis is queued mid-run
             HRCT_MIN_FREE_DISK_BYTES="0",
+            HRCT_LISTENER_PROCESSES=str(processes),
         ),
         cwd=data_dir,
         stdout=subprocess.DEVNULL,
@@ -155,21 +183,29 @@ def send(server: Server, folders: list[Path]) -> float:
     return count / (time.perf_counter() - started)
 
 
-def _case(scratch: Path, name: str, folders: list[Path], *, fork: bool) -> tuple[float, float, int]:
-    listener = start_listener(_fresh(scratch / f"{name}-listener"))
-    try:
-        ours = send(listener, folders)
-        rss = listener.peak_rss_kib()
-    finally:
-        listener.stop()
-    reference = start_storescp(_fresh(scratch / f"{name}-storescp"), fork=fork)
-    try:
-        theirs = send(reference, folders)
-    finally:
-        reference.stop()
-    shutil.rmtree(scratch / f"{name}-listener", ignore_errors=True)
-    shutil.rmtree(scratch / f"{name}-storescp", ignore_errors=True)
-    return ours, theirs, rss
+def _case(
+    scratch: Path, name: str, folders: list[Path], *, fork: bool, repeat: int, processes: int = 1
+) -> tuple[float, float, int]:
+    """Median instances per second of the listener and of storescp, taking turns ``repeat``
+    times, and the listener's peak RSS."""
+    ours: list[float] = []
+    theirs: list[float] = []
+    rss = 0
+    for _ in range(repeat):
+        listener = start_listener(_fresh(scratch / f"{name}-listener"), processes)
+        try:
+            ours.append(send(listener, folders))
+            rss = max(rss, listener.peak_rss_kib())
+        finally:
+            listener.stop()
+        reference = start_storescp(_fresh(scratch / f"{name}-storescp"), fork=fork)
+        try:
+            theirs.append(send(reference, folders))
+        finally:
+            reference.stop()
+        shutil.rmtree(scratch / f"{name}-listener", ignore_errors=True)
+        shutil.rmtree(scratch / f"{name}-storescp", ignore_errors=True)
+    return statistics.median(ours), statistics.median(theirs), rss
 
 
 def _fresh(folder: Path) -> Path:
@@ -193,6 +229,10 @@ def main() -> None:
     parser.add_argument("--slices", type=int, default=300, help="slices of the single study")
     parser.add_argument("--senders", type=int, default=8, help="concurrent storescu processes")
     parser.add_argument("--sender-slices", type=int, default=100, help="slices per sender")
+    parser.add_argument("--repeat", type=int, default=3, help="turns per case (medians compared)")
+    parser.add_argument(
+        "--processes", type=int, default=1, help="HRCT_LISTENER_PROCESSES, concurrent case"
+    )
     parser.add_argument("--rss", action="store_true", help="also peak RSS at 100 and 1000 slices")
     parser.add_argument(
         "--work", type=Path, default=Path(tempfile.gettempdir()) / "hrct-bench", help="phantoms"
@@ -206,15 +246,18 @@ def main() -> None:
     try:
         single = make_series(args.work, studies=1, slices=args.slices)
         many = make_series(args.work, studies=args.senders, slices=args.sender_slices)
-        ours1, theirs1, rss1 = _case(scratch, "single", single, fork=False)
+        ours1, theirs1, rss1 = _case(scratch, "single", single, fork=False, repeat=args.repeat)
         print(
             f"single association, {args.slices} slices: listener {ours1:7.1f} inst/s  "
             f"storescp {theirs1:7.1f} inst/s  (listener peak RSS {rss1 / 1024:.0f} MiB)"
         )
-        ours8, theirs8, rss8 = _case(scratch, "concurrent", many, fork=True)
+        ours8, theirs8, rss8 = _case(
+            scratch, "concurrent", many, fork=True, repeat=args.repeat, processes=args.processes
+        )
         print(
-            f"{args.senders} senders x {args.sender_slices} slices: listener {ours8:7.1f} inst/s"
-            f"  storescp --fork {theirs8:7.1f} inst/s  (listener peak RSS {rss8 / 1024:.0f} MiB)"
+            f"{args.senders} senders x {args.sender_slices} slices, {args.processes} listener "
+            f"process(es): listener {ours8:7.1f} inst/s  storescp --fork {theirs8:7.1f} inst/s  "
+            f"(listener peak RSS {rss8 / 1024:.0f} MiB)"
         )
         if args.rss:
             for slices in (100, 1000):

@@ -106,6 +106,11 @@ class Settings(BaseSettings):
     # Several scanners at once, each may open a few associations; above this pynetdicom answers
     # A-ASSOCIATE-RJ "local limit exceeded" and the scanner retries later.
     max_associations: int = Field(32, ge=1)
+    # Listener processes accepting on the one DICOM port (SO_REUSEPORT, Linux): the kernel spreads
+    # new associations over them, so several scanners at once use several cores instead of one
+    # Python interpreter's. The first process alone reconciles the spool, recomputes priorities,
+    # dispatches and serves the worklist metrics; HRCT_MAX_ASSOCIATIONS holds per process.
+    listener_processes: int = Field(1, ge=1, le=64)
     # Largest P-DATA PDU we accept. 128 KiB keeps a 512x512 CT slice to four PDUs (fewer Python
     # round trips) while bounding what one PDU can make us buffer. 0 would mean unlimited.
     max_pdu_bytes: int = Field(131072, ge=0)

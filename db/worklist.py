@@ -18,13 +18,13 @@ The contract each transition keeps:
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from enum import Enum
 from typing import Any
 
-from sqlalchemy import and_, exists, func, insert, or_, select, update
+from sqlalchemy import and_, bindparam, exists, func, insert, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
@@ -41,6 +41,7 @@ from db.models import (
     Series,
     Study,
     StudyStatus,
+    UTCDateTime,
 )
 from db.priority import URGENT_MARK, is_urgent, priority_for
 
@@ -217,6 +218,19 @@ def close_orphaned_associations(session: Session, *, now: datetime) -> int:
             .where(Association.id == association_id)
             .values(state="orphaned", ended_at=now, instances=int(count), bytes=int(size))
         )
+    if orphans:
+        # Their senders were cut off mid-transfer and could not go on while the listener was
+        # down: the quiet period of a study they fed starts now, not at its last instance before
+        # the crash, so a scanner that sends again at once is in before the study completes.
+        # It used to complete at the first dispatcher round after the restart, on a partial set,
+        # and again after the resend (found by tests/faults, fault 6).
+        fed = select(Instance.study_id).where(Instance.association_id.in_(orphans))
+        session.execute(
+            update(Study)
+            .where(Study.id.in_(fed), Study.status == StudyStatus.RECEIVING)
+            .values(last_instance_at=now)
+            .execution_options(synchronize_session=False)
+        )
     return len(orphans)
 
 
@@ -266,9 +280,15 @@ def replaced_path(session: Session, sop_instance_uid: str) -> str | None:
 def record_instance(
     session: Session, facts: InstanceFacts, *, association_id: int | None, now: datetime
 ) -> Recorded:
-    existing_sha = session.execute(
-        select(Instance.sha256).where(Instance.sop_instance_uid == facts.sop_instance_uid)
-    ).scalar_one_or_none()
+    session.flush()  # the statements below run on the connection, past the ORM's autoflush
+    existing_sha = (
+        session.connection()
+        .execute(
+            _ingest_statements(session).existing_sha,
+            {"sop_instance_uid": facts.sop_instance_uid},
+        )
+        .scalar_one_or_none()
+    )
     if existing_sha == facts.sha256:
         return Recorded.IDENTICAL
     if existing_sha is None and _record_new_in_receiving_study(session, facts, association_id, now):
@@ -282,6 +302,84 @@ def _upsert(session: Session, model: type[Any]) -> Any:
     return module.insert(model)
 
 
+@dataclass(frozen=True)
+class _IngestStatements:
+    """The hot path's statements, built once per dialect with bound parameters: building an
+    upsert (its ``excluded`` alias, its cache key) cost more than running it."""
+
+    existing_sha: Any
+    study: Any
+    series: Any
+    instance: Any
+
+
+_INGEST_STATEMENTS: dict[str, _IngestStatements] = {}
+
+
+def _ingest_statements(session: Session) -> _IngestStatements:
+    dialect = session.get_bind().dialect.name
+    built = _INGEST_STATEMENTS.get(dialect)
+    if built is None:  # two threads may both build it; either copy is the same
+        built = _INGEST_STATEMENTS[dialect] = _build_ingest_statements(dialect)
+    return built
+
+
+def _build_ingest_statements(dialect: str) -> _IngestStatements:
+    module: Any = postgresql if dialect == "postgresql" else sqlite
+    tables = Study.metadata.tables
+    studies, series, instances = tables["studies"], tables["series"], tables["instances"]
+    study_insert = module.insert(studies).values(
+        study_uid=bindparam("study_uid"),
+        status=StudyStatus.RECEIVING,
+        priority=bindparam("priority"),
+        generation=0,
+        attempts=0,
+        calling_ae=bindparam("calling_ae"),
+        accession_number=bindparam("accession_number"),
+        first_instance_at=bindparam("first_at", type_=UTCDateTime()),
+        last_instance_at=bindparam("last_at", type_=UTCDateTime()),
+        updated_at=bindparam("updated_at", type_=UTCDateTime()),
+    )
+    study = study_insert.on_conflict_do_update(
+        index_elements=[studies.c.study_uid],
+        set_={
+            "last_instance_at": study_insert.excluded.last_instance_at,
+            "updated_at": study_insert.excluded.updated_at,
+            "calling_ae": func.coalesce(study_insert.excluded.calling_ae, studies.c.calling_ae),
+            "accession_number": func.coalesce(
+                study_insert.excluded.accession_number, studies.c.accession_number
+            ),
+        },
+    ).returning(studies.c.id, studies.c.status)
+    series_insert = module.insert(series).values(
+        study_id=bindparam("study_id"),
+        series_uid=bindparam("series_uid"),
+        modality=bindparam("modality"),
+        series_number=bindparam("series_number"),
+        description=bindparam("description"),
+    )
+    series_upsert = series_insert.on_conflict_do_update(
+        index_elements=[series.c.series_uid],
+        set_={"series_uid": series_insert.excluded.series_uid},  # no change; returns the id
+    ).returning(series.c.id)
+    instance = insert(instances).values(
+        study_id=bindparam("study_id"),
+        series_id=bindparam("series_id"),
+        association_id=bindparam("association_id"),
+        sop_instance_uid=bindparam("sop_instance_uid"),
+        sop_class_uid=bindparam("sop_class_uid"),
+        transfer_syntax_uid=bindparam("transfer_syntax_uid"),
+        path=bindparam("path"),
+        size_bytes=bindparam("size_bytes"),
+        sha256=bindparam("sha256"),
+        received_at=bindparam("received_at", type_=UTCDateTime()),
+    )
+    existing_sha = select(instances.c.sha256).where(
+        instances.c.sop_instance_uid == bindparam("sop_instance_uid")
+    )
+    return _IngestStatements(existing_sha, study, series_upsert, instance)
+
+
 def _record_new_in_receiving_study(
     session: Session, facts: InstanceFacts, association_id: int | None, now: datetime
 ) -> bool:
@@ -290,61 +388,49 @@ def _record_new_in_receiving_study(
     when the study has moved on and needs the full transition in ``_record_instance_in_full``.
 
     The study upsert locks the study row like ``SELECT ... FOR UPDATE`` would, so completion
-    cannot slip between it and the instance insert.
+    cannot slip between it and the instance insert. Core statements on the session's connection,
+    prepared once (``_ingest_statements``): the ORM adds nothing here but time.
     """
-    study_insert = _upsert(session, Study).values(
-        study_uid=facts.study_uid,
-        status=StudyStatus.RECEIVING,
-        priority=priority_for(StudyStatus.RECEIVING, None, None),
-        generation=0,
-        attempts=0,
-        calling_ae=facts.calling_ae,
-        accession_number=facts.accession_number,
-        first_instance_at=now,
-        last_instance_at=now,
-        updated_at=now,
-    )
-    study_id, status = session.execute(
-        study_insert.on_conflict_do_update(
-            index_elements=[Study.study_uid],
-            set_={
-                "last_instance_at": now,
-                "updated_at": now,
-                "calling_ae": func.coalesce(study_insert.excluded.calling_ae, Study.calling_ae),
-                "accession_number": func.coalesce(
-                    study_insert.excluded.accession_number, Study.accession_number
-                ),
-            },
-        ).returning(Study.id, Study.status)
+    statements = _ingest_statements(session)
+    connection = session.connection()
+    study_id, status = connection.execute(
+        statements.study,
+        {
+            "study_uid": facts.study_uid,
+            "priority": priority_for(StudyStatus.RECEIVING, None, None),
+            "calling_ae": facts.calling_ae,
+            "accession_number": facts.accession_number,
+            "first_at": now,
+            "last_at": now,
+            "updated_at": now,
+        },
     ).one()
     if status != StudyStatus.RECEIVING:
         return False
-    series_insert = _upsert(session, Series).values(
-        study_id=study_id,
-        series_uid=facts.series_uid,
-        modality=facts.modality,
-        series_number=facts.series_number,
-        description=(facts.series_description or "")[:64],
-    )
-    series_id = session.execute(
-        series_insert.on_conflict_do_update(
-            index_elements=[Series.series_uid],
-            set_={"series_uid": series_insert.excluded.series_uid},  # no change; returns the id
-        ).returning(Series.id)
+    series_id = connection.execute(
+        statements.series,
+        {
+            "study_id": study_id,
+            "series_uid": facts.series_uid,
+            "modality": facts.modality,
+            "series_number": facts.series_number,
+            "description": (facts.series_description or "")[:64],
+        },
     ).scalar_one()
-    session.execute(
-        insert(Instance).values(
-            study_id=study_id,
-            series_id=series_id,
-            association_id=association_id,
-            sop_instance_uid=facts.sop_instance_uid,
-            sop_class_uid=facts.sop_class_uid,
-            transfer_syntax_uid=facts.transfer_syntax_uid,
-            path=facts.path,
-            size_bytes=facts.size_bytes,
-            sha256=facts.sha256,
-            received_at=now,
-        )
+    connection.execute(
+        statements.instance,
+        {
+            "study_id": study_id,
+            "series_id": series_id,
+            "association_id": association_id,
+            "sop_instance_uid": facts.sop_instance_uid,
+            "sop_class_uid": facts.sop_class_uid,
+            "transfer_syntax_uid": facts.transfer_syntax_uid,
+            "path": facts.path,
+            "size_bytes": facts.size_bytes,
+            "sha256": facts.sha256,
+            "received_at": now,
+        },
     )
     return True
 
@@ -597,6 +683,79 @@ def _held(session: Session, claim: Claim) -> Study | None:
         )
         .with_for_update()
     ).one_or_none()
+
+
+# States in which ``lease_until`` is a live hold: an analysis claim or a delivery hold.
+_HELD = (StudyStatus.PROCESSING, *_DELIVERABLE)
+
+
+def live_holder(session: Session, study_id: int, *, now: datetime) -> str | None:
+    """The worker name (``claimed_by``) whose claim or delivery hold on the study is live."""
+    return session.scalar(
+        select(Study.claimed_by).where(
+            Study.id == study_id, Study.status.in_(_HELD), Study.lease_until > now
+        )
+    )
+
+
+def live_holders(session: Session, *, now: datetime) -> list[str]:
+    """Every worker name that holds a live claim or delivery hold on some study."""
+    names = session.scalars(
+        select(Study.claimed_by)
+        .where(Study.status.in_(_HELD), Study.lease_until > now, Study.claimed_by.is_not(None))
+        .distinct()
+    ).all()
+    return [name for name in names if name]
+
+
+def release_holds(
+    session: Session,
+    holders: Collection[str],
+    *,
+    now: datetime,
+    study_id: int | None = None,
+    republish: bool = False,
+) -> list[int]:
+    """Lapse the claims and delivery holds of worker processes known to be gone; the studies.
+
+    A lease exists so that a killed worker's study is taken over, but it lapses only after
+    ``HRCT_LEASE_SECONDS`` (15 minutes by default, the triage target itself). A worker that
+    *knows* the holder is dead (a pool process of its own host that is gone, see
+    ``worker.jobs.holder_is_gone``) lapses the hold now, so the study is claimed again at once
+    instead of sitting in ``processing`` (found by tests/faults, faults 1, 2 and 8). The next
+    claim counts as a new attempt, so a study that kills every process ends ``failed``.
+
+    ``republish`` makes the studies' outbox rows due at once, for a caller that holds no
+    message of them (a worker starting up after the whole worker was killed); the claim token
+    stays, so a gone holder's late write, were it still running after all, records nothing once
+    a new claim replaced it.
+    """
+    names = [name for name in holders if name]
+    if not names:
+        return []
+    where = [Study.status.in_(_HELD), Study.lease_until > now, Study.claimed_by.in_(names)]
+    if study_id is not None:
+        where.append(Study.id == study_id)
+    studies = session.scalars(select(Study).where(*where).with_for_update()).all()
+    for study in studies:
+        study.lease_until = now
+        session.add(
+            Event(
+                study_id=study.id,
+                at=now,
+                from_status=study.status,
+                to_status=study.status,
+                detail=f"hold of {study.claimed_by} released: that process is gone",
+            )
+        )
+    ids = [study.id for study in studies]
+    if republish and ids:
+        session.execute(
+            update(OutboxRow)
+            .where(OutboxRow.study_id.in_(ids), OutboxRow.done_at.is_(None))
+            .values(published_at=None, not_before=None)
+        )
+    return ids
 
 
 def analysis_inputs(session: Session, study_id: int) -> list[tuple[str, str]]:

@@ -73,8 +73,10 @@ def listen(log_level: str = "INFO") -> None:
     upgrade(settings.resolved_database_url)
     listener = Listener(settings)
     listener.start()
-    _wait_for_signal()
+    signalled = _wait_for_signal(listener.failed)
     listener.stop()
+    if not signalled:  # a listener process died; the supervisor's restart reconciles
+        raise typer.Exit(1)
 
 
 @app.command()
@@ -124,15 +126,22 @@ def up(
     settings = get_settings()
     _logging(log_level, settings)
     upgrade(settings.resolved_database_url)
-    with running_gateway(settings, workers=workers):
-        _wait_for_signal()
+    with running_gateway(settings, workers=workers) as listener:
+        signalled = _wait_for_signal(listener.failed)
+    if not signalled:  # a listener process died; see `listen`
+        raise typer.Exit(1)
 
 
-def _wait_for_signal() -> None:
+def _wait_for_signal(failed: threading.Event | None = None) -> bool:
+    """Until SIGINT or SIGTERM (True), or until ``failed`` is set (False). A signal wins: the
+    listener's other processes get it too and stop on their own."""
     stop = threading.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: stop.set())
-    stop.wait()
+    while not stop.wait(0.5):
+        if failed is not None and failed.is_set() and not stop.wait(0.5):
+            return False
+    return True
 
 
 def _status_style(status: str) -> str:

@@ -27,6 +27,8 @@ from db.session import transaction
 from db.settings import Settings
 from db.storage import InvalidUID, validate_uid
 from listener.access import AccessPolicy
+from listener.backlog import Backlog
+from listener.commits import GroupCommit
 from listener.dicom_header import MalformedDataSet, read_header
 from listener.metrics import ListenerMetrics, rejection_kind
 from listener.spool import (
@@ -74,6 +76,13 @@ class ListenerState:
     associations: dict[int, _Open] = field(default_factory=dict)
     metrics: ListenerMetrics = field(default_factory=ListenerMetrics)
     lock: threading.Lock = field(default_factory=threading.Lock)
+    commits: GroupCommit = field(init=False)
+    # Closes and refusals the worklist could not take when they happened (listener.backlog).
+    backlog: Backlog = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.commits = GroupCommit(self.sessions)
+        self.backlog = Backlog(self.sessions)
 
     def opened(self, assoc: Any) -> _Open | None:
         with self.lock:
@@ -218,10 +227,14 @@ def handle_closed(event: events.Event, state: ListenerState, how: str) -> None:
     if opened is None:
         return
     state.metrics.associations.labels(outcome=how).inc()
-    with transaction(state.sessions) as session:
-        worklist.close_association(
-            session, opened.row_id, state=how, now=_now(), tally=opened.tally
-        )
+    now, tally = _now(), opened.tally
+    # Through the backlog: a close lost to a database outage would hold its studies for good.
+    state.backlog.write(
+        f"close of association {opened.row_id}",
+        lambda session: worklist.close_association(
+            session, opened.row_id, state=how, now=now, tally=tally
+        ),
+    )
     log.info(
         "association %d %s after %d instances (%d refused)",
         opened.row_id,
@@ -344,16 +357,8 @@ def _record(
     state: ListenerState, facts: worklist.InstanceFacts, association_id: int | None
 ) -> str | None:
     """Commit the instance row; returns the file of a version it replaced, if any."""
-    try:
-        with transaction(state.sessions) as session:
-            outcome = worklist.record_instance(
-                session, facts, association_id=association_id, now=_now()
-            )
-            superseded = (
-                worklist.replaced_path(session, facts.sop_instance_uid)
-                if outcome is worklist.Recorded.REPLACED
-                else None
-            )
+    try:  # committed with the rows of other associations' C-STOREs (listener.commits)
+        outcome = state.commits.record(facts, association_id, _now())
     except Exception as error:  # database unreachable: the scanner must keep its copy
         raise _Refused(
             OUT_OF_RESOURCES,
@@ -361,13 +366,13 @@ def _record(
             "database",
             transient=True,
         ) from None
-    if outcome is worklist.Recorded.REPLACED:
+    if outcome.recorded is worklist.Recorded.REPLACED:
         log.warning(
             "SOP instance %s received again with different content; newest kept",
             facts.sop_instance_uid,
             extra={"study_uid": facts.study_uid, "association": association_id},
         )
-    return superseded
+    return outcome.superseded
 
 
 def _record_refusal(
@@ -377,20 +382,23 @@ def _record_refusal(
     sop_uid: str,
     refusal: _Refused,
 ) -> None:
-    try:
-        with transaction(state.sessions) as session:
-            worklist.record_refusal(
-                session,
-                association_id=association_id,
-                study_uid=study_uid,
-                sop_instance_uid=sop_uid,
-                status=refusal.status,
-                transient=refusal.transient,
-                reason=refusal.reason,
-                now=_now(),
-            )
-    except Exception as error:
-        log.error("could not record the refusal: %s", type(error).__name__)
+    now = _now()
+    # Through the backlog: a transient refusal keeps its study from completing without the
+    # instance the scanner will send again, so it must be written even when the database is
+    # what refused it (and before the association's close, which the backlog keeps in order).
+    state.backlog.write(
+        f"refusal of {sop_uid}",
+        lambda session: worklist.record_refusal(
+            session,
+            association_id=association_id,
+            study_uid=study_uid,
+            sop_instance_uid=sop_uid,
+            status=refusal.status,
+            transient=refusal.transient,
+            reason=refusal.reason,
+            now=now,
+        ),
+    )
 
 
 def _remove_superseded(path: Path) -> None:

@@ -6,9 +6,11 @@ name, and each is settled before the listener accepts an association:
 
 * a hidden temporary file (killed mid-write): incomplete, removed;
 * a finished file whose SOP instance the worklist does not know (killed between the fsync and
-  the commit, so the sender never heard success): the bytes are whole and fsynced, so the
-  instance is *adopted*, recorded as if it had just arrived. A sender that retries then sends an
-  identical instance, which changes nothing; one that does not retry loses nothing;
+  the commit, so the sender never heard success): when its content still hashes to the hash in
+  its name, the bytes are whole, so the instance is *adopted*, recorded as if it had just
+  arrived. A sender that retries then sends an identical instance, which changes nothing; one
+  that does not retry loses nothing. One whose content does not match its name (a power cut
+  before its fsync, see ``listener.spool``) was never acknowledged and is removed;
 * a finished file of an instance the worklist knows under another file: either the version a
   committed replacement superseded (its removal was interrupted) or an unacknowledged change;
   removed, since the worklist's version is the one acknowledged last.
@@ -20,6 +22,7 @@ import hashlib
 import logging
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from io import BytesIO
 from pathlib import Path
 
 import pydicom
@@ -30,7 +33,7 @@ from db import worklist
 from db.models import Instance
 from db.session import transaction
 from db.storage import validate_uid
-from listener.spool import remove_partial_files, spooled_files
+from listener.spool import name_matches_content, remove_partial_files, spooled_files
 
 log = logging.getLogger("hrct.listener")
 
@@ -83,9 +86,12 @@ def reconcile(spool_dir: Path, sessions: sessionmaker[Session]) -> Reconciliatio
 
 def _adopt(path: Path, sessions: sessionmaker[Session]) -> bool:
     """Record a whole, unacknowledged instance; False when its SOP instance is already known."""
-    header = pydicom.dcmread(path, stop_before_pixels=True)
-    sop_uid = validate_uid(header.get("SOPInstanceUID"), "SOPInstanceUID")
     data = path.read_bytes()
+    sha256 = hashlib.sha256(data).hexdigest()
+    if not name_matches_content(path, sha256):
+        raise ValueError("content does not match the hash in the file name")
+    header = pydicom.dcmread(BytesIO(data), stop_before_pixels=True)
+    sop_uid = validate_uid(header.get("SOPInstanceUID"), "SOPInstanceUID")
     facts = worklist.InstanceFacts(
         study_uid=validate_uid(header.get("StudyInstanceUID"), "StudyInstanceUID"),
         series_uid=validate_uid(header.get("SeriesInstanceUID"), "SeriesInstanceUID"),
@@ -94,7 +100,7 @@ def _adopt(path: Path, sessions: sessionmaker[Session]) -> bool:
         transfer_syntax_uid=str(header.file_meta.TransferSyntaxUID),
         path=str(path.resolve()),
         size_bytes=len(data),
-        sha256=hashlib.sha256(data).hexdigest(),
+        sha256=sha256,
         modality=str(header.get("Modality", "") or "")[:16] or None,
         series_description=str(header.get("SeriesDescription", "") or "")[:64] or None,
     )

@@ -7,12 +7,14 @@ the port opens, so no association ever sees a half-recovered spool.
 from __future__ import annotations
 
 import logging
+import socket
 import threading
-from typing import Any
+from typing import Any, cast
 
 from pydicom import uid
 from pynetdicom import AE, AllStoragePresentationContexts, evt
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+from pynetdicom.transport import ThreadedAssociationServer
 from sqlalchemy.orm import Session, sessionmaker
 
 from db.metrics import WorklistCollector
@@ -22,6 +24,7 @@ from db.settings import Settings
 from listener import handlers
 from listener.access import AccessPolicy
 from listener.dispatch import Dispatcher
+from listener.followers import DataFolderLock, Followers
 from listener.metrics import MetricsServer
 from listener.reconcile import reconcile
 from listener.tls import server_context
@@ -77,9 +80,26 @@ def event_handlers(state: handlers.ListenerState) -> list[Any]:
     ]
 
 
+class _SharedPortServer(ThreadedAssociationServer):
+    """pynetdicom's threaded server with ``SO_REUSEPORT``, so that the listener's processes
+    (``listener.followers``) all accept on the one port."""
+
+    def server_bind(self) -> None:
+        if not hasattr(socket, "SO_REUSEPORT"):
+            raise RuntimeError("HRCT_LISTENER_PROCESSES above 1 needs SO_REUSEPORT (Linux)")
+        listening = cast(socket.socket, self.socket)
+        listening.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        super().server_bind()
+
+
 class Listener:
     """The SCP plus its dispatcher thread and its ``/metrics`` endpoint (``HRCT_METRICS_PORT``,
-    on ``HRCT_BIND_ADDRESS``); ``start`` returns once the DICOM port is listening."""
+    on ``HRCT_BIND_ADDRESS``); ``start`` returns once the DICOM port is listening, in every
+    process of ``HRCT_LISTENER_PROCESSES``.
+
+    ``follower_index`` > 0 makes this one of the primary's followers (``listener.followers``):
+    it neither reconciles, reprioritises, dispatches nor starts processes of its own.
+    """
 
     def __init__(
         self,
@@ -87,9 +107,13 @@ class Listener:
         sessions: sessionmaker[Session] | None = None,
         *,
         run_dispatcher: bool = True,
+        follower_index: int = 0,
     ) -> None:
         self.settings = settings
-        self.run_dispatcher = run_dispatcher
+        self.follower_index = follower_index
+        self.primary = follower_index == 0
+        self.run_dispatcher = run_dispatcher and self.primary
+        self.shared_port = settings.listener_processes > 1
         self.sessions = sessions or make_sessionmaker(make_engine(settings.resolved_database_url))
         self.state = handlers.ListenerState(
             settings,
@@ -101,31 +125,42 @@ class Listener:
         self.dispatcher = Dispatcher(settings, self.sessions)
         metrics = self.state.metrics
         metrics.track_open_associations(lambda: len(self.state.associations))
-        metrics.registry.register(WorklistCollector(self.sessions))
+        if self.primary:  # worklist figures are the same from every process: served once
+            metrics.registry.register(WorklistCollector(self.sessions))
         self.metrics_server = (
-            MetricsServer(metrics.registry, settings.bind_address, settings.metrics_port)
+            MetricsServer(
+                metrics.registry, settings.bind_address, settings.metrics_port + follower_index
+            )
             if settings.metrics_port
             else None
         )
+        # Set when a follower process died: the listener must stop (see listener.followers).
+        self.failed = threading.Event()
         self._stop = threading.Event()
         self._server: Any = None
         self._thread: threading.Thread | None = None
+        self._lock: DataFolderLock | None = None
+        self._followers: Followers | None = None
 
     def start(self) -> None:
+        try:
+            self._start()
+        except BaseException:
+            self.stop()  # nothing half-started stays behind: followers, the lock, the port
+            raise
+
+    def _start(self) -> None:
         self.settings.spool_dir.mkdir(parents=True, exist_ok=True)
-        self.reconciliation = reconcile(self.state.spool_dir, self.sessions)
-        with transaction(self.sessions) as session:
-            # HRCT_PRIORITY_BANDS may have changed since the priorities were stored.
-            changed = reprioritise(session, self.settings.priority_bands)
-        if changed:
-            log.info("worklist priorities recomputed for %d studies", changed)
-        ae = build_ae(self.settings)
-        self._server = ae.start_server(
-            (self.settings.bind_address, self.settings.port),
-            block=False,
-            ssl_context=server_context(self.settings),
-            evt_handlers=event_handlers(self.state),
-        )
+        if self.primary:
+            if self.shared_port:
+                self._lock = DataFolderLock(self.settings.data_dir)
+            self.reconciliation = reconcile(self.state.spool_dir, self.sessions)
+            with transaction(self.sessions) as session:
+                # HRCT_PRIORITY_BANDS may have changed since the priorities were stored.
+                changed = reprioritise(session, self.settings.priority_bands)
+            if changed:
+                log.info("worklist priorities recomputed for %d studies", changed)
+        self._server = self._serve()
         self.port = int(self._server.server_address[1])
         if self.metrics_server is not None:
             self.metrics_server.start()
@@ -137,22 +172,62 @@ class Listener:
                 daemon=True,
             )
             self._thread.start()
+        if self.primary and self.shared_port:
+            self._followers = Followers(
+                self.settings, self.port, self.settings.listener_processes - 1
+            )
+            self.failed = self._followers.failed
         log.info(
-            "listening as %s on %s:%d%s",
+            "listening as %s on %s:%d%s%s",
             self.settings.ae_title,
             self.settings.bind_address,
             self.port,
             " (TLS)" if self.state.tls else "",
+            f" (process {self.follower_index + 1} of {self.settings.listener_processes})"
+            if self.shared_port
+            else "",
         )
+
+    def _serve(self) -> Any:
+        ae = build_ae(self.settings)
+        address = (self.settings.bind_address, self.settings.port)
+        if not self.shared_port:
+            return ae.start_server(
+                address,
+                block=False,
+                ssl_context=server_context(self.settings),
+                evt_handlers=event_handlers(self.state),
+            )
+        # What ``start_server(block=False)`` does, with the SO_REUSEPORT server class.
+        server = ae.make_server(
+            address,
+            ssl_context=server_context(self.settings),
+            evt_handlers=event_handlers(self.state),
+            server_class=_SharedPortServer,
+        )
+        threading.Thread(target=server.serve_forever, name="hrct-acceptor", daemon=True).start()
+        ae._servers.append(server)  # server.shutdown() removes it from there
+        return server
+
+    @property
+    def follower_pids(self) -> list[int]:
+        return self._followers.pids if self._followers is not None else []
 
     def stop(self) -> None:
         self._stop.set()
+        if self._followers is not None:
+            self._followers.stop()
+            self._followers = None
         if self._server is not None:
             self._server.shutdown()
+            self._server = None
         if self.metrics_server is not None:
             self.metrics_server.stop()
         if self._thread is not None:
             self._thread.join(timeout=10)
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
 
     def wait(self) -> None:
         self._stop.wait()

@@ -2,19 +2,34 @@
 
 ``spool/<study>/<series>/<sop>.<sha16>.dcm``: the content hash in the name means a changed
 version of an instance never overwrites the acknowledged one before the worklist has switched to
-it, and an identical resend lands on the same name. A file is written to a hidden temporary name
-in its folder, fsynced, renamed, and the folder fsynced: when ``write_instance`` returns the file
-is whole and on disk, and a crash leaves at most a temporary file that start-up removes.
+it, and an identical resend lands on the same name.
+
+A file is written whole to a hidden temporary name in its folder, hard-linked to its final name
+(a link never replaces: a final name only ever holds whole content, and a file already there is
+never swapped for a copy that is not yet on disk) and the temporary name dropped; then the file
+and its folder are fsynced at the same time (two fsyncs in flight cost about one flush, where one
+after the other cost two). A folder made for the instance has its parent fsynced too
+(``make_folder``). When ``write_instance`` returns, the file and its name are on disk.
+
+A power cut before the fsyncs can leave a final name whose content never reached the disk. Such
+a file was never acknowledged (the worklist row, and so the success status, comes after the
+fsyncs), and start-up reconciliation tells it apart by its content hash, which must match its
+name (``name_matches_content``). A crash also leaves at most temporary files, which start-up
+removes.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import shutil
 import struct
+import threading
 import uuid
+from collections import OrderedDict
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,6 +42,13 @@ IMPLEMENTATION_CLASS_UID = "2.25." + str(
 )
 IMPLEMENTATION_VERSION = "HRCT_TRIAGE_01"
 _HASH_CHARS = 16  # 64 bits of the SHA-256 tell versions of one instance apart
+# Folder fsyncs run here while the association's own thread fsyncs the file (fsync releases the
+# GIL); a few threads serve every association of the process.
+_FOLDER_SYNCS = ThreadPoolExecutor(max_workers=4, thread_name_prefix="hrct-fsync")
+# Instance folders whose entries this process has made durable (``make_folder``), newest last.
+_DURABLE_FOLDERS: OrderedDict[Path, None] = OrderedDict()
+_DURABLE_FOLDERS_KEPT = 1024
+_DURABLE_LOCK = threading.Lock()
 
 
 @dataclass(frozen=True)
@@ -97,27 +119,95 @@ def write_instance(
     path: Path, meta: bytes, dataset: bytes | memoryview, sha256: str
 ) -> SpooledFile:
     """Write File Meta + data set to ``path`` durably (see the module docstring)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.{uuid.uuid4().hex}{TEMP_SUFFIX}")
-    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
+    folder = path.parent
+    make_folder(folder)
+    temporary = folder / f".{path.name}.{uuid.uuid4().hex}{TEMP_SUFFIX}"
     try:
-        buffers = [memoryview(meta), memoryview(dataset)]
-        while buffers:
-            written = os.writev(fd, buffers)
-            while buffers and written >= len(buffers[0]):
-                written -= len(buffers[0])
-                buffers.pop(0)
-            if buffers and written:
-                buffers[0] = buffers[0][written:]
-        os.fsync(fd)
+        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
+    except FileNotFoundError:  # the folder was removed since (``purge``): make it again
+        make_folder(folder, again=True)
+        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
+    try:
+        _write_all(fd, meta, dataset)
+        published = _publish(fd, temporary, path)
     except BaseException:
         os.close(fd)
         temporary.unlink(missing_ok=True)
         raise
     os.close(fd)
-    os.replace(temporary, path)
-    fsync_dir(path.parent)
+    if not published:  # the same bytes are already under this name: make those durable
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            _sync_with_folder(fd, folder)
+        finally:
+            os.close(fd)
     return SpooledFile(path, len(meta) + len(dataset), sha256)
+
+
+def _write_all(fd: int, meta: bytes, dataset: bytes | memoryview) -> None:
+    buffers = [memoryview(meta), memoryview(dataset)]
+    while buffers:
+        written = os.writev(fd, buffers)
+        while buffers and written >= len(buffers[0]):
+            written -= len(buffers[0])
+            buffers.pop(0)
+        if buffers and written:
+            buffers[0] = buffers[0][written:]
+
+
+def _publish(fd: int, temporary: Path, path: Path) -> bool:
+    """Give the whole temporary file (open as ``fd``) its final name and make both durable;
+    False, with the temporary removed, when a file of that name (same hash) is already there."""
+    try:
+        os.link(temporary, path)
+    except FileExistsError:
+        temporary.unlink()
+        return False
+    except OSError as error:
+        if error.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.ENOSYS, errno.EMLINK):
+            raise
+        # A file system without hard links: the classic order, one flush after the other.
+        os.fsync(fd)
+        os.replace(temporary, path)
+        fsync_dir(path.parent)
+        return True
+    temporary.unlink()
+    _sync_with_folder(fd, path.parent)
+    return True
+
+
+def _sync_with_folder(fd: int, folder: Path) -> None:
+    """fsync the file and its folder at once; both are done when this returns."""
+    folder_synced = _FOLDER_SYNCS.submit(fsync_dir, folder)
+    try:
+        os.fsync(fd)
+    finally:
+        folder_synced.result()
+
+
+def make_folder(folder: Path, *, again: bool = False) -> None:
+    """Create an instance folder (``spool/<study>/<series>``) so that it survives a power cut:
+    the series and study folders' parents are fsynced once per process, even when the folders
+    already existed (another thread or process may have created them without its fsync done
+    yet). Later instances of the series find it in a small cache and pay nothing; ``again``
+    skips the cache (the folder was removed since)."""
+    with _DURABLE_LOCK:
+        if folder in _DURABLE_FOLDERS and not again:
+            _DURABLE_FOLDERS.move_to_end(folder)
+            return
+    folder.mkdir(parents=True, exist_ok=True)
+    fsync_dir(folder.parent)
+    fsync_dir(folder.parent.parent)
+    with _DURABLE_LOCK:
+        _DURABLE_FOLDERS[folder] = None
+        while len(_DURABLE_FOLDERS) > _DURABLE_FOLDERS_KEPT:
+            _DURABLE_FOLDERS.popitem(last=False)
+
+
+def name_matches_content(path: Path, sha256: str) -> bool:
+    """Whether a spooled file's name carries this content hash (``<sop>.<sha16>.dcm``)."""
+    stem = path.name.removesuffix(".dcm")
+    return "." in stem and stem.rsplit(".", 1)[1] == sha256[:_HASH_CHARS]
 
 
 def fsync_dir(folder: Path) -> None:

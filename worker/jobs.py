@@ -11,15 +11,18 @@ import logging
 import os
 import random
 import socket
+import time
 from collections import defaultdict
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from pydicom import dcmread
 from sqlalchemy import select
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from db import stats, worklist
@@ -42,6 +45,52 @@ DELIVERY_GRACE_SECONDS = 60.0
 # Delivery waits are shortened by up to this fraction at random, so that the studies held up
 # by one PACS outage do not all retry in the same second once it is back.
 DELIVERY_JITTER = 0.2
+# How long a worker waits for the worklist database to answer again (a restart, a fail-over)
+# before the step fails; longer outages are left to the lease and the outbox.
+DATABASE_WAIT_SECONDS = 120.0
+
+
+def _pid_namespace() -> str:
+    try:
+        return os.readlink("/proc/self/ns/pid").removeprefix("pid:[").removesuffix("]")
+    except OSError:
+        return "-"
+
+
+def process_identity() -> str:
+    """``host:pid:pid-namespace`` of this process: the name its claims are recorded under.
+
+    Taken when the context is built, in the pool process that runs the tasks (it used to be the
+    pid of the worker's main process, the same for every pool process, which told nobody which
+    process held a study).
+    """
+    return f"{socket.gethostname()}:{os.getpid()}:{_pid_namespace()}"
+
+
+def holder_is_gone(holder: str | None) -> bool:
+    """True only when ``holder`` (a ``process_identity``) is a process of this host and pid
+    namespace that no longer runs (or is a zombie waiting to be reaped).
+
+    Anything else, another host or container, a name in another form, a pid that runs, is
+    presumed alive: its hold then lapses with its lease, as before. A reused pid errs the same
+    safe way.
+    """
+    if not holder:
+        return False
+    host, _, rest = holder.partition(":")
+    pid_text, _, namespace = rest.partition(":")
+    if host != socket.gethostname() or namespace != _pid_namespace() or not pid_text.isdigit():
+        return False
+    pid = int(pid_text)
+    if pid == os.getpid():
+        return False
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return True
+    except OSError:
+        return False
+    return stat.rpartition(")")[2].split()[:1] == ["Z"]
 
 
 @dataclass
@@ -49,11 +98,79 @@ class WorkerContext:
     settings: Settings
     sessions: sessionmaker[Session]
     model: Callable[[], LoadedModel]
-    name: str = f"{socket.gethostname()}:{os.getpid()}"
+    name: str = field(default_factory=process_identity)
 
 
 def _now() -> datetime:
     return datetime.now(UTC)
+
+
+@contextmanager
+def _transaction(ctx: WorkerContext) -> Iterator[Session]:
+    """``db.session.transaction`` that first waits for the database to answer.
+
+    A worker whose database restarted under it used to fail the step at hand: a result it could
+    not record left the study ``processing`` under its claim until the lease lapsed (15 minutes
+    by default), and a claim it could not take dropped the message (found by tests/faults,
+    fault 4). The wait is for a connection (``pool_pre_ping`` replaces dead pooled ones), up to
+    ``DATABASE_WAIT_SECONDS``; the body runs once, so a database lost mid-transaction still
+    fails the step, which the step's own error handling records.
+    """
+    deadline = time.monotonic() + DATABASE_WAIT_SECONDS
+    delay = 0.25
+    while True:
+        session = ctx.sessions()
+        try:
+            session.connection()  # checks a connection out and begins the transaction
+            break
+        except OperationalError as error:
+            session.close()
+            if time.monotonic() + delay > deadline:
+                raise
+            log.warning("worklist database unreachable (%s); waiting", type(error).__name__)
+            time.sleep(delay)
+            delay = min(delay * 2, 5.0)
+    with session:
+        try:
+            yield session
+        except BaseException:
+            session.rollback()
+            raise
+        session.commit()
+
+
+def _take_over_from_gone_holder(ctx: WorkerContext, study_id: int) -> bool:
+    """Lapse the study's claim or delivery hold when its holder is a process of ours that is
+    gone (``worklist.release_holds``); True when the caller may try to take the study again.
+
+    The usual way here: a pool process was killed mid-analysis (OOM killer, SIGKILL), Celery
+    gave its message back (``task_reject_on_worker_lost``) and the replacement process gets it
+    at once, while the dead process's lease would hold the study for ``HRCT_LEASE_SECONDS``.
+    """
+    with _transaction(ctx) as session:
+        holder = worklist.live_holder(session, study_id, now=_now())
+        if not holder_is_gone(holder):
+            return False
+        released = worklist.release_holds(session, [holder or ""], now=_now(), study_id=study_id)
+    if released:
+        log.warning("study %d: its holder %s is gone; taking it over", study_id, holder)
+    return bool(released)
+
+
+def release_gone_holders(sessions: sessionmaker[Session]) -> list[int]:
+    """At worker start: lapse every hold of a gone process of this host and publish its studies
+    again (the whole worker was killed; nobody holds their messages any more)."""
+    with transaction(sessions) as session:
+        now = _now()
+        gone = [h for h in worklist.live_holders(session, now=now) if holder_is_gone(h)]
+        released = worklist.release_holds(session, gone, now=now, republish=True)
+    if released:
+        log.warning(
+            "%d studies held by gone processes of this host released: %s",
+            len(released),
+            ", ".join(gone),
+        )
+    return released
 
 
 def _context(claim: worklist.Claim) -> dict[str, object]:
@@ -64,15 +181,14 @@ def _context(claim: worklist.Claim) -> dict[str, object]:
 def run_triage(ctx: WorkerContext, study_id: int) -> str:
     """Analyse one study and deliver its outputs; returns the study's new status."""
     settings = ctx.settings
-    with transaction(ctx.sessions) as session:
-        claim = worklist.claim(
-            session, study_id, worker=ctx.name, lease_seconds=settings.lease_seconds, now=_now()
-        )
+    claim = _claim(ctx, study_id)
+    if claim is None and _take_over_from_gone_holder(ctx, study_id):
+        claim = _claim(ctx, study_id)
     if claim is None:
         log.info("study %d is not waiting for analysis; message ignored", study_id)
         return "ignored"
     if claim.attempts > settings.max_attempts:
-        with transaction(ctx.sessions) as session:
+        with _transaction(ctx) as session:
             worklist.give_up(
                 session,
                 claim,
@@ -92,7 +208,7 @@ def run_triage(ctx: WorkerContext, study_id: int) -> str:
     except Exception as error:
         reason = f"{type(error).__name__}: {error}"[:500]
         log.exception("analysis of study %d failed", study_id, extra=_context(claim))
-        with transaction(ctx.sessions) as session:
+        with _transaction(ctx) as session:
             outcome = worklist.fail_analysis(
                 session,
                 claim,
@@ -107,13 +223,20 @@ def run_triage(ctx: WorkerContext, study_id: int) -> str:
     return status
 
 
+def _claim(ctx: WorkerContext, study_id: int) -> worklist.Claim | None:
+    with _transaction(ctx) as session:
+        return worklist.claim(
+            session, study_id, worker=ctx.name, lease_seconds=ctx.settings.lease_seconds, now=_now()
+        )
+
+
 def _analyse_and_record(ctx: WorkerContext, claim: worklist.Claim) -> str:
     from worker.artifacts import build_study_outputs
     from worker.outputs import SeriesLabels
     from worker.pipeline import analyse_study
 
     settings = ctx.settings
-    with transaction(ctx.sessions) as session:
+    with _transaction(ctx) as session:
         inputs = worklist.analysis_inputs(session, claim.study_id)
         study = session.get(Study, claim.study_id)
         assert study is not None
@@ -150,7 +273,7 @@ def _analyse_and_record(ctx: WorkerContext, claim: worklist.Claim) -> str:
         ],
         timings={k: round(v, 4) for k, v in analysis.timings.items()},
     )
-    with transaction(ctx.sessions) as session:
+    with _transaction(ctx) as session:
         recorded = worklist.finish_analysis(
             session,
             claim,
@@ -213,7 +336,7 @@ def _record_not_applicable(ctx: WorkerContext, claim: worklist.Claim, reason: st
                 claim.study_id,
                 extra=_context(claim),
             )
-    with transaction(ctx.sessions) as session:
+    with _transaction(ctx) as session:
         recorded = worklist.mark_not_applicable(
             session,
             claim,
@@ -233,7 +356,7 @@ def _not_analysed_outputs(
     from worker.artifacts import build_not_analysed_output
     from worker.outputs import SeriesLabels
 
-    with transaction(ctx.sessions) as session:
+    with _transaction(ctx) as session:
         inputs = worklist.analysis_inputs(session, claim.study_id)
         study = session.get(Study, claim.study_id)
         assert study is not None
@@ -282,29 +405,16 @@ def run_delivery(ctx: WorkerContext, study_id: int) -> str:
     outbox row, so retries survive worker restarts. Returns the study's status afterwards.
     """
     settings = ctx.settings
-    with transaction(ctx.sessions) as session:
-        token = worklist.claim_delivery(
-            session,
-            study_id,
-            worker=ctx.name,
-            lease_seconds=settings.delivery_lease_seconds,
-            now=_now(),
-        )
-        pending = (
-            [
-                _Pending(delivery.id, delivery.destination, delivery.attempts, Path(output.path))
-                for delivery, output in worklist.pending_deliveries(session, study_id)
-            ]
-            if token
-            else []
-        )
+    token, pending = _hold_delivery(ctx, study_id)
+    if token is None and _take_over_from_gone_holder(ctx, study_id):
+        token, pending = _hold_delivery(ctx, study_id)
     if token is None:
         log.info("study %d: delivery held by another worker or nothing to deliver", study_id)
         return "ignored"
     try:
         failed_attempts = _deliver_round(ctx, study_id, pending)
     except BaseException:
-        with transaction(ctx.sessions) as session:
+        with _transaction(ctx) as session:
             worklist.release_delivery(session, study_id, token)
         raise
     delay = delivery_backoff(
@@ -312,7 +422,7 @@ def run_delivery(ctx: WorkerContext, study_id: int) -> str:
         base=settings.delivery_backoff_seconds,
         maximum=settings.delivery_backoff_max_seconds,
     )
-    with transaction(ctx.sessions) as session:
+    with _transaction(ctx) as session:
         outcome = worklist.settle_delivery(
             session,
             study_id,
@@ -323,6 +433,24 @@ def run_delivery(ctx: WorkerContext, study_id: int) -> str:
         if outcome in (StudyStatus.DONE, StudyStatus.FAILED):
             _alarm_if_slow(session, study_id, settings.notification_target_seconds)
     return outcome or "ignored"
+
+
+def _hold_delivery(ctx: WorkerContext, study_id: int) -> tuple[str | None, list[_Pending]]:
+    """The study's delivery hold and what it owes, or (None, []) when it is not ours."""
+    with _transaction(ctx) as session:
+        token = worklist.claim_delivery(
+            session,
+            study_id,
+            worker=ctx.name,
+            lease_seconds=ctx.settings.delivery_lease_seconds,
+            now=_now(),
+        )
+        if token is None:
+            return None, []
+        return token, [
+            _Pending(delivery.id, delivery.destination, delivery.attempts, Path(output.path))
+            for delivery, output in worklist.pending_deliveries(session, study_id)
+        ]
 
 
 def _alarm_if_slow(session: Session, study_id: int, target_seconds: float) -> None:
@@ -354,7 +482,7 @@ def _deliver_round(ctx: WorkerContext, study_id: int, pending: list[_Pending]) -
             dicomweb_token=settings.dicomweb_token,
             dicomweb_ca=settings.dicomweb_ca,
         )
-        with transaction(ctx.sessions) as session:
+        with _transaction(ctx) as session:
             for item, result in zip(items, results, strict=True):
                 worklist.record_delivery(
                     session,

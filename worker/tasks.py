@@ -11,14 +11,14 @@ import threading
 from functools import lru_cache
 from typing import TYPE_CHECKING
 
-from celery.signals import setup_logging, worker_process_init
+from celery.signals import setup_logging, worker_process_init, worker_ready
 
 from db.logs import configure_logging
 from db.queue import DELIVER_TASK, TRIAGE_TASK
 from db.session import make_engine, make_sessionmaker
 from db.settings import get_settings
 from worker.celery_app import app
-from worker.jobs import WorkerContext, run_delivery, run_triage
+from worker.jobs import WorkerContext, release_gone_holders, run_delivery, run_triage
 
 if TYPE_CHECKING:
     from worker.model import LoadedModel
@@ -36,7 +36,9 @@ def _loaded_model() -> LoadedModel:
     settings = get_settings()
     with _model_lock:
         return load_model(
-            settings.model_path or default_checkpoint(), allow_untrained=settings.allow_untrained
+            settings.model_path or default_checkpoint(),
+            allow_untrained=settings.allow_untrained,
+            compile_features=settings.compile_model,
         )
 
 
@@ -62,6 +64,22 @@ def _warm_up(**_: object) -> None:
         _loaded_model()
     except Exception as error:  # recorded per study when a task runs
         log.error("model could not be loaded: %s", error)
+
+
+@worker_ready.connect
+def _release_gone_holders(**_: object) -> None:
+    """A worker (re)starting on this host takes back the studies its killed predecessor held:
+    their holds are lapsed and their outbox rows published again (``jobs.release_gone_holders``)
+    instead of waiting out ``HRCT_LEASE_SECONDS``. Runs in the main process, on an engine of its
+    own that is disposed of at once, so no pool process forked later inherits its connections.
+    """
+    engine = make_engine(get_settings().resolved_database_url)
+    try:
+        release_gone_holders(make_sessionmaker(engine))
+    except Exception as error:  # the lease still frees them; never stop the worker for this
+        log.error("could not release the holds of gone processes: %s", error)
+    finally:
+        engine.dispose()
 
 
 @app.task(name=TRIAGE_TASK)

@@ -1,0 +1,113 @@
+"""Group commit of the worklist rows of C-STOREs that arrive at the same time.
+
+Each stored instance needs its row committed before its success status goes out, and a commit
+costs a flush of the database's log (SQLite ``synchronous=FULL``, PostgreSQL's WAL) whatever it
+holds. So the association threads of one process share commits: a thread whose file is on disk
+queues its row and takes the commit lock; the thread holding it commits every row queued by then
+in one transaction. A thread that finds its row committed by another when it gets the lock only
+picks up its outcome. Alone (one association) a thread commits its own row straight away, with
+no hand-off to another thread; under load each flush carries many rows, and in-process writers
+queue on a lock instead of SQLite's sleeping busy handler.
+
+Nothing is acknowledged before the transaction holding its row has committed. A batch that
+fails is tried again one row per transaction, so one bad row fails only its own C-STORE, and a
+row that lost a race on its unique key to another listener process (the same instance sent over
+two associations at once) is found on the second try and recorded as the identical resend it is.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+from datetime import datetime
+
+from sqlalchemy.orm import Session, sessionmaker
+
+from db import worklist
+from db.session import transaction
+
+# Rows per transaction at most: bounds how long one commit holds the write lock.
+MAX_BATCH = 64
+
+
+@dataclass
+class Outcome:
+    recorded: worklist.Recorded
+    superseded: str | None  # the file of a version this row replaced, if any
+
+
+@dataclass
+class _Pending:
+    facts: worklist.InstanceFacts
+    association_id: int | None
+    now: datetime
+    outcome: Outcome | None = None
+    error: BaseException | None = None
+    done: bool = field(default=False)
+
+
+class GroupCommit:
+    """``record`` is ``worklist.record_instance`` in a committed transaction, shared."""
+
+    def __init__(self, sessions: sessionmaker[Session]) -> None:
+        self._sessions = sessions
+        self._pending: list[_Pending] = []
+        self._queue_lock = threading.Lock()
+        self._commit_lock = threading.Lock()
+
+    def record(
+        self, facts: worklist.InstanceFacts, association_id: int | None, now: datetime
+    ) -> Outcome:
+        """Commit the instance's row (perhaps with others'); raises what the commit raised."""
+        item = _Pending(facts, association_id, now)
+        with self._queue_lock:
+            self._pending.append(item)
+        while not item.done:
+            with self._commit_lock:
+                if item.done:
+                    break
+                with self._queue_lock:
+                    batch = self._pending[:MAX_BATCH]
+                    del self._pending[:MAX_BATCH]
+                self._commit(batch)
+        if item.error is not None:
+            raise item.error
+        assert item.outcome is not None
+        return item.outcome
+
+    def _commit(self, batch: list[_Pending]) -> None:
+        try:
+            with transaction(self._sessions) as session:
+                outcomes = [_record(session, item) for item in batch]
+        except Exception:
+            # One at a time, so only a bad row fails; this also settles a row that lost a race
+            # with another listener process for the same instance (it is found, identical).
+            for item in batch:
+                try:
+                    with transaction(self._sessions) as session:
+                        outcome = _record(session, item)
+                except Exception as single_error:
+                    _finish(item, None, single_error)
+                else:
+                    _finish(item, outcome, None)
+            return
+        for item, outcome in zip(batch, outcomes, strict=True):
+            _finish(item, outcome, None)
+
+
+def _record(session: Session, item: _Pending) -> Outcome:
+    recorded = worklist.record_instance(
+        session, item.facts, association_id=item.association_id, now=item.now
+    )
+    superseded = (
+        worklist.replaced_path(session, item.facts.sop_instance_uid)
+        if recorded is worklist.Recorded.REPLACED
+        else None
+    )
+    return Outcome(recorded, superseded)
+
+
+def _finish(item: _Pending, outcome: Outcome | None, error: BaseException | None) -> None:
+    item.outcome = outcome
+    item.error = error
+    item.done = True

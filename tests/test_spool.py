@@ -1,0 +1,88 @@
+"""The spool's write path: a final name only ever holds whole content and is never swapped for a
+copy not yet on disk, and start-up reconciliation tells a file whose content never reached the
+disk (power cut before its fsync) from an unacknowledged but whole one."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import pydicom
+from sqlalchemy import select
+from sqlalchemy.orm import Session, sessionmaker
+
+from db.models import Instance
+from db.session import transaction
+from db.storage import TEMP_SUFFIX
+from listener import spool
+from listener.reconcile import reconcile
+from tests.conftest import thin_series
+
+STUDY, SERIES, SOP = "1.2.826.0.1.3680043.10.2", "1.2.826.0.1.3680043.10.2.1", "1.2.3.4.5"
+
+
+def _write(spool_dir: Path, dataset: bytes) -> spool.SpooledFile:
+    meta = spool.file_meta("1.2.840.10008.5.1.4.1.1.2", SOP, "1.2.840.10008.1.2.1")
+    sha256 = spool.content_hash(meta, dataset)
+    path = spool.instance_path(spool_dir, STUDY, SERIES, SOP, sha256)
+    return spool.write_instance(path, meta, dataset, sha256)
+
+
+def test_an_identical_resend_leaves_the_stored_file_in_place(tmp_path: Path) -> None:
+    # given an instance in the spool
+    first = _write(tmp_path, b"\x08\x00\x18\x00" + b"x" * 4096)
+    inode = first.path.stat().st_ino
+    # when the same bytes arrive again
+    again = _write(tmp_path, b"\x08\x00\x18\x00" + b"x" * 4096)
+    # then they name the same file, which is the one stored before (not a fresh copy that
+    # might not be on disk yet), whole, with no temporary file left behind
+    assert again.path == first.path
+    assert first.path.stat().st_ino == inode
+    assert hashlib.sha256(first.path.read_bytes()).hexdigest() == first.sha256
+    assert spool.name_matches_content(first.path, first.sha256)
+    assert not list(tmp_path.rglob(f"*{TEMP_SUFFIX}"))
+
+
+def test_a_changed_version_gets_its_own_file(tmp_path: Path) -> None:
+    first = _write(tmp_path, b"\x08\x00\x18\x00" + b"x" * 64)
+    second = _write(tmp_path, b"\x08\x00\x18\x00" + b"y" * 64)
+    assert first.path != second.path
+    assert first.path.parent == second.path.parent
+    assert first.path.is_file() and second.path.is_file()
+
+
+def test_a_spool_folder_removed_since_is_made_again(tmp_path: Path) -> None:
+    first = _write(tmp_path, b"\x08\x00\x18\x00" + b"x" * 64)
+    for path in first.path.parent.iterdir():
+        path.unlink()
+    first.path.parent.rmdir()  # `purge` removes emptied folders
+    again = _write(tmp_path, b"\x08\x00\x18\x00" + b"x" * 64)
+    assert again.path.is_file()
+
+
+def test_reconciliation_drops_a_file_whose_content_never_reached_the_disk(
+    tmp_path: Path, sqlite_sessions: sessionmaker[Session], phantom_dir: Path
+) -> None:
+    # given two unacknowledged files under final names: one whole, one whose content does not
+    # match the hash in its name (a power cut between its link and its fsync)
+    spool_dir = tmp_path / "spool"
+    whole, damaged = (pydicom.dcmread(path) for path in thin_series(phantom_dir)[:2])
+    paths = []
+    for dataset, keep in ((whole, True), (damaged, False)):
+        scratch = tmp_path / "scratch.dcm"
+        dataset.save_as(scratch, enforce_file_format=True)
+        data = scratch.read_bytes()
+        digest = hashlib.sha256(data).hexdigest()
+        folder = spool_dir / str(dataset.StudyInstanceUID) / str(dataset.SeriesInstanceUID)
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / f"{dataset.SOPInstanceUID}.{digest[:16]}.dcm"
+        path.write_bytes(data if keep else data[: len(data) // 2] + bytes(len(data) // 2))
+        paths.append(path)
+    # when the listener starts
+    result = reconcile(spool_dir, sqlite_sessions)
+    # then the whole one is adopted and the damaged one removed, never recorded
+    assert (result.adopted, result.stale_removed) == (1, 1)
+    with transaction(sqlite_sessions) as session:
+        recorded = [row.sop_instance_uid for row in session.scalars(select(Instance))]
+    assert recorded == [str(whole.SOPInstanceUID)]
+    assert paths[0].is_file() and not paths[1].exists()
