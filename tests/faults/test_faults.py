@@ -22,6 +22,7 @@ import subprocess
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 
 import pytest
@@ -139,6 +140,19 @@ def _resend_until_acknowledged(run: Run, studies: list[PhantomStudy], tries: int
     return tries
 
 
+def _settle_and_verify(
+    run: Run,
+    pacs: Pacs,
+    studies: list[PhantomStudy],
+    *,
+    timeout: float,
+    fault_ended_at: datetime,
+) -> None:
+    """Wait until every study has settled, then check issue 7's invariants for this run."""
+    run.gateway.wait_settled(studies, timeout=timeout)
+    verify(run.gateway, pacs, studies, run.scanner, run.figures, fault_ended_at=fault_ended_at)
+
+
 # --- 1 ---------------------------------------------------------------------------------------
 
 
@@ -176,10 +190,7 @@ def test_pool_process_killed_mid_analysis(
         killed.add(victim)
     fault_end = utcnow()
 
-    run.gateway.wait_settled(fault_studies, timeout=150)
-    verify(
-        run.gateway, fault_pacs, fault_studies, run.scanner, run.figures, fault_ended_at=fault_end
-    )
+    _settle_and_verify(run, fault_pacs, fault_studies, timeout=150, fault_ended_at=fault_end)
 
 
 # --- 2 ---------------------------------------------------------------------------------------
@@ -217,10 +228,7 @@ def test_whole_worker_killed_and_restarted_later(
     run.gateway.start_worker()
     run.figures.notes.append(f"worker down {WORKER_DOWN_SECONDS:g} s")
 
-    run.gateway.wait_settled(fault_studies, timeout=150)
-    verify(
-        run.gateway, fault_pacs, fault_studies, run.scanner, run.figures, fault_ended_at=fault_end
-    )
+    _settle_and_verify(run, fault_pacs, fault_studies, timeout=150, fault_ended_at=fault_end)
 
 
 # --- 3 ---------------------------------------------------------------------------------------
@@ -260,10 +268,7 @@ def test_redis_stopped_while_studies_arrive_and_a_worker_runs(
     fault_end = utcnow()
     run.figures.notes.append(f"Redis down {time.monotonic() - down_since:.0f} s")
 
-    run.gateway.wait_settled(fault_studies, timeout=180)
-    verify(
-        run.gateway, fault_pacs, fault_studies, run.scanner, run.figures, fault_ended_at=fault_end
-    )
+    _settle_and_verify(run, fault_pacs, fault_studies, timeout=180, fault_ended_at=fault_end)
 
 
 # --- 4 ---------------------------------------------------------------------------------------
@@ -315,10 +320,7 @@ def test_postgresql_restarted_while_studies_arrive_and_results_are_written(
     resends = _resend_until_acknowledged(run, fault_studies)
     run.figures.notes.append(f"{len(refused)} C-STOREs refused, {resends} resend rounds")
 
-    run.gateway.wait_settled(fault_studies, timeout=180)
-    verify(
-        run.gateway, fault_pacs, fault_studies, run.scanner, run.figures, fault_ended_at=fault_end
-    )
+    _settle_and_verify(run, fault_pacs, fault_studies, timeout=180, fault_ended_at=fault_end)
 
 
 # --- 5 ---------------------------------------------------------------------------------------
@@ -361,10 +363,7 @@ def test_pacs_down_for_a_while_then_back(
     run.figures.notes.append(f"PACS down {PACS_DOWN_SECONDS:g} s, {waiting} studies waited")
     assert waiting >= 1, states
 
-    run.gateway.wait_settled(fault_studies, timeout=120)
-    verify(
-        run.gateway, fault_pacs, fault_studies, run.scanner, run.figures, fault_ended_at=fault_end
-    )
+    _settle_and_verify(run, fault_pacs, fault_studies, timeout=120, fault_ended_at=fault_end)
 
 
 # --- 6 ---------------------------------------------------------------------------------------
@@ -404,10 +403,7 @@ def test_listener_killed_mid_association_and_the_scanner_sends_again(
     assert again.returncode == 0, again.output[-2000:]
     run.figures.notes.append(f"{len(cut.acknowledged)} instances acknowledged before the kill")
 
-    run.gateway.wait_settled(fault_studies, timeout=150)
-    verify(
-        run.gateway, fault_pacs, fault_studies, run.scanner, run.figures, fault_ended_at=fault_end
-    )
+    _settle_and_verify(run, fault_pacs, fault_studies, timeout=150, fault_ended_at=fault_end)
     recovered = re.search(
         r"recovered from an unclean stop: ([^\n]+)", run.gateway.listener_log.read_text()
     )
