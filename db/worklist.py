@@ -122,6 +122,19 @@ def _transition(
     study.priority = priority_for(to_status, study.positive, study.probability)
 
 
+def _note(session: Session, study: Study, now: datetime, detail: str) -> None:
+    """An event that leaves the study's state as it is (a released hold, a purge)."""
+    session.add(
+        Event(
+            study_id=study.id,
+            at=now,
+            from_status=study.status,
+            to_status=study.status,
+            detail=detail,
+        )
+    )
+
+
 def _insert_ignore(session: Session, model: type[Any], values: dict[str, Any]) -> None:
     """INSERT that does nothing when a unique key already exists (two associations racing)."""
     dialect = session.get_bind().dialect.name
@@ -739,15 +752,7 @@ def release_holds(
     studies = session.scalars(select(Study).where(*where).with_for_update()).all()
     for study in studies:
         study.lease_until = now
-        session.add(
-            Event(
-                study_id=study.id,
-                at=now,
-                from_status=study.status,
-                to_status=study.status,
-                detail=f"hold of {study.claimed_by} released: that process is gone",
-            )
-        )
+        _note(session, study, now, f"hold of {study.claimed_by} released: that process is gone")
     ids = [study.id for study in studies]
     if republish and ids:
         session.execute(
@@ -1337,12 +1342,4 @@ def record_purge(
     study = session.get(Study, study_id)
     if study is None:
         return
-    session.add(
-        Event(
-            study_id=study.id,
-            at=now,
-            from_status=study.status,
-            to_status=study.status,
-            detail=f"spool purged: {files} files, {size_bytes} bytes deleted",
-        )
-    )
+    _note(session, study, now, f"spool purged: {files} files, {size_bytes} bytes deleted")
