@@ -133,7 +133,9 @@ def dciodvfy_errors(path: Path) -> list[str]:
 
 
 class StoreSCP:
-    """DCMTK storescp as the PACS: files sorted by study."""
+    """DCMTK storescp as the PACS: files sorted by study (``storage_options``)."""
+
+    storage_options: tuple[str, ...] = ("--sort-on-study-uid", "st")
 
     def __init__(self, folder: Path, ae_title: str = "PACS") -> None:
         require_tool("storescp")
@@ -152,8 +154,7 @@ class StoreSCP:
                 "-od",
                 str(self.folder),
                 "+xa",
-                "--sort-on-study-uid",
-                "st",
+                *self.storage_options,
                 str(self.port),
             ],
             env=dcmtk_env(),

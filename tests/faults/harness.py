@@ -53,7 +53,7 @@ from db.models import (
 )
 from db.session import make_engine, make_sessionmaker, transaction
 from db.storage import TEMP_SUFFIX
-from tests.conftest import _wait_for_port, dcmtk_env, free_port, require_tool
+from tests.conftest import StoreSCP, _wait_for_port, dcmtk_env, free_port, require_tool
 
 TERMINAL = (StudyStatus.DONE, StudyStatus.FAILED, StudyStatus.NOT_APPLICABLE)
 SR_CLASS = "1.2.840.10008.5.1.4.1.1.88.34"
@@ -246,39 +246,22 @@ class Received:
     sop_instance_uid: str
 
 
-class Pacs:
-    """DCMTK storescp writing every received object to a file of its own (``+uf``)."""
+class Pacs(StoreSCP):
+    """DCMTK storescp writing every received object to a file of its own (``+uf``), so a
+    duplicate delivery shows as a second file."""
+
+    storage_options = ("+uf",)
 
     def __init__(self, folder: Path, ae_title: str = "PACS") -> None:
-        require_tool("storescp")
-        self.folder = folder
-        self.ae_title = ae_title
-        self.port = free_port()
-        self.process: subprocess.Popen[bytes] | None = None
-        folder.mkdir(parents=True, exist_ok=True)
+        super().__init__(folder, ae_title)
         self._seen: dict[Path, Received] = {}
-
-    @property
-    def destination(self) -> str:
-        return f"{self.ae_title}@127.0.0.1:{self.port}"
-
-    def start(self) -> Pacs:
-        self.process = subprocess.Popen(
-            ["storescp", "-aet", self.ae_title, "-od", str(self.folder), "+uf", "+xa",
-             str(self.port)],
-            env=dcmtk_env(),
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )  # fmt: skip
-        _wait_for_port(self.port)
-        return self
 
     def stop(self) -> None:
         _terminate(self.process, group=False)
         self.process = None
 
     def received(self) -> list[Received]:
-        for path in sorted(p for p in self.folder.rglob("*") if p.is_file()):
+        for path in self.files():
             if path not in self._seen:
                 ds = pydicom.dcmread(path, stop_before_pixels=True)
                 self._seen[path] = Received(
