@@ -85,17 +85,19 @@ def _lungs(hu: NDArray[np.float64]) -> NDArray[np.bool_]:
     return np.isin(labels, keep)
 
 
-def test_same_seed_gives_byte_identical_files(tmp_path: Path, covid: PhantomStudy) -> None:
-    # given the positive study written by the fixture with seed 0
-    # when the same study is written again elsewhere with the same seed
-    again = write_phantom_studies(tmp_path, covid=1, healthy=0, slices=SLICES, seed=SEED)[0]
-    # then every file, UIDs and masks included, is byte-identical
-    names = sorted(p.name for p in covid.folder.iterdir())
-    assert names == sorted(p.name for p in again.folder.iterdir())
-    for name in names:
-        assert (covid.folder / name).read_bytes() == (again.folder / name).read_bytes(), name
-    assert again.study_uid == covid.study_uid
-    assert again.lesion_instances == covid.lesion_instances
+def test_same_seed_gives_byte_identical_files(tmp_path: Path, studies: list[PhantomStudy]) -> None:
+    # given the studies the fixture wrote with seed 0, one at a time
+    # when the same studies are written again elsewhere, two at once in worker processes
+    again = write_phantom_studies(tmp_path, covid=1, healthy=1, slices=SLICES, seed=SEED, workers=2)
+    # then they come back in the same order and every file, UIDs and masks included, is the same
+    assert [s.folder.name for s in again] == [s.folder.name for s in studies]
+    for first, second in zip(studies, again, strict=True):
+        names = sorted(p.name for p in first.folder.iterdir())
+        assert names == sorted(p.name for p in second.folder.iterdir())
+        for name in names:
+            assert (first.folder / name).read_bytes() == (second.folder / name).read_bytes(), name
+        assert second.study_uid == first.study_uid
+        assert second.lesion_instances == first.lesion_instances
 
 
 def test_another_seed_gives_another_patient(tmp_path: Path, covid: PhantomStudy) -> None:

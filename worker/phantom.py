@@ -33,7 +33,10 @@ import subprocess
 import tempfile
 import zlib
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import ProcessPoolExecutor
+from contextlib import ExitStack
 from dataclasses import dataclass, replace
+from functools import partial
 from pathlib import Path
 from typing import Any, Literal
 
@@ -244,6 +247,7 @@ def write_phantom_studies(
     kernel: str = "LUNG",
     transfer_syntax: str = "explicit",
     enhanced: bool = False,
+    workers: int = 1,
 ) -> list[PhantomStudy]:
     """Write ``covid`` positive and ``healthy`` negative studies under ``out_dir``.
 
@@ -262,6 +266,9 @@ def write_phantom_studies(
     order, apex first): ``lesion_instances`` and the masks' ``instance_numbers`` are then frame
     numbers, and its ``sop_instance_uids`` repeat the one instance's UID. The patient (anatomy,
     lesions, noise draws) depends on the seed alone, never on these options.
+
+    ``workers`` > 1 writes that many studies at once in child processes (a study takes seconds
+    of one core); the files are the same as with one.
     """
     if covid < 0 or healthy < 0:
         raise ValueError("covid and healthy must be >= 0")
@@ -277,17 +284,28 @@ def write_phantom_studies(
     out_dir.mkdir(parents=True, exist_ok=True)
     plan: list[tuple[Label, int]] = [("covid", i + 1) for i in range(covid)]
     plan += [("healthy", i + 1) for i in range(healthy)]
+    if workers < 1:
+        raise ValueError("workers must be >= 1")
     studies: list[PhantomStudy] = []
-    for done, (label, index) in enumerate(plan, start=1):
-        studies.append(
-            _write_ct_study(
-                out_dir, label=label, index=index, slices=slices, seed=seed, options=options
-            )
-        )
-        if progress is not None:
-            progress(done, len(plan))
+    write = partial(_write_planned, out_dir, slices, seed, options)
+    with ExitStack() as stack:
+        mapper = map if workers == 1 else stack.enter_context(ProcessPoolExecutor(workers)).map
+        for done, study in enumerate(mapper(write, plan), start=1):
+            studies.append(study)
+            if progress is not None:
+                progress(done, len(plan))
     _write_labels(out_dir / LABELS_NAME, studies)
     return studies
+
+
+def _write_planned(
+    out_dir: Path, slices: int, seed: int, options: _Options, planned: tuple[Label, int]
+) -> PhantomStudy:
+    """``_write_ct_study`` for one (label, index) of the plan; a module-level target for pools."""
+    label, index = planned
+    return _write_ct_study(
+        out_dir, label=label, index=index, slices=slices, seed=seed, options=options
+    )
 
 
 def write_non_ct_study(out_dir: Path, *, seed: int = 0) -> Path:
@@ -621,7 +639,7 @@ def _draw_anatomy(rng: np.random.Generator, *, label: Label, slices: int) -> _An
     # but sometimes to positive ones too, so that they never give the label away by themselves.
     confound = 0.5 if label == "healthy" else 0.2
     if label == "covid":
-        severity = str(rng.choice(["focal", "mild", "moderate", "severe"], p=[0.2, 0.3, 0.3, 0.2]))
+        severity = str(rng.choice(list(SEVERITY_MIX), p=list(SEVERITY_MIX.values())))
         lesions += _covid_lesions(base, rng, severity, slices)
     if rng.random() < confound:
         lesions += _atelectasis(base, rng)
@@ -831,39 +849,58 @@ def _slice_z(anat: _Anatomy, t: float, snap: int) -> float:
     return anat.z_top - (k + 0.5) * CHEST_LENGTH_MM / snap
 
 
-_SEVERITY = {  # lesion count range, radius range (mm), share with consolidation/crazy paving
+_SEVERITY = {  # lesion count range, in-plane radius range (mm), share with consolidation/crazy
     "focal": ((1, 1), (6.0, 10.0), 0.0),
-    "mild": ((2, 4), (10.0, 18.0), 0.2),
-    "moderate": ((4, 8), (16.0, 30.0), 0.45),
-    "severe": ((8, 14), (24.0, 45.0), 0.7),
+    "mild": ((3, 5), (9.0, 15.0), 0.2),
+    "moderate": ((5, 8), (14.0, 26.0), 0.45),
+    "severe": ((8, 14), (22.0, 40.0), 0.7),
 }
+# The paper's positives were admitted patients with lesions on HRCT; the two it missed (of 70)
+# each had one solitary focal GGO. Focal disease is as rare here; the rest is multilobar.
+SEVERITY_MIX = {"focal": 0.03, "mild": 0.22, "moderate": 0.4, "severe": 0.35}
+_MULTILOBAR_T = (0.12, 0.9)  # share of the scan length (apex end 0) that multifocal disease spans
 
 
 def _covid_lesions(
     anat: _Anatomy, rng: np.random.Generator, severity: str, snap: int
 ) -> list[_Lesion]:
-    """Peripheral, posterior, bilateral, multifocal opacities; more and larger with severity."""
+    """Peripheral, posterior, bilateral opacities; more and larger with severity.
+
+    A focal study has one small GGO, mostly basal. Otherwise the lesions are multilobar: one
+    per craniocaudal stratum of ``_MULTILOBAR_T``, alternating sides, each reaching far enough
+    along the pleura to meet the next, so that (as in admitted patients) most lung slices
+    show disease; severity sets how many and how large in the axial plane.
+    """
     (lo, hi), (r_lo, r_hi), mixed = _SEVERITY[severity]
     count = int(rng.integers(lo, hi + 1))
     side = int(rng.choice([-1, 1]))
+    t_lo, t_hi = _MULTILOBAR_T
+    stratum = (t_hi - t_lo) / count
     out: list[_Lesion] = []
-    for _ in range(50 * count):  # a placement can fail (no lung there); never loop forever
-        if len(out) == count:
-            break
-        t = 0.18 + 0.74 * float(rng.beta(2.4, 1.5))
-        z = _slice_z(anat, t, snap)
-        r = float(rng.uniform(r_lo, r_hi))
-        point = _lung_point(anat, rng, z, side, depth=0.4 * r, posterior=1.0)
-        if point is None:
+    for k in range(count):
+        for _ in range(50):  # a placement can fail (no lung there); never loop forever
+            if severity == "focal":
+                t = 0.18 + 0.74 * float(rng.beta(2.4, 1.5))
+            else:
+                t = t_lo + (k + float(rng.uniform(0.35, 0.65))) * stratum
+            z = _slice_z(anat, t, snap)
+            r = float(rng.uniform(r_lo, r_hi))
+            point = _lung_point(anat, rng, z, side, depth=0.4 * r, posterior=1.0)
+            if point is not None:
+                break
+        else:
             continue
         kind = "ggo"
         if rng.random() < mixed:
             kind = str(rng.choice(["consolidation", "crazy"]))
         along, across = r * float(rng.uniform(1.0, 1.5)), r * float(rng.uniform(0.55, 0.85))
+        depth = r * float(rng.uniform(0.7, 1.1))
+        if severity != "focal":
+            depth = max(depth, float(rng.uniform(0.7, 0.9)) * stratum * CHEST_LENGTH_MM)
         out.append(
             _Lesion(
                 center=(point[0], point[1], z),
-                radii=(along, across, r * float(rng.uniform(0.7, 1.1))),
+                radii=(along, across, depth),
                 kind=kind,
                 level=float(rng.uniform(-640.0, -420.0)),
                 core_level=float(rng.uniform(-60.0, 40.0)),
