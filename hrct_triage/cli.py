@@ -370,6 +370,7 @@ def phantom(
         bool,
         typer.Option("--enhanced", help="thin series as one multi-frame Enhanced CT instance"),
     ] = False,
+    workers: Annotated[int, typer.Option(help="studies written at once (processes)")] = 1,
 ) -> None:
     """Write synthetic chest CT studies, one folder each, and labels.csv."""
     from rich.progress import Progress
@@ -390,6 +391,7 @@ def phantom(
                 kernel=kernel,
                 transfer_syntax=transfer_syntax,
                 enhanced=enhanced,
+                workers=workers,
             )
     except ValueError as exc:  # checked before any file is written
         raise typer.BadParameter(str(exc)) from exc
@@ -477,6 +479,9 @@ def train(
     model_version: Annotated[str | None, typer.Option(help="[DATE][-phantom]")] = None,
     trained_on: Annotated[str | None, typer.Option(help="data description for the card")] = None,
     workers: Annotated[int, typer.Option(help="DataLoader worker processes")] = 0,
+    preprocess_workers: Annotated[
+        int, typer.Option(help="processes decoding studies into the cache (per rank)")
+    ] = 1,
     device: Annotated[str | None, typer.Option(help="[cuda:LOCAL_RANK if any, else cpu]")] = None,
     progress: Annotated[bool, typer.Option(help="rich progress bars")] = True,
     log_level: str = "INFO",
@@ -516,6 +521,7 @@ def train(
             model_version=model_version,
             trained_on=trained_on,
             workers=workers,
+            preprocess_workers=preprocess_workers,
             device=device,
             progress=progress,
         )

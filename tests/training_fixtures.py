@@ -66,7 +66,8 @@ def tiny_config(data_dir: Path, output_dir: Path, **overrides: object) -> TrainC
 
 @functools.cache
 def _trained(data: Path, base: Path) -> TrainedRun:
-    config = tiny_config(data, base / "training-run")
+    # two spawned processes fill the cache, as `--preprocess-workers 2` does
+    config = tiny_config(data, base / "training-run", preprocess_workers=2)
     return TrainedRun(config, train(config))
 
 

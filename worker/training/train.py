@@ -27,10 +27,13 @@ import math
 import os
 import re
 import time
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import ProcessPoolExecutor
+from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
+from functools import partial
+from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
 
@@ -141,6 +144,7 @@ class TrainConfig:
     model_version: str | None = None  # default: <date>[-phantom]
     trained_on: str | None = None  # default: a description of the data and the split
     workers: int = 0  # DataLoader worker processes; the cache is memory-mapped, 0 is usually fine
+    preprocess_workers: int = 1  # processes (per rank) decoding studies into the cache
     device: str | None = None  # default: cuda:<local rank> when available, else cpu
     progress: bool = True
 
@@ -401,6 +405,11 @@ def _broadcast_text(text: str, rank: _Rank) -> str:
 # --- data ------------------------------------------------------------------------------------
 
 
+def _cache_only(study: LabelledStudy, *, cache_dir: Path, settings: PreprocessSettings) -> None:
+    """Fill the cache for one study; returns nothing, so a pool sends no pixels back."""
+    cache_study(study, cache_dir=cache_dir, settings=settings)
+
+
 def _prepare(
     config: TrainConfig, studies: Sequence[LabelledStudy], rank: _Rank, bars: Progress
 ) -> list[CachedStudy]:
@@ -414,9 +423,15 @@ def _prepare(
     )
     cache_dir = config.cache_dir or config.output_dir / "cache"
     task = bars.add_task("preprocess", total=len(needed))
-    for study in needed[rank.rank :: rank.world]:
-        cache_study(study, cache_dir=cache_dir, settings=settings)
-        bars.advance(task, rank.world)
+    mine = needed[rank.rank :: rank.world]
+    cache = partial(_cache_only, cache_dir=cache_dir, settings=settings)
+    with ExitStack() as stack:
+        mapper: Callable[..., Iterable[object]] = map
+        if config.preprocess_workers > 1:  # spawned: a forked child of a CUDA process can hang
+            pool = ProcessPoolExecutor(config.preprocess_workers, mp_context=get_context("spawn"))
+            mapper = stack.enter_context(pool).map
+        for _ in mapper(cache, mine):
+            bars.advance(task, rank.world)
     _barrier(rank)
     bars.update(task, completed=len(needed))
     return [cache_study(s, cache_dir=cache_dir, settings=settings) for s in needed]
