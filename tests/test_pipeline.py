@@ -46,7 +46,7 @@ from worker.model import (
 )
 from worker.phantom import LESION_MASKS_NAME, PhantomStudy, write_phantom_studies
 from worker.pipeline import analyse_study
-from worker.preprocess import lung_slices, lung_window, model_input
+from worker.preprocess import lung_field, lung_slices, lung_window, model_input
 from worker.results import NotApplicable, StudyAnalysis
 from worker.series import CT_IMAGE_STORAGE, ENHANCED_CT_IMAGE_STORAGE, select_series
 from worker.volume import load_volume
@@ -455,8 +455,33 @@ def test_cam_is_source_sized_and_in_unit_range(
         assert heat.cam.shape == (SIZE, SIZE) and heat.lung_window.shape == (SIZE, SIZE)
         assert heat.cam.min() >= 0.0 and heat.cam.max() <= 1.0
         assert heat.lung_window.min() >= 0.0 and heat.lung_window.max() <= 1.0
+        assert heat.cam[0, 0] == 0.0 and heat.cam[-1, -1] == 0.0  # drawn in the lungs only
     # And a CAM of all negative evidence is all zero, not NaN
     assert cam_image(-np.ones((7, 7), dtype=np.float32), rows=9, columns=9).max() == 0.0
+
+
+def test_heat_map_is_drawn_inside_the_lung_field_only() -> None:
+    # Given a slice of soft tissue with one air-filled lung, a vessel (a hole) inside it
+    rows, columns = np.mgrid[0:64, 0:64]
+    hu = np.full((64, 64), 40.0)
+    hu[(rows - 32) ** 2 + (columns - 40) ** 2 < 15**2] = -850.0
+    hu[38:42, 38:42] = 40.0
+    field = lung_field(hu, pixel_spacing=(1.0, 1.0))
+    assert field[40, 40] and field[32, 40] and not field[32, 5]  # the hole is filled
+    # and a CAM whose strongest cell lies in the chest wall beside the lung
+    cam = np.zeros((7, 7), dtype=np.float32)
+    cam[3, 0], cam[3, 4] = 5.0, 1.0
+    # When it is drawn for the lung field
+    heat = cam_image(cam, rows=64, columns=64, region=field)
+    # Then nothing shows outside the lungs and the peak, scaled to 1, lies inside them
+    assert heat[~field].max() == 0.0 and heat.max() == pytest.approx(1.0)
+    assert field[np.unravel_index(int(np.argmax(heat)), heat.shape)]
+    # whereas the whole-slice map peaks in the chest wall
+    whole = cam_image(cam, rows=64, columns=64)
+    assert not field[np.unravel_index(int(np.argmax(whole)), whole.shape)]
+    # And a region that is not the slice's shape is refused
+    with pytest.raises(ValueError, match="region"):
+        cam_image(cam, rows=64, columns=64, region=field[:10])
 
 
 def test_analysis_is_the_paper_recipe_over_lung_slices(

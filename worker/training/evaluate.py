@@ -30,7 +30,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from worker.inference import DEFAULT_BATCH_SIZE, cam_image, forward, study_probability
 from worker.model import LoadedModel, load_model
-from worker.preprocess import lung_slices, model_input
+from worker.preprocess import lung_field, lung_slices, model_input
 from worker.results import NotApplicable
 from worker.series import select_series
 from worker.training.dataset import study_paths
@@ -250,7 +250,10 @@ def _pointing_game(
     cams: npt.NDArray[np.float32],
     tolerance_mm: float,
 ) -> tuple[int, int]:
-    """(hits, lesion slices): CAM peaks within ``tolerance_mm`` of the lesion mask."""
+    """(hits, lesion slices): heat-map peaks within ``tolerance_mm`` of the lesion mask.
+
+    The peak is sought where the worker draws its heat maps, in the slice's lung field.
+    """
     masks = _lesion_masks(folder, volume)
     if not masks:
         return 0, 0
@@ -261,7 +264,8 @@ def _pointing_game(
         mask = masks.get(index)
         if mask is None or not mask.any():
             continue
-        heat = cam_image(cams[position], rows=rows, columns=columns)
+        field = lung_field(volume.hu[index], pixel_spacing=volume.pixel_spacing)
+        heat = cam_image(cams[position], rows=rows, columns=columns, region=field)
         peak = np.asarray(np.unravel_index(int(np.argmax(heat)), heat.shape), dtype=np.float64)
         lesion = np.argwhere(mask).astype(np.float64)
         distance = float(np.min(np.linalg.norm((lesion - peak) * spacing, axis=1)))
