@@ -83,6 +83,16 @@ def phantom_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
+def shipped_model_version() -> str:
+    """The version the shipped demo checkpoint (worker/weights) states in its metadata."""
+    from safetensors import safe_open
+
+    from worker.checkpoints import DEMO_CHECKPOINT
+
+    with safe_open(str(DEMO_CHECKPOINT), framework="np") as handle:
+        return str((handle.metadata() or {})["version"])
+
+
 def require_tool(name: str) -> str:
     path = shutil.which(name)
     if path is None:

@@ -21,7 +21,7 @@ from db.priority import priority_for
 from db.session import transaction
 from db.settings import get_settings
 from hrct_triage.cli import app
-from tests.conftest import free_port
+from tests.conftest import free_port, shipped_model_version
 
 NOW = datetime.now(UTC)
 OLD = NOW - timedelta(days=60)
@@ -211,7 +211,7 @@ def test_doctor_healthy_embedded_setup(env: Path, sessions: sessionmaker[Session
     assert checks["workers"]["ok"] is None and "unknown" in checks["workers"]["detail"]
     assert checks["destinations"]["ok"] is None
     assert checks["disk"]["ok"] is True
-    assert checks["model"]["ok"] is True and "untrained" in checks["model"]["detail"]
+    assert checks["model"]["ok"] is True and shipped_model_version() in checks["model"]["detail"]
 
 
 def test_doctor_fails_on_unreachable_destination(

@@ -35,12 +35,14 @@ from tests.conftest import (
     _wait_for_port,
     dciodvfy_errors,
     free_port,
+    shipped_model_version,
     storescu,
 )
 
 TERMINAL = (StudyStatus.DONE, StudyStatus.FAILED, StudyStatus.NOT_APPLICABLE)
 SR_CLASS = "1.2.840.10008.5.1.4.1.1.88.34"  # Comprehensive 3D SR
 SC_CLASS = "1.2.840.10008.5.1.4.1.1.7"
+SHIPPED_VERSION = shipped_model_version()
 
 
 @dataclass
@@ -104,7 +106,6 @@ def _start_gateway(
             "HRCT_QUIET_SECONDS": "2",
             "HRCT_POLL_SECONDS": "0.5",
             "HRCT_DESTINATIONS": pacs.destination,
-            "HRCT_ALLOW_UNTRAINED": "1",
             "HRCT_MAX_ATTEMPTS": "1",
             "HRCT_HEATMAPS": "2",
             "HRCT_METRICS_PORT": "0",
@@ -204,7 +205,7 @@ def test_study_travels_from_scanner_to_pacs_and_back(
     covid = studies[covid_uid]
     assert covid.status == StudyStatus.DONE, covid.reason
     assert covid.probability is not None and 0.0 <= covid.probability <= 1.0
-    assert covid.model_version and "untrained" in covid.model_version
+    assert covid.model_version == SHIPPED_VERSION  # no HRCT_MODEL_PATH: the shipped weights
     received = _pacs_objects(pacs, covid_uid)
     assert len(received[SR_CLASS]) == 1 and len(received[SC_CLASS]) >= 1
     for path in received[SR_CLASS] + received[SC_CLASS]:
