@@ -1,0 +1,117 @@
+"""The named state transitions of a study.
+
+Every function here runs inside the caller's transaction (``db.session.transaction``) and never
+commits by itself, so a state change and the outbox row announcing it land together or not at all.
+The contract each transition keeps:
+
+* ``record_instance``: the instance row exists when it returns; an identical resend changes
+  nothing; a changed one keeps the newest version and an ``instance_replacements`` row for the
+  old one; a new or changed instance of a study that was already complete re-opens it.
+* ``complete_ready_studies``: a study moves to ``queued`` only after the quiet period, only when
+  no open association has fed it and no transient refusal of one of its instances is outstanding;
+  the same transaction writes its ``triage`` outbox row.
+* ``claim``: at most one worker holds a study at a time; a lease that lapses (worker killed) lets
+  another take it. Everything a worker records afterwards is checked against its claim token, so
+  a superseded analysis records nothing.
+
+One module per stage, all re-exported here, so callers keep writing ``worklist.claim(...)``:
+``states`` (task names, status groups, records, the state-change helpers), ``associations``,
+``ingest``, ``outbox``, ``analysis``, ``delivery`` and ``operator``.
+"""
+
+from __future__ import annotations
+
+from db.worklist.analysis import (
+    analysis_inputs,
+    claim,
+    fail_analysis,
+    finish_analysis,
+    give_up,
+    live_holder,
+    live_holders,
+    mark_not_applicable,
+    release_holds,
+)
+from db.worklist.associations import (
+    AssociationTally,
+    close_association,
+    close_orphaned_associations,
+    open_association,
+    record_refusal,
+    replaced_path,
+    spooled_paths,
+)
+from db.worklist.delivery import (
+    claim_delivery,
+    pending_deliveries,
+    record_delivery,
+    release_delivery,
+    settle_delivery,
+)
+from db.worklist.ingest import complete_ready_studies, record_instance
+from db.worklist.operator import (
+    CANCELLED_REASON,
+    PURGEABLE,
+    PurgeCandidate,
+    cancel,
+    purge_candidates,
+    record_purge,
+    requeue,
+    resend,
+    urgent_publications,
+)
+from db.worklist.outbox import Publication, due_publications, mark_published
+from db.worklist.states import (
+    DELIVER,
+    TRIAGE,
+    AnalysisRecord,
+    Claim,
+    InstanceFacts,
+    OutputRecord,
+    Recorded,
+)
+
+__all__ = [
+    "CANCELLED_REASON",
+    "DELIVER",
+    "PURGEABLE",
+    "TRIAGE",
+    "AnalysisRecord",
+    "AssociationTally",
+    "Claim",
+    "InstanceFacts",
+    "OutputRecord",
+    "Publication",
+    "PurgeCandidate",
+    "Recorded",
+    "analysis_inputs",
+    "cancel",
+    "claim",
+    "claim_delivery",
+    "close_association",
+    "close_orphaned_associations",
+    "complete_ready_studies",
+    "due_publications",
+    "fail_analysis",
+    "finish_analysis",
+    "give_up",
+    "live_holder",
+    "live_holders",
+    "mark_not_applicable",
+    "mark_published",
+    "open_association",
+    "pending_deliveries",
+    "purge_candidates",
+    "record_delivery",
+    "record_instance",
+    "record_purge",
+    "record_refusal",
+    "release_delivery",
+    "release_holds",
+    "replaced_path",
+    "requeue",
+    "resend",
+    "settle_delivery",
+    "spooled_paths",
+    "urgent_publications",
+]

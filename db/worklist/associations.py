@@ -1,0 +1,161 @@
+"""Associations: their audit rows, refusals, and what the spool holds (for reconciliation)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import func, select, update
+from sqlalchemy.orm import Session
+
+from db.models import (
+    Association,
+    Instance,
+    InstanceReplacement,
+    Refusal,
+    Study,
+    StudyStatus,
+)
+
+
+def open_association(
+    session: Session,
+    *,
+    calling_ae: str,
+    called_ae: str,
+    peer_address: str,
+    peer_port: int,
+    now: datetime,
+    state: str = "open",
+    rejection_reason: str | None = None,
+    tls: bool = False,
+) -> int:
+    row = Association(
+        calling_ae=calling_ae[:16],
+        called_ae=called_ae[:16],
+        peer_address=peer_address[:64],
+        peer_port=peer_port,
+        state=state,
+        started_at=now,
+        rejection_reason=rejection_reason,
+        ended_at=now if state != "open" else None,
+        tls=tls,
+    )
+    session.add(row)
+    session.flush()
+    return row.id
+
+
+@dataclass
+class AssociationTally:
+    """What one association did, kept in the listener's memory and written when it closes
+    (one UPDATE per association instead of one per instance)."""
+
+    instances: int = 0
+    bytes: int = 0
+    failures: int = 0
+    statuses: dict[str, int] = field(default_factory=dict)
+
+    def count(self, status: int, size: int) -> None:
+        key = f"0x{status:04X}"
+        self.statuses[key] = self.statuses.get(key, 0) + 1
+        if status == 0:
+            self.instances += 1
+            self.bytes += size
+        else:
+            self.failures += 1
+
+
+def close_association(
+    session: Session,
+    association_id: int,
+    *,
+    state: str,
+    now: datetime,
+    tally: AssociationTally | None = None,
+) -> None:
+    values: dict[str, Any] = {"state": state, "ended_at": now}
+    if tally is not None:
+        values.update(
+            instances=tally.instances,
+            bytes=tally.bytes,
+            failures=tally.failures,
+            statuses=dict(tally.statuses),
+        )
+    session.execute(
+        update(Association)
+        .where(Association.id == association_id, Association.state == "open")
+        .values(**values)
+    )
+
+
+def close_orphaned_associations(session: Session, *, now: datetime) -> int:
+    """At listener start: associations still 'open' belonged to a process that died. Their
+    instance counts are rebuilt from the instance rows they committed."""
+    orphans = session.scalars(select(Association.id).where(Association.state == "open")).all()
+    for association_id in orphans:
+        count, size = session.execute(
+            select(func.count(Instance.id), func.coalesce(func.sum(Instance.size_bytes), 0)).where(
+                Instance.association_id == association_id
+            )
+        ).one()
+        session.execute(
+            update(Association)
+            .where(Association.id == association_id)
+            .values(state="orphaned", ended_at=now, instances=int(count), bytes=int(size))
+        )
+    if orphans:
+        # Their senders were cut off mid-transfer and could not go on while the listener was
+        # down: the quiet period of a study they fed starts now, not at its last instance before
+        # the crash, so a scanner that sends again at once is in before the study completes.
+        # It used to complete at the first dispatcher round after the restart, on a partial set,
+        # and again after the resend (found by tests/faults, fault 6).
+        fed = select(Instance.study_id).where(Instance.association_id.in_(orphans))
+        session.execute(
+            update(Study)
+            .where(Study.id.in_(fed), Study.status == StudyStatus.RECEIVING)
+            .values(last_instance_at=now)
+            .execution_options(synchronize_session=False)
+        )
+    return len(orphans)
+
+
+def record_refusal(
+    session: Session,
+    *,
+    association_id: int | None,
+    study_uid: str,
+    sop_instance_uid: str,
+    status: int,
+    transient: bool,
+    reason: str,
+    now: datetime,
+) -> None:
+    """Keep a refused C-STORE whose study is known; a transient one holds the study open."""
+    session.add(
+        Refusal(
+            association_id=association_id,
+            study_uid=study_uid,
+            sop_instance_uid=sop_instance_uid,
+            status=status,
+            transient=transient,
+            reason=reason[:2000],
+            at=now,
+        )
+    )
+
+
+def spooled_paths(session: Session) -> set[str]:
+    """Every spool path the worklist knows, for the listener's start-up reconciliation."""
+    return set(session.scalars(select(Instance.path)))
+
+
+def replaced_path(session: Session, sop_instance_uid: str) -> str | None:
+    """The file of the version most recently replaced for this SOP instance, if any."""
+    return session.scalar(
+        select(InstanceReplacement.old_path)
+        .where(InstanceReplacement.sop_instance_uid == sop_instance_uid)
+        .order_by(InstanceReplacement.id.desc())
+        .limit(1)
+    )

@@ -1,0 +1,306 @@
+"""Ingest: one instance recorded per C-STORE, and studies completed after their quiet period."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import bindparam, exists, func, insert, select
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.orm import Session
+
+from db.models import (
+    Association,
+    Instance,
+    InstanceReplacement,
+    Refusal,
+    Series,
+    Study,
+    StudyStatus,
+    UTCDateTime,
+)
+from db.priority import priority_for
+from db.worklist.outbox import _queue
+from db.worklist.states import InstanceFacts, Recorded, _insert_ignore, _transition
+
+
+def record_instance(
+    session: Session, facts: InstanceFacts, *, association_id: int | None, now: datetime
+) -> Recorded:
+    session.flush()  # the statements below run on the connection, past the ORM's autoflush
+    existing_sha = (
+        session.connection()
+        .execute(
+            _ingest_statements(session).existing_sha,
+            {"sop_instance_uid": facts.sop_instance_uid},
+        )
+        .scalar_one_or_none()
+    )
+    if existing_sha == facts.sha256:
+        return Recorded.IDENTICAL
+    if existing_sha is None and _record_new_in_receiving_study(session, facts, association_id, now):
+        return Recorded.NEW
+    return _record_instance_in_full(session, facts, association_id=association_id, now=now)
+
+
+def _upsert(session: Session, model: type[Any]) -> Any:
+    dialect = session.get_bind().dialect.name
+    module: Any = postgresql if dialect == "postgresql" else sqlite
+    return module.insert(model)
+
+
+@dataclass(frozen=True)
+class _IngestStatements:
+    """The hot path's statements, built once per dialect with bound parameters: building an
+    upsert (its ``excluded`` alias, its cache key) cost more than running it."""
+
+    existing_sha: Any
+    study: Any
+    series: Any
+    instance: Any
+
+
+_INGEST_STATEMENTS: dict[str, _IngestStatements] = {}
+
+
+def _ingest_statements(session: Session) -> _IngestStatements:
+    dialect = session.get_bind().dialect.name
+    built = _INGEST_STATEMENTS.get(dialect)
+    if built is None:  # two threads may both build it; either copy is the same
+        built = _INGEST_STATEMENTS[dialect] = _build_ingest_statements(dialect)
+    return built
+
+
+def _build_ingest_statements(dialect: str) -> _IngestStatements:
+    module: Any = postgresql if dialect == "postgresql" else sqlite
+    tables = Study.metadata.tables
+    studies, series, instances = tables["studies"], tables["series"], tables["instances"]
+    study_insert = module.insert(studies).values(
+        study_uid=bindparam("study_uid"),
+        status=StudyStatus.RECEIVING,
+        priority=bindparam("priority"),
+        generation=0,
+        attempts=0,
+        calling_ae=bindparam("calling_ae"),
+        accession_number=bindparam("accession_number"),
+        first_instance_at=bindparam("first_at", type_=UTCDateTime()),
+        last_instance_at=bindparam("last_at", type_=UTCDateTime()),
+        updated_at=bindparam("updated_at", type_=UTCDateTime()),
+    )
+    study = study_insert.on_conflict_do_update(
+        index_elements=[studies.c.study_uid],
+        set_={
+            "last_instance_at": study_insert.excluded.last_instance_at,
+            "updated_at": study_insert.excluded.updated_at,
+            "calling_ae": func.coalesce(study_insert.excluded.calling_ae, studies.c.calling_ae),
+            "accession_number": func.coalesce(
+                study_insert.excluded.accession_number, studies.c.accession_number
+            ),
+        },
+    ).returning(studies.c.id, studies.c.status)
+    series_insert = module.insert(series).values(
+        study_id=bindparam("study_id"),
+        series_uid=bindparam("series_uid"),
+        modality=bindparam("modality"),
+        series_number=bindparam("series_number"),
+        description=bindparam("description"),
+    )
+    series_upsert = series_insert.on_conflict_do_update(
+        index_elements=[series.c.series_uid],
+        set_={"series_uid": series_insert.excluded.series_uid},  # no change; returns the id
+    ).returning(series.c.id)
+    instance = insert(instances).values(
+        study_id=bindparam("study_id"),
+        series_id=bindparam("series_id"),
+        association_id=bindparam("association_id"),
+        sop_instance_uid=bindparam("sop_instance_uid"),
+        sop_class_uid=bindparam("sop_class_uid"),
+        transfer_syntax_uid=bindparam("transfer_syntax_uid"),
+        path=bindparam("path"),
+        size_bytes=bindparam("size_bytes"),
+        sha256=bindparam("sha256"),
+        received_at=bindparam("received_at", type_=UTCDateTime()),
+    )
+    existing_sha = select(instances.c.sha256).where(
+        instances.c.sop_instance_uid == bindparam("sop_instance_uid")
+    )
+    return _IngestStatements(existing_sha, study, series_upsert, instance)
+
+
+def _record_new_in_receiving_study(
+    session: Session, facts: InstanceFacts, association_id: int | None, now: datetime
+) -> bool:
+    """The common case in three statements (the listener's hot path): a new instance of a study
+    that is still receiving. False, with nothing but the study's last-instance time changed,
+    when the study has moved on and needs the full transition in ``_record_instance_in_full``.
+
+    The study upsert locks the study row like ``SELECT ... FOR UPDATE`` would, so completion
+    cannot slip between it and the instance insert. Core statements on the session's connection,
+    prepared once (``_ingest_statements``): the ORM adds nothing here but time.
+    """
+    statements = _ingest_statements(session)
+    connection = session.connection()
+    study_id, status = connection.execute(
+        statements.study,
+        {
+            "study_uid": facts.study_uid,
+            "priority": priority_for(StudyStatus.RECEIVING, None, None),
+            "calling_ae": facts.calling_ae,
+            "accession_number": facts.accession_number,
+            "first_at": now,
+            "last_at": now,
+            "updated_at": now,
+        },
+    ).one()
+    if status != StudyStatus.RECEIVING:
+        return False
+    series_id = connection.execute(
+        statements.series,
+        {
+            "study_id": study_id,
+            "series_uid": facts.series_uid,
+            "modality": facts.modality,
+            "series_number": facts.series_number,
+            "description": (facts.series_description or "")[:64],
+        },
+    ).scalar_one()
+    connection.execute(
+        statements.instance,
+        {
+            "study_id": study_id,
+            "series_id": series_id,
+            "association_id": association_id,
+            "sop_instance_uid": facts.sop_instance_uid,
+            "sop_class_uid": facts.sop_class_uid,
+            "transfer_syntax_uid": facts.transfer_syntax_uid,
+            "path": facts.path,
+            "size_bytes": facts.size_bytes,
+            "sha256": facts.sha256,
+            "received_at": now,
+        },
+    )
+    return True
+
+
+def _record_instance_in_full(
+    session: Session, facts: InstanceFacts, *, association_id: int | None, now: datetime
+) -> Recorded:
+    existing = session.scalar(
+        select(Instance).where(Instance.sop_instance_uid == facts.sop_instance_uid)
+    )
+    if existing is not None and existing.sha256 == facts.sha256:
+        return Recorded.IDENTICAL
+
+    _insert_ignore(
+        session,
+        Study,
+        {
+            "study_uid": facts.study_uid,
+            "status": StudyStatus.RECEIVING,
+            "priority": priority_for(StudyStatus.RECEIVING, None, None),
+            "generation": 0,
+            "attempts": 0,
+            "updated_at": now,
+        },
+    )
+    study = session.scalars(
+        select(Study).where(Study.study_uid == facts.study_uid).with_for_update()
+    ).one()
+    _insert_ignore(
+        session,
+        Series,
+        {
+            "study_id": study.id,
+            "series_uid": facts.series_uid,
+            "modality": facts.modality,
+            "series_number": facts.series_number,
+            "description": (facts.series_description or "")[:64],
+        },
+    )
+    series = session.scalars(select(Series).where(Series.series_uid == facts.series_uid)).one()
+
+    if existing is None:
+        outcome = Recorded.NEW
+        session.add(
+            Instance(
+                study_id=study.id,
+                series_id=series.id,
+                association_id=association_id,
+                sop_instance_uid=facts.sop_instance_uid,
+                sop_class_uid=facts.sop_class_uid,
+                transfer_syntax_uid=facts.transfer_syntax_uid,
+                path=facts.path,
+                size_bytes=facts.size_bytes,
+                sha256=facts.sha256,
+                received_at=now,
+            )
+        )
+    else:
+        outcome = Recorded.REPLACED
+        session.add(
+            InstanceReplacement(
+                study_id=existing.study_id,
+                sop_instance_uid=existing.sop_instance_uid,
+                old_sha256=existing.sha256,
+                old_size_bytes=existing.size_bytes,
+                old_association_id=existing.association_id,
+                old_received_at=existing.received_at,
+                old_path=existing.path,
+                new_sha256=facts.sha256,
+                new_association_id=association_id,
+                replaced_at=now,
+            )
+        )
+        existing.association_id = association_id
+        existing.transfer_syntax_uid = facts.transfer_syntax_uid
+        existing.sop_class_uid = facts.sop_class_uid
+        existing.path = facts.path
+        existing.size_bytes = facts.size_bytes
+        existing.sha256 = facts.sha256
+        existing.received_at = now
+
+    if study.first_instance_at is None:
+        study.first_instance_at = now
+    study.last_instance_at = now
+    study.calling_ae = facts.calling_ae or study.calling_ae
+    study.accession_number = facts.accession_number or study.accession_number
+    if study.status != StudyStatus.RECEIVING:
+        detail = (
+            "instance replaced with different content"
+            if outcome is Recorded.REPLACED
+            else "instance arrived after completion"
+        )
+        study.claim_token = None
+        _transition(session, study, StudyStatus.RECEIVING, now, f"{detail}; will analyse again")
+    session.flush()
+    return outcome
+
+
+def complete_ready_studies(session: Session, *, quiet_seconds: float, now: datetime) -> list[int]:
+    """Queue every study whose quiet period has passed and that no open association feeds."""
+    fed_by_open_association = exists().where(
+        Instance.study_id == Study.id,
+        Instance.association_id == Association.id,
+        Association.state == "open",
+    )
+    stored_since_refusal = exists().where(
+        Instance.sop_instance_uid == Refusal.sop_instance_uid, Instance.received_at >= Refusal.at
+    )
+    awaits_a_refused_instance = exists().where(
+        Refusal.study_uid == Study.study_uid, Refusal.transient.is_(True), ~stored_since_refusal
+    )
+    ready = session.scalars(
+        select(Study)
+        .where(
+            Study.status == StudyStatus.RECEIVING,
+            Study.last_instance_at <= now - timedelta(seconds=quiet_seconds),
+            ~fed_by_open_association,
+            ~awaits_a_refused_instance,
+        )
+        .with_for_update(skip_locked=True)
+    ).all()
+    for study in ready:
+        _queue(session, study, now, f"quiet for {quiet_seconds:g} s")
+        study.completed_at = now
+    return [study.id for study in ready]
