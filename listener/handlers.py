@@ -156,6 +156,11 @@ def handle_rejected(event: events.Event, state: ListenerState) -> None:
     _record_rejection(state, calling, called, address, port, reason, rejection_kind(*key))
 
 
+def record_failed_handshake(state: ListenerState, address: str, port: int, reason: str) -> None:
+    """A TLS client that never got as far as asking for an association (``listener.tls``)."""
+    _record_rejection(state, "", "", address, port, reason, "tls_handshake")
+
+
 def _record_rejection(
     state: ListenerState,
     calling: str,

@@ -14,7 +14,6 @@ from typing import Any, cast
 from pydicom import uid
 from pynetdicom import AE, AllStoragePresentationContexts, evt
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
-from pynetdicom.transport import ThreadedAssociationServer
 from sqlalchemy.orm import Session, sessionmaker
 
 from db.metrics import WorklistCollector
@@ -27,7 +26,7 @@ from listener.dispatch import Dispatcher
 from listener.followers import DataFolderLock, Followers
 from listener.metrics import MetricsServer
 from listener.reconcile import reconcile
-from listener.tls import server_context
+from listener.tls import HandshakeInThreadServer, server_context
 
 log = logging.getLogger("hrct.listener")
 
@@ -80,7 +79,7 @@ def event_handlers(state: handlers.ListenerState) -> list[Any]:
     ]
 
 
-class _SharedPortServer(ThreadedAssociationServer):
+class _SharedPortServer(HandshakeInThreadServer):
     """pynetdicom's threaded server with ``SO_REUSEPORT``, so that the listener's processes
     (``listener.followers``) all accept on the one port."""
 
@@ -189,21 +188,25 @@ class Listener:
         )
 
     def _serve(self) -> Any:
+        """What ``start_server(block=False)`` does, with our server class (TLS handshakes in the
+        connection's thread; ``SO_REUSEPORT`` when the listener runs as several processes)."""
         ae = build_ae(self.settings)
-        address = (self.settings.bind_address, self.settings.port)
-        if not self.shared_port:
-            return ae.start_server(
-                address,
-                block=False,
+        server_class: type[HandshakeInThreadServer] = (
+            _SharedPortServer if self.shared_port else HandshakeInThreadServer
+        )
+        server = cast(  # make_server returns an instance of server_class
+            HandshakeInThreadServer,
+            ae.make_server(
+                (self.settings.bind_address, self.settings.port),
                 ssl_context=server_context(self.settings),
                 evt_handlers=event_handlers(self.state),
-            )
-        # What ``start_server(block=False)`` does, with the SO_REUSEPORT server class.
-        server = ae.make_server(
-            address,
-            ssl_context=server_context(self.settings),
-            evt_handlers=event_handlers(self.state),
-            server_class=_SharedPortServer,
+                server_class=server_class,
+            ),
+        )
+        server.handshake_timeout = self.settings.acse_timeout_seconds
+        state = self.state
+        server.on_handshake_failure = lambda host, port, reason: handlers.record_failed_handshake(
+            state, host, port, reason
         )
         threading.Thread(target=server.serve_forever, name="hrct-acceptor", daemon=True).start()
         ae._servers.append(server)  # server.shutdown() removes it from there

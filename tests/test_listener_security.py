@@ -3,8 +3,12 @@ with a throwaway CA made by the ``openssl`` command line for each test run."""
 
 from __future__ import annotations
 
+import contextlib
+import socket
 import ssl
 import subprocess
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -25,9 +29,11 @@ def _echo(
     calling: str,
     called: str = "HRCT_TRIAGE",
     tls_args: tuple[ssl.SSLContext, str] | None = None,
+    connection_timeout: float | None = None,
 ) -> bool:
     """True when an association is accepted and answers C-ECHO."""
     ae = AE(ae_title=calling)
+    ae.connection_timeout = connection_timeout
     ae.add_requested_context(VERIFICATION)
     assoc = ae.associate("127.0.0.1", port, ae_title=called, tls_args=tls_args)
     if not assoc.is_established:
@@ -176,6 +182,69 @@ def test_mutual_tls_lets_in_only_clients_with_a_hospital_certificate(
         "plain TCP": False,
         "hospital cert again": True,
     }
-    with transaction(sqlite_sessions) as session:
-        accepted = session.scalars(select(Association)).all()
-    assert [row.tls for row in accepted] == [True, True]
+    # and each failed handshake is audited with the peer and what went wrong
+    rejected = _rows_when(sqlite_sessions, lambda rows: len(_rejected(rows)) == 3)
+    assert [row.tls for row in rejected if row.state != "rejected"] == [True, True]
+    reasons = [row.rejection_reason or "" for row in _rejected(rejected)]
+    assert len(reasons) == 3  # no certificate, a stranger's certificate, plain TCP
+    assert all(reason.startswith("TLS handshake failed: ") for reason in reasons), reasons
+    assert sum("CERTIFICATE" in reason for reason in reasons) == 2, reasons  # none, stranger's
+    assert {row.peer_address for row in _rejected(rejected)} == {"127.0.0.1"}
+
+
+def _rejected(rows: list[Association]) -> list[Association]:
+    return [row for row in rows if row.state == "rejected"]
+
+
+def _rows_when(
+    sessions: sessionmaker[Session], ready: Callable[[list[Association]], bool]
+) -> list[Association]:
+    """The association audit rows once ``ready`` says so (the listener writes them in its
+    connection threads, just after the client has seen the outcome); the last read at 10 s."""
+    deadline = time.monotonic() + 10
+    while True:
+        with transaction(sessions) as session:
+            rows = list(session.scalars(select(Association).order_by(Association.id)).all())
+            session.expunge_all()
+        if ready(rows) or time.monotonic() > deadline:
+            return rows
+        time.sleep(0.05)
+
+
+def test_a_client_that_never_speaks_tls_keeps_no_scanner_out(
+    tmp_path: Path, sqlite_url: str, sqlite_sessions: sessionmaker[Session], pki: Path
+) -> None:
+    # given a TLS listener with a 2 s ACSE timeout
+    settings = listener_settings(
+        tmp_path / "var",
+        sqlite_url,
+        tls_cert=pki / "server.pem",
+        tls_key=pki / "server.key",
+        tls_ca=pki / "hospital-ca.pem",
+        tls_require_client_cert=True,
+        acse_timeout_seconds=2,
+    )
+    listener = Listener(settings, sqlite_sessions, run_dispatcher=False)
+    listener.start()
+    silent = socket.create_connection(("127.0.0.1", listener.port))
+    try:
+        # when a client connects and says nothing, and a scanner connects while it waits
+        scanner_in = _echo(
+            listener.port,
+            "CT_SCANNER",
+            tls_args=_client_tls(pki, "scanner"),
+            connection_timeout=5,
+        )
+        # then the scanner gets in at once
+        assert scanner_in
+        # and the silent client is cut off after the ACSE timeout, and audited
+        silent.settimeout(10)
+        with contextlib.suppress(ConnectionResetError):
+            assert silent.recv(1) == b""
+        rows = _rows_when(sqlite_sessions, lambda rows: len(_rejected(rows)) == 1)
+    finally:
+        silent.close()
+        listener.stop()
+    assert [row.rejection_reason for row in _rejected(rows)] == [
+        "TLS handshake timed out after 2 s"
+    ]
