@@ -10,6 +10,7 @@ import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 from pynetdicom import AE
@@ -18,6 +19,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from db.models import Association
 from db.session import transaction
+from db.settings import Settings
 from listener.scp import Listener
 from tests.conftest import listener_settings, require_tool, wait_until_no_open_association
 
@@ -141,18 +143,24 @@ def _client_tls(pki: Path, cert: str | None) -> tuple[ssl.SSLContext, str]:
     return context, "localhost"
 
 
-def test_mutual_tls_lets_in_only_clients_with_a_hospital_certificate(
-    tmp_path: Path, sqlite_url: str, sqlite_sessions: sessionmaker[Session], pki: Path
-) -> None:
-    # given a listener that requires a client certificate from the hospital CA
-    settings = listener_settings(
+def _mutual_tls_settings(tmp_path: Path, sqlite_url: str, pki: Path, **overrides: Any) -> Settings:
+    """A listener that speaks only TLS and wants a client certificate from the hospital CA."""
+    return listener_settings(
         tmp_path / "var",
         sqlite_url,
         tls_cert=pki / "server.pem",
         tls_key=pki / "server.key",
         tls_ca=pki / "hospital-ca.pem",
         tls_require_client_cert=True,
+        **overrides,
     )
+
+
+def test_mutual_tls_lets_in_only_clients_with_a_hospital_certificate(
+    tmp_path: Path, sqlite_url: str, sqlite_sessions: sessionmaker[Session], pki: Path
+) -> None:
+    # given a listener that requires a client certificate from the hospital CA
+    settings = _mutual_tls_settings(tmp_path, sqlite_url, pki)
     listener = Listener(settings, sqlite_sessions, run_dispatcher=False)
     listener.start()
     try:
@@ -215,15 +223,7 @@ def test_a_client_that_never_speaks_tls_keeps_no_scanner_out(
     tmp_path: Path, sqlite_url: str, sqlite_sessions: sessionmaker[Session], pki: Path
 ) -> None:
     # given a TLS listener with a 2 s ACSE timeout
-    settings = listener_settings(
-        tmp_path / "var",
-        sqlite_url,
-        tls_cert=pki / "server.pem",
-        tls_key=pki / "server.key",
-        tls_ca=pki / "hospital-ca.pem",
-        tls_require_client_cert=True,
-        acse_timeout_seconds=2,
-    )
+    settings = _mutual_tls_settings(tmp_path, sqlite_url, pki, acse_timeout_seconds=2)
     listener = Listener(settings, sqlite_sessions, run_dispatcher=False)
     listener.start()
     silent = socket.create_connection(("127.0.0.1", listener.port))
