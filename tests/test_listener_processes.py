@@ -32,6 +32,7 @@ from listener.scp import Listener
 from tests.conftest import (
     free_port,
     listener_settings,
+    storescu,
     thin_series,
     wait_until_no_open_association,
 )
@@ -101,7 +102,8 @@ def test_two_processes_share_the_port_and_record_each_instance_once(
     primary.start()
     try:
         assert len(primary.follower_pids) == 1
-        datasets = [pydicom.dcmread(path) for path in thin_series(phantom_dir)[:5]]
+        paths = thin_series(phantom_dir)[:5]
+        datasets = [pydicom.dcmread(path) for path in paths]
         scanner = AE("CT_SCANNER")
         scanner.add_requested_context(
             datasets[0].SOPClassUID, datasets[0].file_meta.TransferSyntaxUID
@@ -117,24 +119,20 @@ def test_two_processes_share_the_port_and_record_each_instance_once(
             "every association counted open",
         )
         assert min(_open_per_process(metrics_port)) >= 1  # 2 * 2**-12 odds of a false failure
-
-        # and every one of them sends the same five instances, all at the same time
-        def send_all(association: object) -> list[int]:
-            return [
-                int(association.send_c_store(dataset).Status)  # type: ignore[attr-defined]
-                for dataset in datasets
-            ]
-
-        with ThreadPoolExecutor(max_workers=ASSOCIATIONS) as pool:
-            statuses = list(pool.map(send_all, associations))
         for association in associations:
             association.release()
+
+        # and twelve scanners (DCMTK's storescu) send the same five instances at the same
+        # time; pynetdicom's own client loses a C-STORE response now and then when many of
+        # its associations run in threads, so the concurrent senders are separate processes
+        with ThreadPoolExecutor(max_workers=ASSOCIATIONS) as pool:
+            sent = list(pool.map(lambda _: storescu(primary.port, *paths), range(ASSOCIATIONS)))
         wait_until_no_open_association(sessions)
     finally:
         primary.stop()
 
     # then every C-STORE succeeded, yet each instance is one row and one file
-    assert statuses == [[0] * len(datasets)] * ASSOCIATIONS
+    assert [result.returncode for result in sent] == [0] * ASSOCIATIONS, sent[0].stderr
     with transaction(sessions) as session:
         rows = session.scalars(select(Instance)).all()
         audit = session.scalars(select(Association)).all()
@@ -147,11 +145,12 @@ def test_two_processes_share_the_port_and_record_each_instance_once(
     )
     assert not list(spool.rglob(f"*{TEMP_SUFFIX}"))
     # and each association's audit row counts what it stored, whichever process served it
+    audit = [row for row in audit if row.instances]  # not the twelve that only opened
     assert len(audit) == ASSOCIATIONS
     assert {row.state for row in audit} == {"released"}
     assert {row.instances for row in audit} == {len(datasets)}
     assert {row.failures for row in audit} == {0}
-    assert {row.statuses.get("0x0000") for row in audit} == {len(datasets)}
+    assert {(row.statuses or {}).get("0x0000") for row in audit} == {len(datasets)}
     assert len({row.bytes for row in audit}) == 1
     assert all(row.bytes > 0 for row in audit)
 
