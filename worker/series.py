@@ -6,7 +6,8 @@ analysed thin-section axial HRCT, so the gateway picks the series closest to tha
 written so a PACS administrator can read them, and when no series fits, the reason names every
 series and the first rule it failed, because that text ends up in the worklist.
 
-Only headers are read here (``stop_before_pixels``); pixel data is decoded once, in ``volume``.
+Headers are parsed once, here; pixel data and other large values stay on disk (``defer_size``)
+until ``volume`` decodes the chosen series, which thus reads each file's header only once.
 """
 
 from __future__ import annotations
@@ -35,6 +36,10 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+
+# Values larger than this are left on disk and read on first access (pydicom's deferred read):
+# pixel data, and huge private elements that selection never looks at.
+DEFERRED_VALUE_BYTES = 64 * 1024
 
 CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
 ENHANCED_CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2.1"
@@ -72,11 +77,15 @@ class SelectedSeries:
 
 
 def read_headers(paths: Iterable[Path]) -> list[tuple[Path, Dataset]]:
-    """Headers of every readable DICOM file; unreadable files are logged (path only) and skipped."""
+    """Headers of every readable DICOM file; unreadable files are logged (path only) and skipped.
+
+    Values over ``DEFERRED_VALUE_BYTES`` (pixel data above all) are not read: they load from the
+    file when first accessed, so the headers of a whole study cost little memory.
+    """
     headers: list[tuple[Path, Dataset]] = []
     for path in paths:
         try:
-            headers.append((path, pydicom.dcmread(path, stop_before_pixels=True)))
+            headers.append((path, pydicom.dcmread(path, defer_size=DEFERRED_VALUE_BYTES)))
         except (InvalidDicomError, OSError, EOFError, ValueError) as exc:
             log.warning("skipping unreadable DICOM file %s: %s", path, type(exc).__name__)
     return headers
