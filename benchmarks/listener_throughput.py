@@ -19,6 +19,12 @@ C-STOREs share commits); storescp fsyncs nothing. ``--processes`` sets
 ``HRCT_LISTENER_PROCESSES`` for the concurrent case (the single association is one process's
 either way).
 
+* ceiling: what this disk allows anyone who answers success only after the instance's bytes are
+  fsynced and its row is committed (the contract): one instance-sized file written and fsynced,
+  then one SQLite insert committed with ``synchronous=FULL``, per instance, nothing else (no
+  network, no parsing, no folder fsync). Its ratio to storescp bounds the single-association
+  ratio any such listener can reach here.
+
 On a shared machine one pass says little, so each case runs ``--repeat`` times, listener and
 reference taking turns, and the medians are compared. Ratios are printed last.
 """
@@ -208,6 +214,36 @@ def _case(
     return statistics.median(ours), statistics.median(theirs), rss
 
 
+def durable_ceiling(folder: Path, sample: Path, count: int) -> float:
+    """Instances per second of the bare durability work, one instance after the other."""
+    import sqlite3
+
+    data = sample.read_bytes()
+    folder = _fresh(folder)
+    database = sqlite3.connect(folder / "rows.sqlite", isolation_level=None)
+    database.execute("PRAGMA journal_mode=WAL")
+    database.execute("PRAGMA synchronous=FULL")
+    database.execute("CREATE TABLE instance (uid TEXT PRIMARY KEY, path TEXT, size INTEGER)")
+    started = time.perf_counter()
+    for index in range(count):
+        path = folder / f"{index}.dcm"
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
+        try:
+            os.write(fd, data)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        database.execute("BEGIN")
+        database.execute(
+            "INSERT INTO instance VALUES (?, ?, ?)", (str(index), str(path), len(data))
+        )
+        database.execute("COMMIT")
+    elapsed = time.perf_counter() - started
+    database.close()
+    shutil.rmtree(folder, ignore_errors=True)
+    return count / elapsed
+
+
 def _fresh(folder: Path) -> Path:
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True)
@@ -251,6 +287,14 @@ def main() -> None:
             f"single association, {args.slices} slices: listener {ours1:7.1f} inst/s  "
             f"storescp {theirs1:7.1f} inst/s  (listener peak RSS {rss1 / 1024:.0f} MiB)"
         )
+        sample = sorted(single[0].glob("*.dcm"))[0]
+        ceiling = statistics.median(
+            durable_ceiling(scratch / "ceiling", sample, args.slices) for _ in range(args.repeat)
+        )
+        print(
+            f"durability ceiling (fsync + committed row per instance, nothing else): "
+            f"{ceiling:7.1f} inst/s"
+        )
         ours8, theirs8, rss8 = _case(
             scratch, "concurrent", many, fork=True, repeat=args.repeat, processes=args.processes
         )
@@ -266,6 +310,7 @@ def main() -> None:
                     f"listener peak RSS, one {slices}-slice study: "
                     f"{_peak_rss(scratch, folder) / 1024:.0f} MiB"
                 )
+        print(f"ratio ceiling / storescp, single (bounds the next): {ceiling / theirs1:.2f}")
         print(f"ratio single     (target >= 0.5): {ours1 / theirs1:.2f}")
         print(f"ratio {args.senders} senders (target >= 0.6): {ours8 / theirs8:.2f}")
     finally:
