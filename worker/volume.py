@@ -4,8 +4,8 @@ The study probability is a trimmed mean over slices in table order, so the order
 completeness of the stack matter: a missing slice or a mixed-up series silently shifts which
 slices are trimmed. Every geometric assumption is therefore checked and a failure raises
 :class:`NotApplicable` naming the rule. Ordering and spacing regularity come from highdicom's
-volume geometry (``get_volume_positions``) rather than from a
-hand-written sort on one coordinate.
+volume geometry (``get_volume_positions``) rather than from a hand-written sort on one
+coordinate.
 
 The header of each slice (without pixel data) and its SOP Instance UID are kept in the same order,
 because the SR image library and the secondary captures reference them.
@@ -17,7 +17,7 @@ import logging
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import SupportsFloat, cast
+from typing import Any, SupportsFloat, cast
 
 import numpy as np
 import numpy.typing as npt
@@ -107,7 +107,23 @@ def _load_single_frames(series: SelectedSeries, *, spacing_rtol: float) -> CTVol
 
 
 def _read_hu_into(header: Dataset, path: Path, out: npt.NDArray[np.float32]) -> None:
-    """Decode one slice into ``out`` as HU, then drop its pixel data from ``header``.
+    """Decode one slice into ``out`` as HU."""
+    if int(header.get("SamplesPerPixel", 1)) != 1:
+        raise NotApplicable(f"series {header.get('SeriesInstanceUID')}: image is not monochrome")
+    pixels = _pixel_array(header, path)
+    if pixels.shape != out.shape:
+        raise NotApplicable(
+            f"series {header.get('SeriesInstanceUID')}: pixel data of "
+            f"{header.get('SOPInstanceUID')} has shape {pixels.shape}, header says {out.shape}"
+        )
+    slope, intercept = _rescale(header)
+    # float32 throughout: a Python float would make numpy compute in float64 (~15x slower)
+    np.multiply(pixels, np.float32(slope), out=out, dtype=np.float32)
+    out += np.float32(intercept)
+
+
+def _pixel_array(header: Dataset, path: Path) -> npt.NDArray[Any]:
+    """The decoded pixels of ``path``, after which ``header`` holds no pixel data.
 
     ``header`` comes from ``series.read_headers`` with the pixel data left on disk, so decoding
     it reads only the pixel bytes. A deflated file is read again whole: pydicom's deferred read
@@ -115,19 +131,8 @@ def _read_hu_into(header: Dataset, path: Path, out: npt.NDArray[np.float32]) -> 
     """
     try:
         deflated = header.file_meta.TransferSyntaxUID == DeflatedExplicitVRLittleEndian
-        ds = pydicom.dcmread(path) if deflated else header
-        if int(ds.get("SamplesPerPixel", 1)) != 1:
-            raise NotApplicable(f"series {ds.get('SeriesInstanceUID')}: image is not monochrome")
-        pixels = ds.pixel_array
-        if pixels.shape != out.shape:
-            raise NotApplicable(
-                f"series {ds.get('SeriesInstanceUID')}: pixel data of {ds.get('SOPInstanceUID')} "
-                f"has shape {pixels.shape}, header says {out.shape}"
-            )
-        slope, intercept = _rescale(ds)
-        # float32 throughout: a Python float would make numpy compute in float64 (~15x slower)
-        np.multiply(pixels, np.float32(slope), out=out, dtype=np.float32)
-        out += np.float32(intercept)
+        source = pydicom.dcmread(path) if deflated else header
+        return source.pixel_array
     finally:
         if "PixelData" in header:
             del header.PixelData  # the volume's headers hold no pixel data
@@ -142,7 +147,7 @@ def _rescale(item: Dataset) -> tuple[float, float]:
 
 def _load_enhanced(series: SelectedSeries, *, spacing_rtol: float) -> CTVolume:
     uid = series.series_uid
-    ds = pydicom.dcmread(series.paths[0])
+    ds = series.headers[0]
     frames = int(ds.get("NumberOfFrames", 1))
     per_frame = list(ds.get("PerFrameFunctionalGroupsSequence", []))
     if len(per_frame) != frames:
@@ -164,18 +169,17 @@ def _load_enhanced(series: SelectedSeries, *, spacing_rtol: float) -> CTVolume:
     positions = [_floats(p) for p in raw_positions]
     spacing, vol_positions = get_volume_positions(positions, orientation, rtol=spacing_rtol)
     order = _table_order(uid, positions, orientation, spacing, vol_positions, spacing_rtol)
-    pixels = ds.pixel_array.reshape(frames, int(ds.Rows), int(ds.Columns))
+    pixels = _pixel_array(ds, series.paths[0]).reshape(frames, int(ds.Rows), int(ds.Columns))
     hu = np.empty(pixels.shape, dtype=np.float32)
     for out_index, in_index in enumerate(order):
         slope, intercept = groups[in_index].rescale()
         np.multiply(pixels[in_index], np.float32(slope), out=hu[out_index], dtype=np.float32)
         hu[out_index] += np.float32(intercept)
-    header = series.headers[0]
     return CTVolume(
         series_uid=uid,
         hu=hu,
-        headers=tuple(header for _ in order),
-        sop_instance_uids=tuple(str(header.SOPInstanceUID) for _ in order),
+        headers=tuple(ds for _ in order),
+        sop_instance_uids=tuple(str(ds.SOPInstanceUID) for _ in order),
         frame_numbers=tuple(i + 1 for i in order),
         pixel_spacing=pixel_spacing,
         slice_spacing=float(spacing or 0.0),
