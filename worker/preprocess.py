@@ -113,10 +113,14 @@ def lung_slices(
     if hu.ndim != 3:
         raise ValueError(f"hu must be (slices, rows, columns), got shape {hu.shape}")
     stride = max(1, min(hu.shape[1], hu.shape[2]) // _SEGMENTATION_SIZE)
-    small = hu[:, ::stride, ::stride]
     spacing = (float(pixel_spacing[0]) * stride, float(pixel_spacing[1]) * stride)
-    mask = lung_mask(small, pixel_spacing=spacing, settings=settings)
-    area = mask.sum(axis=(1, 2)) * (spacing[0] * spacing[1])
+    area = np.empty(hu.shape[0], dtype=np.float64)
+    # Components never span slices, so chunks segment exactly as the whole stack would, with
+    # temporaries (labels are int32) small enough to be reused rather than mapped afresh.
+    for start in range(0, hu.shape[0], _CHUNK):
+        small = hu[start : start + _CHUNK, ::stride, ::stride]
+        mask = lung_mask(small, pixel_spacing=spacing, settings=settings)
+        area[start : start + _CHUNK] = mask.sum(axis=(1, 2)) * (spacing[0] * spacing[1])
     return np.asarray(area >= settings.min_lung_area_mm2, dtype=bool)
 
 
