@@ -13,8 +13,8 @@ are the same work. Each round times the bare forward and the worker path back to
 alternating order, so that a drift in the machine's speed (the bare forward took 20.0 to 23.3 s
 from run to run on the 2-core development machine) does not always count against the one timed
 second; ``--repeat`` rounds (CUDA synchronised), and the ratios of the best and of the medians
-are printed last. ``--compile`` loads the worker's model with
-``torch.compile`` on its features (HRCT_COMPILE_MODEL); its warm-up is left out of the timings.
+are printed last. ``--compile`` loads the worker's model with ``torch.compile`` on its features
+(HRCT_COMPILE_MODEL); its warm-up is left out of the timings.
 """
 
 from __future__ import annotations
@@ -137,18 +137,18 @@ def main() -> int:
             path_times.append(elapsed)
             if with_eager:
                 eager_times.append(fp32_eager())
-            eager = f", fp32 eager {eager_times[-1]:.2f} s" if with_eager else ""
+            eager_run = f", fp32 eager {eager_times[-1]:.2f} s" if with_eager else ""
             print(
-                f"run {run}: bare forward {bare_times[-1]:.2f} s{eager}, "
+                f"run {run}: bare forward {bare_times[-1]:.2f} s{eager_run}, "
                 f"worker path {elapsed:.2f} s (worker's forward stage {stages['forward']:.2f} s)"
             )
     print(
         "worker stages of the last run: " + ", ".join(f"{k} {v:.2f} s" for k, v in stages.items())
     )
     best_bare, best_path = min(bare_times), min(path_times)
+    best_eager = min(eager_times) if eager_times else None
     eager = ""
-    if eager_times:
-        best_eager = min(eager_times)
+    if best_eager is not None:
         eager = f", fp32 eager {best_eager:.2f} s ({len(lung) / best_eager:.1f} slices/s)"
     print(
         f"bare forward {best_bare:.2f} s ({len(lung) / best_bare:.1f} slices/s){eager}, "
@@ -158,8 +158,8 @@ def main() -> int:
         f"ratio worker path / bare forward: best {best_path / best_bare:.2f}x, median "
         f"{statistics.median(path_times) / statistics.median(bare_times):.2f}x (target <= 1.3x)"
     )
-    if eager_times:
-        print(f"ratio worker path speed / fp32 eager speed: {min(eager_times) / best_path:.2f}x")
+    if best_eager is not None:
+        print(f"ratio worker path speed / fp32 eager speed: {best_eager / best_path:.2f}x")
     return 0
 
 
