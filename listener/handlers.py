@@ -250,55 +250,86 @@ def handle_closed(event: events.Event, state: ListenerState, how: str) -> None:
     )
 
 
+@dataclass(frozen=True)
+class StoreRequest:
+    """One C-STORE as it arrived: the association it came on, its presentation context and the
+    SOP Instance UID its command named, whichever path read it (pynetdicom's ``handle_store`` or
+    the data-phase reader of ``listener.store_stream``)."""
+
+    assoc: Any
+    abstract_syntax: str
+    transfer_syntax: str
+    requested_sop_uid: str
+
+
 def handle_store(event: events.Event, state: ListenerState) -> int:
-    opened = state.opened(event.assoc)
-    association_id = opened.row_id if opened else None
+    """A C-STORE that pynetdicom assembled (see ``listener.store_stream`` for the usual path)."""
+    request = StoreRequest(
+        event.assoc,
+        str(event.context.abstract_syntax),
+        str(event.context.transfer_syntax),
+        str(getattr(event.request, "AffectedSOPInstanceUID", "") or ""),
+    )
     received: BytesIO = event.request.DataSet  # type: ignore[union-attr,assignment]
     with received.getbuffer() as data:  # the bytes as received, no copy
-        size = len(data)
-        try:
-            status = _store(event, state, data, association_id)
-        except _Refused as refusal:
-            status = refusal.status
-            state.metrics.refusals.labels(status=f"0x{status:04X}", reason=refusal.kind).inc()
-            log.warning(
-                "C-STORE refused with 0x%04X: %s",
-                status,
-                refusal.reason,
-                extra={
-                    "association": association_id,
-                    "study_uid": refusal.study_uid,
-                    "status": f"0x{status:04X}",
-                    "reason_kind": refusal.kind,
-                },
-            )
-        else:
-            state.metrics.instances.inc()
-            state.metrics.received_bytes.inc(size)
+        return store_instance(state, request, data, len(data))
+
+
+def store_instance(state: ListenerState, request: StoreRequest, data: memoryview, size: int) -> int:
+    """Store one received data set and return the C-STORE status for it.
+
+    ``size`` is the data set's length as received; it exceeds ``len(data)`` when the reader
+    stopped keeping the bytes of a data set already over ``HRCT_MAX_INSTANCE_BYTES``.
+    """
+    opened = state.opened(request.assoc)
+    association_id = opened.row_id if opened else None
+    try:
+        status = _store(request, state, data, size, association_id)
+    except _Refused as refusal:
+        status = refusal.status
+        state.metrics.refusals.labels(status=f"0x{status:04X}", reason=refusal.kind).inc()
+        log.warning(
+            "C-STORE refused with 0x%04X: %s",
+            status,
+            refusal.reason,
+            extra={
+                "association": association_id,
+                "study_uid": refusal.study_uid,
+                "status": f"0x{status:04X}",
+                "reason_kind": refusal.kind,
+            },
+        )
+    else:
+        state.metrics.instances.inc()
+        state.metrics.received_bytes.inc(size)
     if opened is not None:
         opened.tally.count(status, size)
     return status
 
 
 def _store(
-    event: events.Event, state: ListenerState, data: memoryview, association_id: int | None
+    request: StoreRequest,
+    state: ListenerState,
+    data: memoryview,
+    size: int,
+    association_id: int | None,
 ) -> int:
     settings = state.settings
-    if len(data) > settings.max_instance_bytes:
+    if size > settings.max_instance_bytes or len(data) < size:
         raise _Refused(
             OUT_OF_RESOURCES,
-            f"data set of {len(data)} bytes exceeds HRCT_MAX_INSTANCE_BYTES "
+            f"data set of {size} bytes exceeds HRCT_MAX_INSTANCE_BYTES "
             f"({settings.max_instance_bytes})",
             "too_large",
         )
-    transfer_syntax = str(event.context.transfer_syntax)
+    transfer_syntax = request.transfer_syntax
     try:
         header = read_header(data, transfer_syntax)
     except MalformedDataSet as error:
         raise _Refused(
             CANNOT_UNDERSTAND, f"not a whole DICOM data set: {error}", "malformed"
         ) from None
-    study_uid, series_uid, sop_uid, sop_class = _identify(header, event)
+    study_uid, series_uid, sop_uid, sop_class = _identify(header, request)
 
     try:
         _check_free_space(state, len(data))
@@ -327,7 +358,7 @@ def _store(
             series_number=_int(header, "SeriesNumber"),
             series_description=_text(header, "SeriesDescription", 64),
             accession_number=_text(header, "AccessionNumber", 16),
-            calling_ae=str(event.assoc.requestor.ae_title).strip(),
+            calling_ae=str(request.assoc.requestor.ae_title).strip(),
         )
         superseded = _record(state, facts, association_id)
     except _Refused as refusal:
@@ -415,7 +446,7 @@ def _remove_superseded(path: Path) -> None:
         log.warning("could not remove a superseded spool file: %s", error.strerror)
 
 
-def _identify(header: Dataset, event: events.Event) -> tuple[str, str, str, str]:
+def _identify(header: Dataset, request: StoreRequest) -> tuple[str, str, str, str]:
     """Study, series, SOP instance and SOP class UIDs, checked against the request."""
     try:
         sop_uid = validate_uid(header.get("SOPInstanceUID"), "SOPInstanceUID")
@@ -424,14 +455,14 @@ def _identify(header: Dataset, event: events.Event) -> tuple[str, str, str, str]
         series_uid = validate_uid(header.get("SeriesInstanceUID"), "SeriesInstanceUID")
     except InvalidUID as error:
         raise _Refused(INVALID_UID, str(error), "invalid_uid") from None
-    if sop_class != str(event.context.abstract_syntax):
+    if sop_class != request.abstract_syntax:
         raise _Refused(
             DATASET_DOES_NOT_MATCH_SOP_CLASS,
             f"SOP Class {sop_class} differs from the presentation context's "
-            f"{event.context.abstract_syntax}",
+            f"{request.abstract_syntax}",
             "sop_class_mismatch",
         )
-    requested = str(getattr(event.request, "AffectedSOPInstanceUID", "") or "")
+    requested = request.requested_sop_uid
     if requested and requested != sop_uid:
         raise _Refused(
             DATASET_DOES_NOT_MATCH_SOP_CLASS,

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import socket
 import threading
+from functools import partial
 from typing import Any, cast
 
 from pydicom import uid
@@ -26,6 +27,7 @@ from listener.dispatch import Dispatcher
 from listener.followers import DataFolderLock, Followers
 from listener.metrics import MetricsServer
 from listener.reconcile import reconcile
+from listener.store_stream import StreamingRequestHandler
 from listener.tls import HandshakeInThreadServer, server_context
 
 log = logging.getLogger("hrct.listener")
@@ -189,7 +191,8 @@ class Listener:
 
     def _serve(self) -> Any:
         """What ``start_server(block=False)`` does, with our server class (TLS handshakes in the
-        connection's thread; ``SO_REUSEPORT`` when the listener runs as several processes)."""
+        connection's thread; ``SO_REUSEPORT`` when the listener runs as several processes) and
+        our request handler (C-STOREs read by ``listener.store_stream``)."""
         ae = build_ae(self.settings)
         server_class: type[HandshakeInThreadServer] = (
             _SharedPortServer if self.shared_port else HandshakeInThreadServer
@@ -201,10 +204,14 @@ class Listener:
                 ssl_context=server_context(self.settings),
                 evt_handlers=event_handlers(self.state),
                 server_class=server_class,
+                request_handler=StreamingRequestHandler,
             ),
         )
         server.handshake_timeout = self.settings.acse_timeout_seconds
         state = self.state
+        # What StreamingRequestHandler's associations store C-STOREs with (listener.store_stream).
+        server.store_instance = partial(handlers.store_instance, state)  # type: ignore[attr-defined]
+        server.max_instance_bytes = self.settings.max_instance_bytes  # type: ignore[attr-defined]
         server.on_handshake_failure = lambda host, port, reason: handlers.record_failed_handshake(
             state, host, port, reason
         )

@@ -1,0 +1,421 @@
+"""C-STOREs of an established association read straight off the socket, in the DUL's thread.
+
+Why: pynetdicom reads a PDU 4 KiB per ``recv`` call, decodes every PDV into objects, and hands
+each DIMSE message from its DUL thread to the association's thread through queues both threads
+poll with 1 ms sleeps. For a 512 KiB CT slice that costs more than the durable work we do with it
+(fsync and commit), and it is what kept the listener at a fifth of DCMTK's ``storescp``.
+
+What: ``StreamingDUL`` is pynetdicom's DUL service provider with its PDU reader replaced while
+the association is established (state Sta6). A message whose command is a C-STORE-RQ with a data
+set, on an accepted presentation context, is assembled here with whole-PDU reads, stored by
+``handlers.store_instance`` and answered with its C-STORE-RSP written straight to the socket.
+Every other PDU goes to pynetdicom unchanged (release, abort, C-ECHO and any other DIMSE
+message, whole messages at a time), so its state machine and DIMSE provider see exactly what
+they would have seen. Sending and receiving P-DATA leave the state machine in Sta6 (PS3.8 9.2,
+actions DT-1 and DT-2), so nothing there needs to know which path a C-STORE took.
+
+A peer that breaks the protocol in the middle of a C-STORE (a command, or another context's
+fragment, before the data set's last fragment) gets an A-ABORT through the state machine (event
+Evt19, invalid PDU), and the partial instance, never acknowledged, is dropped.
+"""
+
+from __future__ import annotations
+
+import logging
+import select
+import ssl
+import struct
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, cast
+
+from pynetdicom.dul import DULServiceProvider
+from pynetdicom.transport import AssociationSocket, RequestHandler
+
+from listener.handlers import StoreRequest
+
+log = logging.getLogger("hrct.listener")
+
+StoreFunction = Callable[[StoreRequest, memoryview, int], int]
+
+_P_DATA_TF = 0x04
+_PDU_TYPES = range(0x01, 0x08)
+_C_STORE_RQ = 0x0001
+_C_STORE_RSP = 0x8001
+_NO_DATA_SET = 0x0101
+_PROCESSING_FAILURE = 0xC211  # what pynetdicom answers when a handler raises
+# After answering, wait this long for the sender's next C-STORE before going back to the DUL's
+# loop, which would otherwise sleep 1 ms first. Bounds how late a primitive of the association's
+# own thread (an abort on shutdown, a C-ECHO response) is sent.
+_LINGER_SECONDS = 0.005
+# PDUs longer than our maximum PDU length (or this, when that is unlimited) are refused.
+_LARGEST_PDU = 64 * 1024 * 1024
+# How long the first C-STORE waits for the association's thread to finish accepting (its
+# EVT_ACCEPTED handler opens the audit row the instance is counted in).
+_ACCEPT_WAIT_SECONDS = 30.0
+
+
+class ProtocolViolation(Exception):
+    """P-DATA that cannot belong to the message being received."""
+
+
+@dataclass(frozen=True)
+class Fragment:
+    """One PDV of a P-DATA-TF: ``start``/``end`` index its value in the PDU's bytes."""
+
+    context_id: int
+    is_command: bool
+    is_last: bool
+    start: int
+    end: int
+
+
+def fragments(pdu: memoryview) -> list[Fragment]:
+    """The PDVs of a P-DATA-TF PDU (6-byte PDU header included in ``pdu``)."""
+    found = []
+    offset, end = 6, len(pdu)
+    while offset < end:
+        if offset + 6 > end:
+            raise ProtocolViolation("truncated presentation data value item")
+        length, context_id, control = struct.unpack_from(">LBB", pdu, offset)
+        value_end = offset + 4 + length
+        if length < 2 or value_end > end:
+            raise ProtocolViolation("presentation data value item overruns its PDU")
+        found.append(
+            Fragment(context_id, bool(control & 0x01), bool(control & 0x02), offset + 6, value_end)
+        )
+        offset = value_end
+    return found
+
+
+def parse_command(data: bytes | bytearray | memoryview) -> dict[int, bytes]:
+    """A DIMSE command set (group 0000, Implicit VR Little Endian) as element -> value bytes."""
+    elements: dict[int, bytes] = {}
+    offset, end = 0, len(data)
+    while offset < end:
+        if offset + 8 > end:
+            raise ProtocolViolation("truncated command element")
+        group, element, length = struct.unpack_from("<HHL", data, offset)
+        offset += 8
+        if group != 0 or offset + length > end:
+            raise ProtocolViolation("command element outside group 0000 or overrunning")
+        elements[element] = bytes(data[offset : offset + length])
+        offset += length
+    return elements
+
+
+def _us(elements: dict[int, bytes], element: int) -> int | None:
+    value = elements.get(element)
+    return struct.unpack("<H", value)[0] if value is not None and len(value) == 2 else None
+
+
+def _ui(elements: dict[int, bytes], element: int) -> str | None:
+    value = elements.get(element)
+    if value is None:
+        return None
+    return value.decode("ascii", errors="replace").rstrip("\x00 ")
+
+
+def c_store_rsp(
+    context_id: int, sop_class_uid: str, message_id: int, status: int, sop_instance_uid: str
+) -> bytes:
+    """The P-DATA-TF PDU of a C-STORE-RSP (PS3.7 9.3.1.2), command in one fragment."""
+    elements = [
+        (0x0002, _padded(sop_class_uid)),
+        (0x0100, struct.pack("<H", _C_STORE_RSP)),
+        (0x0120, struct.pack("<H", message_id)),
+        (0x0800, struct.pack("<H", _NO_DATA_SET)),
+        (0x0900, struct.pack("<H", status)),
+        (0x1000, _padded(sop_instance_uid)),
+    ]
+    body = b"".join(
+        struct.pack("<HHL", 0, element, len(value)) + value for element, value in elements
+    )
+    command = struct.pack("<HHLL", 0, 0, 4, len(body)) + body
+    item = struct.pack(">LBB", len(command) + 2, context_id, 0x03) + command
+    return struct.pack(">BBL", _P_DATA_TF, 0, len(item)) + item
+
+
+def _padded(uid: str) -> bytes:
+    value = uid.encode("ascii", errors="replace")
+    return value + b"\x00" if len(value) % 2 else value
+
+
+@dataclass
+class _Store:
+    """A C-STORE-RQ whose data set is being received."""
+
+    context_id: int
+    request: StoreRequest
+    sop_class_uid: str
+    message_id: int
+    keep_at_most: int
+    data: bytearray
+    size: int = 0
+
+    def add(self, value: memoryview) -> None:
+        self.size += len(value)
+        if self.size <= self.keep_at_most:  # beyond the limit only the size is still counted
+            self.data += value
+
+
+class _MessageTracker:
+    """Follows a message handed to pynetdicom, to know when the next one starts."""
+
+    def __init__(self) -> None:
+        self.command = bytearray()
+        self.command_done = False
+        self.done = False
+
+    def add(self, pdu: memoryview, fragment: Fragment) -> None:
+        if fragment.is_command:
+            self.command += pdu[fragment.start : fragment.end]
+            if fragment.is_last:
+                self.command_done = True
+                try:
+                    data_set_type = _us(parse_command(self.command), 0x0800)
+                except ProtocolViolation:
+                    data_set_type = _NO_DATA_SET  # pynetdicom will refuse it; start afresh
+                self.done = data_set_type == _NO_DATA_SET
+        elif fragment.is_last and self.command_done:
+            self.done = True
+
+
+class StreamingDUL(DULServiceProvider):
+    """pynetdicom's DUL with C-STOREs of the established association read by ``_read_pdu_data``
+    below; ``install`` turns an association's DUL into one."""
+
+    _store_function: StoreFunction
+    _keep_at_most: int
+    _contexts: dict[int, tuple[str, str]] | None
+    _storing: _Store | None
+    _handing_over: _MessageTracker | None
+    _buffer: bytearray
+
+    def _read_pdu_data(self) -> None:
+        if self.state_machine.current_state != "Sta6":
+            super()._read_pdu_data()
+            return
+        while True:
+            pdu = self._receive_pdu()
+            if pdu is None:
+                return
+            if not self._on_pdu(pdu) or not self._next_pdu_soon():
+                return
+
+    def _receive_pdu(self) -> memoryview | None:
+        """The next whole PDU (header included), or None once the peer's connection is gone or
+        sent something that is no PDU (an event for the state machine is queued either way)."""
+        if not self._receive(0, 6):
+            return None
+        pdu_type, _, length = struct.unpack_from(">BBL", self._buffer, 0)
+        largest = int(self.assoc.acceptor.maximum_length or 0) or _LARGEST_PDU
+        if pdu_type not in _PDU_TYPES or length > max(largest, 1024):
+            log.error("PDU of type 0x%02X and %d bytes refused", pdu_type, length)
+            self._storing = None
+            self.event_queue.put("Evt19")
+            return None
+        if len(self._buffer) < 6 + length:  # a new buffer: views of the old one may live on
+            grown = bytearray(6 + length)
+            grown[:6] = self._buffer[:6]
+            self._buffer = grown
+        if not self._receive(6, length):
+            return None
+        return memoryview(self._buffer)[: 6 + length]
+
+    def _receive(self, offset: int, length: int) -> bool:
+        """Fill ``_buffer[offset:offset + length]`` from the socket."""
+        needed = offset + length
+        sock = cast(AssociationSocket, self.socket).socket
+        with memoryview(self._buffer) as view:
+            while offset < needed:
+                try:
+                    received = sock.recv_into(view[offset:needed]) if sock is not None else 0
+                except (OSError, TimeoutError):
+                    received = 0
+                if received == 0:  # closed, reset or silent past the network timeout
+                    self.event_queue.put("Evt17")  # as pynetdicom: transport connection closed
+                    self._storing = None
+                    return False
+                offset += received
+        return True
+
+    def _on_pdu(self, pdu: memoryview) -> bool:
+        """Process one PDU; False when it went to pynetdicom (its state machine is next)."""
+        if pdu[0] != _P_DATA_TF:  # release, abort: pynetdicom's; a partial instance is dropped
+            self._storing = None
+            self._hand_over(pdu)
+            return False
+        try:
+            found = fragments(pdu)
+            if self._storing is not None:
+                self._continue_store(pdu, found)
+                return True
+            if self._handing_over is None and self._start_store(pdu, found):
+                return True
+        except ProtocolViolation as error:
+            log.error("P-DATA-TF refused: %s; aborting the association", error)
+            self._storing = None
+            self.event_queue.put("Evt19")
+            return False
+        self._track_handed_over(pdu, found)
+        self._hand_over(pdu)
+        return False
+
+    def _start_store(self, pdu: memoryview, found: list[Fragment]) -> bool:
+        """Take the PDU when it opens a C-STORE we store here; False leaves it to pynetdicom."""
+        first = found[0] if found else None
+        if first is None or not (first.is_command and first.is_last):
+            return False
+        context = self._accepted_contexts().get(first.context_id)
+        command = parse_command(pdu[first.start : first.end])
+        sop_class = _ui(command, 0x0002)
+        sop_instance = _ui(command, 0x1000)
+        message_id = _us(command, 0x0110)
+        if (
+            context is None
+            or _us(command, 0x0100) != _C_STORE_RQ
+            or _us(command, 0x0800) in (None, _NO_DATA_SET)
+            or not sop_class
+            or sop_instance is None
+            or message_id is None
+        ):
+            return False
+        if not _all_data_of(found[1:], first.context_id) or not self._accepted():
+            return False
+        abstract_syntax, transfer_syntax = context
+        self._storing = _Store(
+            first.context_id,
+            StoreRequest(self.assoc, abstract_syntax, transfer_syntax, sop_instance),
+            sop_class,
+            message_id,
+            self._keep_at_most,
+            bytearray(),
+        )
+        self._add_data(pdu, found[1:])
+        return True
+
+    def _continue_store(self, pdu: memoryview, found: list[Fragment]) -> None:
+        storing = cast(_Store, self._storing)
+        if not _all_data_of(found, storing.context_id):
+            raise ProtocolViolation("a fragment of another message before the data set ended")
+        self._add_data(pdu, found)
+
+    def _add_data(self, pdu: memoryview, found: list[Fragment]) -> None:
+        storing = cast(_Store, self._storing)
+        for fragment in found:
+            storing.add(pdu[fragment.start : fragment.end])
+        if found and found[-1].is_last:
+            self._storing = None
+            self._answer(storing)
+
+    def _answer(self, storing: _Store) -> None:
+        try:
+            status = self._store_function(storing.request, memoryview(storing.data), storing.size)
+        except Exception:  # a bug of ours must not take the association down
+            log.exception("C-STORE handling failed")
+            status = _PROCESSING_FAILURE
+        response = c_store_rsp(
+            storing.context_id,
+            storing.sop_class_uid,
+            storing.message_id,
+            status,
+            storing.request.requested_sop_uid,
+        )
+        cast(AssociationSocket, self.socket).send(response)
+
+    def _accepted(self) -> bool:
+        """Wait until the association's thread has finished accepting: the peer may send its
+        first C-STORE as soon as our A-ASSOCIATE-AC is out, before the EVT_ACCEPTED handler
+        has opened the association's audit row."""
+        deadline = time.monotonic() + _ACCEPT_WAIT_SECONDS
+        while not self.assoc.is_established:
+            if self._kill_thread or self.assoc.is_aborted or time.monotonic() > deadline:
+                return False
+            time.sleep(0.0002)
+        return True
+
+    def _track_handed_over(self, pdu: memoryview, found: list[Fragment]) -> None:
+        for fragment in found:
+            if self._handing_over is None:
+                self._handing_over = _MessageTracker()
+            self._handing_over.add(pdu, fragment)
+            if self._handing_over.done:
+                self._handing_over = None
+
+    def _hand_over(self, pdu: memoryview) -> None:
+        """What pynetdicom's own reader does with a PDU it has read."""
+        try:
+            decoded, event = self._decode_pdu(bytearray(pdu))
+        except Exception as error:
+            log.error("undecodable PDU received: %s", type(error).__name__)
+            self.event_queue.put("Evt19")
+            return
+        self.event_queue.put(event)
+        self._recv_pdu.put(decoded)
+
+    def _next_pdu_soon(self) -> bool:
+        """Whether the peer's next PDU arrived within ``_LINGER_SECONDS``, with nothing of ours
+        waiting to be sent."""
+        if self._kill_thread or not self.to_provider_queue.empty():
+            return False
+        sock = cast(AssociationSocket, self.socket).socket
+        if sock is None:
+            return False
+        if isinstance(sock, ssl.SSLSocket) and sock.pending():
+            return True
+        try:
+            readable, _, _ = select.select([sock], [], [], _LINGER_SECONDS)
+        except (OSError, ValueError):
+            return False
+        return bool(readable)
+
+    def _accepted_contexts(self) -> dict[int, tuple[str, str]]:
+        if self._contexts is None:
+            self._contexts = {
+                int(context.context_id): (
+                    str(context.abstract_syntax),
+                    str(context.transfer_syntax[0]),
+                )
+                for context in self.assoc.accepted_contexts
+                if context.context_id is not None and context.transfer_syntax
+            }
+        return self._contexts
+
+
+def _all_data_of(found: list[Fragment], context_id: int) -> bool:
+    """Data set fragments of one context, only the final one possibly the last."""
+    return all(
+        not fragment.is_command
+        and fragment.context_id == context_id
+        and (not fragment.is_last or index == len(found) - 1)
+        for index, fragment in enumerate(found)
+    )
+
+
+def install(assoc: Any, store: StoreFunction, keep_at_most: int) -> None:
+    """Make ``assoc``'s DUL a ``StreamingDUL`` storing with ``store``; before ``assoc.start``.
+
+    The DUL keeps every attribute pynetdicom gave it (queues, timers, state machine); only the
+    class changes, which adds the reader and its state.
+    """
+    dul = assoc.dul
+    dul.__class__ = StreamingDUL
+    dul._store_function = store
+    dul._keep_at_most = keep_at_most
+    dul._contexts = None
+    dul._storing = None
+    dul._handing_over = None
+    dul._buffer = bytearray(64 * 1024)
+
+
+class StreamingRequestHandler(RequestHandler):
+    """pynetdicom's request handler whose associations get a ``StreamingDUL``; the server names
+    the store function and the size limit as ``store_instance`` and ``max_instance_bytes``."""
+
+    def _create_association(self) -> Any:
+        assoc = super()._create_association()
+        server: Any = self.server
+        install(assoc, server.store_instance, server.max_instance_bytes)
+        return assoc
