@@ -227,6 +227,8 @@ def handle_accepted(event: events.Event, state: ListenerState) -> None:
 
 def handle_closed(event: events.Event, state: ListenerState, how: str) -> None:
     """Released, aborted or dropped: what was acknowledged stays; the study may now complete."""
+    if how == "closed" and event.assoc.is_released:  # the close overtook EVT_RELEASED
+        how = "released"
     with state.lock:
         opened = state.associations.pop(id(event.assoc), None)
     if opened is None:

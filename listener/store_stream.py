@@ -22,18 +22,16 @@ Evt19, invalid PDU), and the partial instance, never acknowledged, is dropped.
 from __future__ import annotations
 
 import logging
-import select
-import ssl
 import struct
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, cast
 
-from pynetdicom.dul import DULServiceProvider
 from pynetdicom.transport import AssociationSocket, RequestHandler
 
 from listener.handlers import StoreRequest
+from listener.reactors import WakingDUL, make_waking
 
 log = logging.getLogger("hrct.listener")
 
@@ -45,10 +43,6 @@ _C_STORE_RQ = 0x0001
 _C_STORE_RSP = 0x8001
 _NO_DATA_SET = 0x0101
 _PROCESSING_FAILURE = 0xC211  # what pynetdicom answers when a handler raises
-# After answering, wait this long for the sender's next C-STORE before going back to the DUL's
-# loop, which would otherwise sleep 1 ms first. Bounds how late a primitive of the association's
-# own thread (an abort on shutdown, a C-ECHO response) is sent.
-_LINGER_SECONDS = 0.005
 # PDUs longer than our maximum PDU length (or this, when that is unlimited) are refused.
 _LARGEST_PDU = 64 * 1024 * 1024
 # How long the first C-STORE waits for the association's thread to finish accepting (its
@@ -182,9 +176,9 @@ class _MessageTracker:
             self.done = True
 
 
-class StreamingDUL(DULServiceProvider):
-    """pynetdicom's DUL with C-STOREs of the established association read by ``_read_pdu_data``
-    below; ``install`` turns an association's DUL into one."""
+class StreamingDUL(WakingDUL):
+    """pynetdicom's DUL (with the waking loop of ``listener.reactors``) whose C-STOREs of the
+    established association are read by ``_read_pdu_data`` below; see ``install``."""
 
     _store_function: StoreFunction
     _keep_at_most: int
@@ -197,12 +191,9 @@ class StreamingDUL(DULServiceProvider):
         if self.state_machine.current_state != "Sta6":
             super()._read_pdu_data()
             return
-        while True:
-            pdu = self._receive_pdu()
-            if pdu is None:
-                return
-            if not self._on_pdu(pdu) or not self._next_pdu_soon():
-                return
+        pdu = self._receive_pdu()
+        if pdu is not None:
+            self._on_pdu(pdu)  # the loop of listener.reactors waits for the next one
 
     def _receive_pdu(self) -> memoryview | None:
         """The next whole PDU (header included), or None once the peer's connection is gone or
@@ -241,27 +232,26 @@ class StreamingDUL(DULServiceProvider):
                 offset += received
         return True
 
-    def _on_pdu(self, pdu: memoryview) -> bool:
-        """Process one PDU; False when it went to pynetdicom (its state machine is next)."""
+    def _on_pdu(self, pdu: memoryview) -> None:
+        """Store with this PDU, or hand it to pynetdicom's state machine."""
         if pdu[0] != _P_DATA_TF:  # release, abort: pynetdicom's; a partial instance is dropped
             self._storing = None
             self._hand_over(pdu)
-            return False
+            return
         try:
             found = fragments(pdu)
             if self._storing is not None:
                 self._continue_store(pdu, found)
-                return True
+                return
             if self._handing_over is None and self._start_store(pdu, found):
-                return True
+                return
         except ProtocolViolation as error:
             log.error("P-DATA-TF refused: %s; aborting the association", error)
             self._storing = None
             self.event_queue.put("Evt19")
-            return False
+            return
         self._track_handed_over(pdu, found)
         self._hand_over(pdu)
-        return False
 
     def _start_store(self, pdu: memoryview, found: list[Fragment]) -> bool:
         """Take the PDU when it opens a C-STORE we store here; False leaves it to pynetdicom."""
@@ -355,22 +345,6 @@ class StreamingDUL(DULServiceProvider):
         self.event_queue.put(event)
         self._recv_pdu.put(decoded)
 
-    def _next_pdu_soon(self) -> bool:
-        """Whether the peer's next PDU arrived within ``_LINGER_SECONDS``, with nothing of ours
-        waiting to be sent."""
-        if self._kill_thread or not self.to_provider_queue.empty():
-            return False
-        sock = cast(AssociationSocket, self.socket).socket
-        if sock is None:
-            return False
-        if isinstance(sock, ssl.SSLSocket) and sock.pending():
-            return True
-        try:
-            readable, _, _ = select.select([sock], [], [], _LINGER_SECONDS)
-        except (OSError, ValueError):
-            return False
-        return bool(readable)
-
     def _accepted_contexts(self) -> dict[int, tuple[str, str]]:
         if self._contexts is None:
             self._contexts = {
@@ -395,13 +369,14 @@ def _all_data_of(found: list[Fragment], context_id: int) -> bool:
 
 
 def install(assoc: Any, store: StoreFunction, keep_at_most: int) -> None:
-    """Make ``assoc``'s DUL a ``StreamingDUL`` storing with ``store``; before ``assoc.start``.
+    """Make ``assoc``'s DUL a ``StreamingDUL`` storing with ``store``, and its loops the waking
+    ones of ``listener.reactors``; before ``assoc.start``.
 
     The DUL keeps every attribute pynetdicom gave it (queues, timers, state machine); only the
     class changes, which adds the reader and its state.
     """
+    make_waking(assoc, StreamingDUL)
     dul = assoc.dul
-    dul.__class__ = StreamingDUL
     dul._store_function = store
     dul._keep_at_most = keep_at_most
     dul._contexts = None
