@@ -20,6 +20,7 @@ are printed last. ``--compile`` loads the worker's model with ``torch.compile`` 
 from __future__ import annotations
 
 import argparse
+import gc
 import statistics
 import sys
 import tempfile
@@ -43,6 +44,7 @@ def main() -> int:
     import torch
 
     from worker.artifacts import build_study_outputs
+    from worker.memory import keep_freed_memory
     from worker.model import load_model
     from worker.phantom import write_phantom_studies
     from worker.pipeline import analyse_study
@@ -55,6 +57,10 @@ def main() -> int:
     )
     plain = load_model(args.checkpoint, allow_untrained=args.checkpoint is None, bf16=False)
     plain.module.to(memory_format=torch.contiguous_format)
+    batch_size = args.batch_size
+    # As the worker process does (worker.tasks): freed memory kept, long-lived objects frozen.
+    keep_freed_memory()
+    gc.freeze()
 
     def sync() -> None:
         if model.device.type == "cuda":
@@ -62,7 +68,7 @@ def main() -> int:
 
     print(
         f"model {model.info.version} on {model.device} (bf16={model.bf16}), "
-        f"torch threads {torch.get_num_threads()}"
+        f"torch threads {torch.get_num_threads()}, batch {batch_size}"
     )
     with tempfile.TemporaryDirectory() as scratch:
         folder = Path(scratch)
@@ -88,8 +94,8 @@ def main() -> int:
                 torch.inference_mode(),
                 torch.autocast(model.device.type, dtype=torch.bfloat16, enabled=model.bf16),
             ):
-                for start in range(0, inputs.shape[0], args.batch_size):
-                    batch = inputs[start : start + args.batch_size].to(model.device)
+                for start in range(0, inputs.shape[0], batch_size):
+                    batch = inputs[start : start + batch_size].to(model.device)
                     model.module(batch.contiguous(memory_format=torch.channels_last))
             sync()
             return time.perf_counter() - started
@@ -97,16 +103,14 @@ def main() -> int:
         def fp32_eager() -> float:
             started = time.perf_counter()
             with torch.inference_mode():
-                for start in range(0, inputs.shape[0], args.batch_size):
-                    plain.module(inputs[start : start + args.batch_size].to(plain.device))
+                for start in range(0, inputs.shape[0], batch_size):
+                    plain.module(inputs[start : start + batch_size].to(plain.device))
             sync()
             return time.perf_counter() - started
 
         def worker_path(run: int) -> tuple[float, dict[str, float]]:
             started = time.perf_counter()
-            analysis, headers = analyse_study(
-                study.study_uid, paths, model, batch_size=args.batch_size
-            )
+            analysis, headers = analyse_study(study.study_uid, paths, model, batch_size=batch_size)
             build_study_outputs(
                 analysis,
                 headers,

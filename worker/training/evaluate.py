@@ -29,6 +29,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from worker.inference import DEFAULT_BATCH_SIZE, cam_image, forward, study_probability
+from worker.memory import keep_freed_memory
 from worker.model import LoadedModel, load_model
 from worker.preprocess import lung_field, lung_slices, model_input
 from worker.results import NotApplicable
@@ -110,6 +111,7 @@ class ScoredStudy:
 def evaluate(config: EvaluateConfig, *, console: Console | None = None) -> dict[str, Any]:
     """Score the studies, compute the statistics, write report, JSON and plots; return the JSON."""
     studies = _chosen(read_labels(config.labels_path, data_dir=config.data_dir), config.splits)
+    keep_freed_memory()  # study after study, as in the worker (worker.memory)
     model = load_model(config.checkpoint, allow_untrained=False, device=config.device)
     threshold = model.metadata.threshold if config.threshold is None else config.threshold
     if not 0.0 <= threshold <= 1.0:
