@@ -159,6 +159,37 @@ def test_data_set_in_uneven_fragments_some_beside_the_command_is_stored_as_recei
     assert pydicom.dcmread(spooled).SOPInstanceUID == dataset.SOPInstanceUID
 
 
+def test_a_command_in_two_fragments_goes_to_pynetdicom_and_the_next_store_to_us(
+    sqlite_listener: Listener, sqlite_sessions: sessionmaker[Session], slices: list[Dataset]
+) -> None:
+    # given a C-STORE whose command comes in two fragments (our reader leaves that message to
+    # pynetdicom, whole), then an ordinary C-STORE on the same association
+    split, ordinary = slices[2], slices[3]
+    body = _data_set(split)
+    command = _command(split, 3)
+    assoc = _client(sqlite_listener)
+    context_id = _ct_context_id(assoc)
+    first = _send_raw(
+        assoc,
+        _p_data((context_id, 0x01, command[:20])),
+        _p_data((context_id, 0x03, command[20:])),
+        *(
+            _p_data((context_id, 0x02 if end >= len(body) else 0x00, body[start:end]))
+            for start, end in ((a, a + 100_000) for a in range(0, len(body), 100_000))
+        ),
+    )
+    second = assoc.send_c_store(ordinary)
+    assoc.release()
+
+    # then both are stored and answered, each through its own path
+    assert first is not None
+    assert (first.Status, first.MessageIDBeingRespondedTo) == (0x0000, 3)
+    assert second.Status == 0x0000
+    stored = _stored(sqlite_sessions)
+    assert stored[str(split.SOPInstanceUID)].read_bytes().endswith(body)
+    assert set(stored) == {str(split.SOPInstanceUID), str(ordinary.SOPInstanceUID)}
+
+
 def test_a_pdu_over_our_maximum_length_aborts_the_association(
     sqlite_listener: Listener, sqlite_sessions: sessionmaker[Session], slices: list[Dataset]
 ) -> None:
