@@ -34,7 +34,9 @@ from pynetdicom.dul import DULServiceProvider
 from pynetdicom.pdu import A_ABORT_RQ
 from pynetdicom.transport import AssociationSocket
 
-LOGGER = logging.getLogger("pynetdicom.dul")  # pynetdicom's logger, as in the loop copied
+# pynetdicom's loggers, as in the loops copied
+DUL_LOGGER = logging.getLogger("pynetdicom.dul")
+ASSOCIATION_LOGGER = logging.getLogger("pynetdicom.association")
 
 _LONGEST_WAIT = 0.05
 
@@ -122,8 +124,8 @@ class WakingDUL(DULServiceProvider):
                 elif self._is_transport_event():
                     self._idle_timer.restart()
             except Exception as exc:
-                LOGGER.error("Exception in DUL.run(), aborting association")
-                LOGGER.exception(exc)
+                DUL_LOGGER.error("Exception in DUL.run(), aborting association")
+                DUL_LOGGER.exception(exc)
                 abort_pdu = A_ABORT_RQ()
                 abort_pdu.source = 0x02
                 abort_pdu.reason_diagnostic = 0x00
@@ -172,7 +174,7 @@ class WakingAssociation(Association):
                 # EVT_RELEASED; the flag tells the close handler it was a release.
                 self.is_released = True
                 self.acse.send_release(is_response=True)
-                LOGGER.info("Association Released")
+                ASSOCIATION_LOGGER.info("Association Released")
                 self.is_established = False
                 evt.trigger(self, evt.EVT_RELEASED, {})
                 self.kill()
@@ -182,7 +184,7 @@ class WakingAssociation(Association):
                 log_msg = "Association Aborted"
                 if self.acse.is_aborted("a-p-abort"):
                     log_msg += " (A-P-ABORT)"
-                LOGGER.info(log_msg)
+                ASSOCIATION_LOGGER.info(log_msg)
                 self.dul.receive_pdu(wait=False)
                 self.is_aborted = True
                 self.is_established = False
@@ -195,7 +197,7 @@ class WakingAssociation(Association):
                 return
 
             if self.dul.idle_timer_expired():
-                LOGGER.error("Network timeout reached")
+                ASSOCIATION_LOGGER.error("Network timeout reached")
                 if self.network_timeout_response == "A-RELEASE":
                     self._is_paused = True
                     self._reactor_checkpoint.wait()
