@@ -450,6 +450,10 @@ _PER_IMAGE = (
     codes.DCM.ImagePositionPatientY,
     codes.DCM.ImagePositionPatientZ,
 )
+# The same three names and unit for every library entry, converted once: converting them per
+# item was a fifth of the library's build time. Items may share them, as nothing edits a code.
+_PER_IMAGE_CONCEPTS = tuple(CodedConcept.from_code(name) for name in _PER_IMAGE)
+_MILLIMETER = CodedConcept.from_code(codes.UCUM.Millimeter)
 
 
 def _image_library(images: Sequence[Dataset]) -> hd.sr.ContainerContentItem:
@@ -517,10 +521,10 @@ def _library_entry(ds: Dataset) -> hd.sr.ImageContentItem:
                 hd.sr.NumContentItem(
                     name=name,
                     value=float(value),
-                    unit=codes.UCUM.Millimeter,
+                    unit=_MILLIMETER,
                     relationship_type=hd.sr.RelationshipTypeValues.HAS_ACQ_CONTEXT,
                 )
-                for name, value in zip(_PER_IMAGE, ds.ImagePositionPatient, strict=True)
+                for name, value in zip(_PER_IMAGE_CONCEPTS, ds.ImagePositionPatient, strict=True)
             ]
         )
     return entry
