@@ -62,6 +62,7 @@ _REJECT_REASONS = {
 class _Open:
     row_id: int
     tally: worklist.AssociationTally = field(default_factory=worklist.AssociationTally)
+    abort_reason: str | None = None  # set when we abort it for breaking the protocol
 
 
 @dataclass
@@ -233,23 +234,35 @@ def handle_closed(event: events.Event, state: ListenerState, how: str) -> None:
         opened = state.associations.pop(id(event.assoc), None)
     if opened is None:
         return
+    reason = opened.abort_reason
+    if reason is not None:  # our A-ABORT: pynetdicom reports it as the connection closing
+        how = "aborted"
     state.metrics.associations.labels(outcome=how).inc()
     now, tally = _now(), opened.tally
     # Through the backlog: a close lost to a database outage would hold its studies for good.
     state.backlog.write(
         f"close of association {opened.row_id}",
         lambda session: worklist.close_association(
-            session, opened.row_id, state=how, now=now, tally=tally
+            session, opened.row_id, state=how, now=now, tally=tally, reason=reason
         ),
     )
     log.info(
-        "association %d %s after %d instances (%d refused)",
+        "association %d %s after %d instances (%d refused)%s",
         opened.row_id,
         how,
         opened.tally.instances,
         opened.tally.failures,
+        f" by us: {reason}" if reason else "",
         extra={"association": opened.row_id},
     )
+
+
+def record_abort(state: ListenerState, assoc: Any, reason: str) -> None:
+    """The reason we are about to abort ``assoc`` (``listener.store_stream``), for its audit row
+    when it closes."""
+    opened = state.opened(assoc)
+    if opened is not None:
+        opened.abort_reason = reason
 
 
 @dataclass(frozen=True)

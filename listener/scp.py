@@ -27,7 +27,7 @@ from listener.dispatch import Dispatcher
 from listener.followers import DataFolderLock, Followers
 from listener.metrics import MetricsServer
 from listener.reconcile import reconcile
-from listener.store_stream import StreamingRequestHandler
+from listener.store_stream import DataPhase, StreamingRequestHandler
 from listener.tls import HandshakeInThreadServer, server_context
 
 log = logging.getLogger("hrct.listener")
@@ -209,9 +209,11 @@ class Listener:
         )
         server.handshake_timeout = self.settings.acse_timeout_seconds
         state = self.state
-        # What StreamingRequestHandler's associations store C-STOREs with (listener.store_stream).
-        server.store_instance = partial(handlers.store_instance, state)  # type: ignore[attr-defined]
-        server.max_instance_bytes = self.settings.max_instance_bytes  # type: ignore[attr-defined]
+        server.data_phase = DataPhase(  # type: ignore[attr-defined]  # StreamingRequestHandler's
+            store=partial(handlers.store_instance, state),
+            aborting=partial(handlers.record_abort, state),
+            keep_at_most=self.settings.max_instance_bytes,
+        )
         server.on_handshake_failure = lambda host, port, reason: handlers.record_failed_handshake(
             state, host, port, reason
         )

@@ -35,7 +35,17 @@ from listener.reactors import WakingDUL, make_waking
 
 log = logging.getLogger("hrct.listener")
 
-StoreFunction = Callable[[StoreRequest, memoryview, int], int]
+
+@dataclass(frozen=True)
+class DataPhase:
+    """What the reader needs from the listener, one per server (``server.data_phase``)."""
+
+    store: Callable[[StoreRequest, memoryview, int], int]  # ``handlers.store_instance``
+    # Called with the association and the reason just before the reader aborts it, so that the
+    # audit row says why (``handlers.record_abort``).
+    aborting: Callable[[Any, str], None]
+    keep_at_most: int  # data set bytes kept per instance: HRCT_MAX_INSTANCE_BYTES
+
 
 _P_DATA_TF = 0x04
 _PDU_TYPES = range(0x01, 0x08)
@@ -180,8 +190,7 @@ class StreamingDUL(WakingDUL):
     """pynetdicom's DUL (with the waking loop of ``listener.reactors``) whose C-STOREs of the
     established association are read by ``_read_pdu_data`` below; see ``install``."""
 
-    _store_function: StoreFunction
-    _keep_at_most: int
+    _data_phase: DataPhase
     _contexts: dict[int, tuple[str, str]] | None
     _storing: _Store | None
     _handing_over: _MessageTracker | None
@@ -202,10 +211,11 @@ class StreamingDUL(WakingDUL):
             return None
         pdu_type, _, length = struct.unpack_from(">BBL", self._buffer, 0)
         largest = int(self.assoc.acceptor.maximum_length or 0) or _LARGEST_PDU
-        if pdu_type not in _PDU_TYPES or length > max(largest, 1024):
-            log.error("PDU of type 0x%02X and %d bytes refused", pdu_type, length)
-            self._storing = None
-            self.event_queue.put("Evt19")
+        if pdu_type not in _PDU_TYPES:
+            self._abort(f"unknown PDU type 0x{pdu_type:02X}")
+            return None
+        if length > max(largest, 1024):
+            self._abort(f"PDU of {length} bytes, over the maximum length of {largest}")
             return None
         if len(self._buffer) < 6 + length:  # a new buffer: views of the old one may live on
             grown = bytearray(6 + length)
@@ -246,9 +256,7 @@ class StreamingDUL(WakingDUL):
             if self._handing_over is None and self._start_store(pdu, found):
                 return
         except ProtocolViolation as error:
-            log.error("P-DATA-TF refused: %s; aborting the association", error)
-            self._storing = None
-            self.event_queue.put("Evt19")
+            self._abort(f"P-DATA-TF refused: {error}")
             return
         self._track_handed_over(pdu, found)
         self._hand_over(pdu)
@@ -280,7 +288,7 @@ class StreamingDUL(WakingDUL):
             StoreRequest(self.assoc, abstract_syntax, transfer_syntax, sop_instance),
             sop_class,
             message_id,
-            self._keep_at_most,
+            self._data_phase.keep_at_most,
             bytearray(),
         )
         self._add_data(pdu, found[1:])
@@ -302,7 +310,7 @@ class StreamingDUL(WakingDUL):
 
     def _answer(self, storing: _Store) -> None:
         try:
-            status = self._store_function(storing.request, memoryview(storing.data), storing.size)
+            status = self._data_phase.store(storing.request, memoryview(storing.data), storing.size)
         except Exception:  # a bug of ours must not take the association down
             log.exception("C-STORE handling failed")
             status = _PROCESSING_FAILURE
@@ -339,11 +347,22 @@ class StreamingDUL(WakingDUL):
         try:
             decoded, event = self._decode_pdu(bytearray(pdu))
         except Exception as error:
-            log.error("undecodable PDU received: %s", type(error).__name__)
-            self.event_queue.put("Evt19")
+            self._abort(f"undecodable PDU ({type(error).__name__})")
             return
         self.event_queue.put(event)
         self._recv_pdu.put(decoded)
+
+    def _abort(self, reason: str) -> None:
+        """Drop any partial instance, record why, and let the state machine send the A-ABORT
+        (event Evt19: invalid PDU)."""
+        log.error("aborting the association: %s", reason)
+        self._storing = None
+        try:
+            self._accepted()  # the audit row the reason goes to is open by then
+            self._data_phase.aborting(self.assoc, reason)
+        except Exception:  # the abort must go out whatever the audit does
+            log.exception("could not note the reason for the abort")
+        self.event_queue.put("Evt19")
 
     def _accepted_contexts(self) -> dict[int, tuple[str, str]]:
         if self._contexts is None:
@@ -368,17 +387,16 @@ def _all_data_of(found: list[Fragment], context_id: int) -> bool:
     )
 
 
-def install(assoc: Any, store: StoreFunction, keep_at_most: int) -> None:
-    """Make ``assoc``'s DUL a ``StreamingDUL`` storing with ``store``, and its loops the waking
-    ones of ``listener.reactors``; before ``assoc.start``.
+def install(assoc: Any, data_phase: DataPhase) -> None:
+    """Make ``assoc``'s DUL a ``StreamingDUL`` working with ``data_phase``, and its loops the
+    waking ones of ``listener.reactors``; before ``assoc.start``.
 
     The DUL keeps every attribute pynetdicom gave it (queues, timers, state machine); only the
     class changes, which adds the reader and its state.
     """
     make_waking(assoc, StreamingDUL)
     dul = assoc.dul
-    dul._store_function = store
-    dul._keep_at_most = keep_at_most
+    dul._data_phase = data_phase
     dul._contexts = None
     dul._storing = None
     dul._handing_over = None
@@ -386,11 +404,10 @@ def install(assoc: Any, store: StoreFunction, keep_at_most: int) -> None:
 
 
 class StreamingRequestHandler(RequestHandler):
-    """pynetdicom's request handler whose associations get a ``StreamingDUL``; the server names
-    the store function and the size limit as ``store_instance`` and ``max_instance_bytes``."""
+    """pynetdicom's request handler whose associations get a ``StreamingDUL``, working with the
+    server's ``data_phase`` (set by ``listener.scp``)."""
 
     def _create_association(self) -> Any:
         assoc = super()._create_association()
-        server: Any = self.server
-        install(assoc, server.store_instance, server.max_instance_bytes)
+        install(assoc, cast(Any, self.server).data_phase)
         return assoc

@@ -204,10 +204,14 @@ def test_a_pdu_over_our_maximum_length_aborts_the_association(
         answer=False,
     )
 
-    # then the association is aborted and nothing is stored
+    # then the association is aborted, its audit row says why, and nothing is stored
     _wait_until_aborted(assoc)
     wait_until_no_open_association(sqlite_sessions)
     assert _stored(sqlite_sessions) == {}
+    with transaction(sqlite_sessions) as session:
+        audit = session.scalars(select(Association)).one()
+        assert audit.state == "aborted"
+        assert "over the maximum length of 131072" in (audit.rejection_reason or "")
 
 
 def _wait_until_aborted(assoc: ClientAssociation) -> None:
@@ -238,8 +242,9 @@ def test_a_command_inside_a_data_set_aborts_that_association_only(
     wait_until_no_open_association(sqlite_sessions)
     assert _stored(sqlite_sessions) == {}
     with transaction(sqlite_sessions) as session:
-        # our A-ABORT reaches the audit as pynetdicom reports it: the connection closing
-        assert session.scalars(select(Association.state)).one() in {"aborted", "closed"}
+        audit = session.scalars(select(Association)).one()
+        assert audit.state == "aborted"
+        assert "fragment of another message" in (audit.rejection_reason or "")
 
     # and the next association is served as usual
     again = _client(sqlite_listener)

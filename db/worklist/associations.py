@@ -74,8 +74,12 @@ def close_association(
     state: str,
     now: datetime,
     tally: AssociationTally | None = None,
+    reason: str | None = None,
 ) -> None:
+    """``reason``: why we aborted it, kept in ``rejection_reason`` as a refusal's would be."""
     values: dict[str, Any] = {"state": state, "ended_at": now}
+    if reason is not None:
+        values["rejection_reason"] = reason
     if tally is not None:
         values.update(
             instances=tally.instances,
