@@ -57,7 +57,6 @@ def main() -> int:
     )
     plain = load_model(args.checkpoint, allow_untrained=args.checkpoint is None, bf16=False)
     plain.module.to(memory_format=torch.contiguous_format)
-    batch_size = args.batch_size
     # As the worker process does (worker.tasks): freed memory kept, long-lived objects frozen.
     keep_freed_memory()
     gc.freeze()
@@ -68,7 +67,7 @@ def main() -> int:
 
     print(
         f"model {model.info.version} on {model.device} (bf16={model.bf16}), "
-        f"torch threads {torch.get_num_threads()}, batch {batch_size}"
+        f"torch threads {torch.get_num_threads()}, batch {args.batch_size}"
     )
     with tempfile.TemporaryDirectory() as scratch:
         folder = Path(scratch)
@@ -94,8 +93,8 @@ def main() -> int:
                 torch.inference_mode(),
                 torch.autocast(model.device.type, dtype=torch.bfloat16, enabled=model.bf16),
             ):
-                for start in range(0, inputs.shape[0], batch_size):
-                    batch = inputs[start : start + batch_size].to(model.device)
+                for start in range(0, inputs.shape[0], args.batch_size):
+                    batch = inputs[start : start + args.batch_size].to(model.device)
                     model.module(batch.contiguous(memory_format=torch.channels_last))
             sync()
             return time.perf_counter() - started
@@ -103,14 +102,16 @@ def main() -> int:
         def fp32_eager() -> float:
             started = time.perf_counter()
             with torch.inference_mode():
-                for start in range(0, inputs.shape[0], batch_size):
-                    plain.module(inputs[start : start + batch_size].to(plain.device))
+                for start in range(0, inputs.shape[0], args.batch_size):
+                    plain.module(inputs[start : start + args.batch_size].to(plain.device))
             sync()
             return time.perf_counter() - started
 
         def worker_path(run: int) -> tuple[float, dict[str, float]]:
             started = time.perf_counter()
-            analysis, headers = analyse_study(study.study_uid, paths, model, batch_size=batch_size)
+            analysis, headers = analyse_study(
+                study.study_uid, paths, model, batch_size=args.batch_size
+            )
             build_study_outputs(
                 analysis,
                 headers,

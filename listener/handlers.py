@@ -330,7 +330,7 @@ def _store(
     association_id: int | None,
 ) -> int:
     settings = state.settings
-    if size > settings.max_instance_bytes or len(data) < size:
+    if size > settings.max_instance_bytes:  # the reader keeps no more than that of it
         raise _Refused(
             OUT_OF_RESOURCES,
             f"data set of {size} bytes exceeds HRCT_MAX_INSTANCE_BYTES "
