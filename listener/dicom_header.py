@@ -6,30 +6,46 @@ walks the element headers of the top-level data set, keeps the values of ``WANTE
 every other value by its length. Undefined-length sequences and encapsulated pixel data are
 walked item by item only to find where they end. A data set that ends inside an element, or bytes
 that are not DICOM at all, raise :class:`MalformedDataSet` before anything is written.
+
+The kept values are decoded here too: pydicom's element conversion cost more per instance than
+the walk, and plain ASCII (every UID, and nearly every modality, accession number and series
+description) needs none of it. Only text with other bytes goes through pydicom, in the data
+set's Specific Character Set.
 """
 
 from __future__ import annotations
 
 import struct
 import zlib
+from dataclasses import dataclass
 
 from pydicom import uid
 from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.tag import Tag
 
+SPECIFIC_CHARACTER_SET = 0x00080005
+SOP_CLASS_UID = 0x00080016
+SOP_INSTANCE_UID = 0x00080018
+ACCESSION_NUMBER = 0x00080050
+MODALITY = 0x00080060
+SERIES_DESCRIPTION = 0x0008103E
+STUDY_INSTANCE_UID = 0x0020000D
+SERIES_INSTANCE_UID = 0x0020000E
+SERIES_NUMBER = 0x00200011
+
 # Top-level attributes the listener records (and the character set they are encoded in).
 WANTED = frozenset(
     {
-        0x00080005,  # Specific Character Set
-        0x00080016,  # SOP Class UID
-        0x00080018,  # SOP Instance UID
-        0x00080050,  # Accession Number
-        0x00080060,  # Modality
-        0x0008103E,  # Series Description
-        0x0020000D,  # Study Instance UID
-        0x0020000E,  # Series Instance UID
-        0x00200011,  # Series Number
+        SPECIFIC_CHARACTER_SET,
+        SOP_CLASS_UID,
+        SOP_INSTANCE_UID,
+        ACCESSION_NUMBER,
+        MODALITY,
+        SERIES_DESCRIPTION,
+        STUDY_INSTANCE_UID,
+        SERIES_INSTANCE_UID,
+        SERIES_NUMBER,
     }
 )
 
@@ -51,8 +67,58 @@ class MalformedDataSet(ValueError):
     """The bytes are not one complete DICOM data set in the negotiated transfer syntax."""
 
 
-def read_header(data: bytes | memoryview, transfer_syntax: str) -> Dataset:
-    """A Dataset holding the ``WANTED`` attributes present in ``data`` (undecoded until read).
+@dataclass(frozen=True)
+class Header:
+    """The ``WANTED`` attributes of a received data set, as their bytes, decoded on request."""
+
+    elements: dict[int, RawDataElement]
+    implicit: bool
+    little: bool
+
+    def uid(self, tag: int) -> str | None:
+        """A UI value without its padding, unvalidated (``db.storage.validate_uid`` does it)."""
+        element = self.elements.get(tag)
+        if element is None or element.value is None:
+            return None
+        return element.value.decode("latin-1").rstrip("\0 ")
+
+    def text(self, tag: int) -> str | None:
+        """A CS/SH/LO/IS value without its padding; None when absent or empty. Values with bytes
+        beyond ASCII are decoded by pydicom in the data set's Specific Character Set; one that
+        cannot be decoded counts as absent (not worth refusing the instance for)."""
+        element = self.elements.get(tag)
+        if element is None or not element.value:
+            return None
+        raw: bytes = element.value
+        if raw.isascii():
+            text = raw.decode("ascii").strip("\0 ")
+        else:
+            try:
+                text = str(self._with_character_set(element).get(Tag(tag)).value)
+            except Exception:
+                return None
+        return text or None
+
+    def integer(self, tag: int) -> int | None:
+        """An IS value with one integer, else None."""
+        text = self.text(tag)
+        try:
+            return int(text) if text is not None else None
+        except ValueError:
+            return None
+
+    def _with_character_set(self, element: RawDataElement) -> Dataset:
+        dataset = Dataset()
+        character_set = self.elements.get(SPECIFIC_CHARACTER_SET)
+        if character_set is not None:
+            dataset[character_set.tag] = character_set
+        dataset[element.tag] = element
+        dataset.set_original_encoding(self.implicit, self.little)
+        return dataset
+
+
+def read_header(data: bytes | memoryview, transfer_syntax: str) -> Header:
+    """The ``WANTED`` attributes present in ``data``.
 
     ``data`` is the data set as received, without File Meta Information. Raises
     MalformedDataSet when it is truncated or not DICOM.
@@ -66,11 +132,7 @@ def read_header(data: bytes | memoryview, transfer_syntax: str) -> Dataset:
     little = transfer_syntax != uid.ExplicitVRBigEndian
     walker = _Walker(memoryview(data), implicit=implicit, little=little)
     walker.walk(0, depth=0)
-    dataset = Dataset()
-    for element in walker.kept:
-        dataset[element.tag] = element  # raw, decoded on access
-    dataset.set_original_encoding(implicit, little)
-    return dataset
+    return Header({int(element.tag): element for element in walker.kept}, implicit, little)
 
 
 class _Walker:

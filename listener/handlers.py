@@ -18,7 +18,6 @@ from io import BytesIO
 from pathlib import Path
 from typing import Any
 
-from pydicom.dataset import Dataset
 from pynetdicom import events
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -29,7 +28,19 @@ from db.storage import InvalidUID, validate_uid
 from listener.access import AccessPolicy
 from listener.backlog import Backlog
 from listener.commits import GroupCommit
-from listener.dicom_header import MalformedDataSet, read_header
+from listener.dicom_header import (
+    ACCESSION_NUMBER,
+    MODALITY,
+    SERIES_DESCRIPTION,
+    SERIES_INSTANCE_UID,
+    SERIES_NUMBER,
+    SOP_CLASS_UID,
+    SOP_INSTANCE_UID,
+    STUDY_INSTANCE_UID,
+    Header,
+    MalformedDataSet,
+    read_header,
+)
 from listener.metrics import ListenerMetrics, rejection_kind
 from listener.spool import (
     content_hash,
@@ -369,10 +380,10 @@ def _store(
             path=str(spooled.path),
             size_bytes=spooled.size_bytes,
             sha256=sha256,
-            modality=_text(header, "Modality", 16),
-            series_number=_int(header, "SeriesNumber"),
-            series_description=_text(header, "SeriesDescription", 64),
-            accession_number=_text(header, "AccessionNumber", 16),
+            modality=_clipped(header.text(MODALITY), 16),
+            series_number=header.integer(SERIES_NUMBER),
+            series_description=_clipped(header.text(SERIES_DESCRIPTION), 64),
+            accession_number=_clipped(header.text(ACCESSION_NUMBER), 16),
             calling_ae=str(request.assoc.requestor.ae_title).strip(),
         )
         superseded = _record(state, facts, association_id)
@@ -461,13 +472,13 @@ def _remove_superseded(path: Path) -> None:
         log.warning("could not remove a superseded spool file: %s", error.strerror)
 
 
-def _identify(header: Dataset, request: StoreRequest) -> tuple[str, str, str, str]:
+def _identify(header: Header, request: StoreRequest) -> tuple[str, str, str, str]:
     """Study, series, SOP instance and SOP class UIDs, checked against the request."""
     try:
-        sop_uid = validate_uid(header.get("SOPInstanceUID"), "SOPInstanceUID")
-        sop_class = validate_uid(header.get("SOPClassUID"), "SOPClassUID")
-        study_uid = validate_uid(header.get("StudyInstanceUID"), "StudyInstanceUID")
-        series_uid = validate_uid(header.get("SeriesInstanceUID"), "SeriesInstanceUID")
+        sop_uid = validate_uid(header.uid(SOP_INSTANCE_UID), "SOPInstanceUID")
+        sop_class = validate_uid(header.uid(SOP_CLASS_UID), "SOPClassUID")
+        study_uid = validate_uid(header.uid(STUDY_INSTANCE_UID), "StudyInstanceUID")
+        series_uid = validate_uid(header.uid(SERIES_INSTANCE_UID), "SeriesInstanceUID")
     except InvalidUID as error:
         raise _Refused(INVALID_UID, str(error), "invalid_uid") from None
     if sop_class != request.abstract_syntax:
@@ -487,17 +498,5 @@ def _identify(header: Dataset, request: StoreRequest) -> tuple[str, str, str, st
     return study_uid, series_uid, sop_uid, sop_class
 
 
-def _text(dataset: Dataset, keyword: str, limit: int) -> str | None:
-    try:
-        value = dataset.get(keyword)
-    except Exception:  # a value in an unknown character set: not worth refusing the instance
-        return None
-    return str(value)[:limit] if value not in (None, "") else None
-
-
-def _int(dataset: Dataset, keyword: str) -> int | None:
-    try:
-        value = dataset.get(keyword)
-        return int(value) if value not in (None, "") else None
-    except (TypeError, ValueError):
-        return None
+def _clipped(value: str | None, limit: int) -> str | None:
+    return value[:limit] if value is not None else None
