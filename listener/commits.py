@@ -9,6 +9,12 @@ picks up its outcome. Alone (one association) a thread commits its own row strai
 no hand-off to another thread; under load each flush carries many rows, and in-process writers
 queue on a lock instead of SQLite's sleeping busy handler.
 
+The committing thread runs the common cases (a new instance of a receiving study, an identical
+resend) as Core statements on a connection the group keeps open, in a bare transaction: an ORM
+session per commit cost more Python than the statements themselves. An instance that needs the
+full transition (a changed version, a study already complete) gets a session joined to the same
+transaction.
+
 Nothing is acknowledged before the transaction holding its row has committed. A batch that
 fails is tried again one row per transaction, so one bad row fails only its own C-STORE, and a
 row that lost a race on its unique key to another listener process (the same instance sent over
@@ -17,14 +23,15 @@ two associations at once) is found on the second try and recorded as the identic
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from dataclasses import dataclass, field
 from datetime import datetime
 
+from sqlalchemy import Connection, Engine
 from sqlalchemy.orm import Session, sessionmaker
 
 from db import worklist
-from db.session import transaction
 
 # Rows per transaction at most: bounds how long one commit holds the write lock.
 MAX_BATCH = 64
@@ -51,6 +58,8 @@ class GroupCommit:
 
     def __init__(self, sessions: sessionmaker[Session]) -> None:
         self._sessions = sessions
+        self._engine: Engine = sessions.kw["bind"]
+        self._connection: Connection | None = None  # used only under the commit lock
         self._pending: list[_Pending] = []
         self._queue_lock = threading.Lock()
         self._commit_lock = threading.Lock()
@@ -77,15 +86,13 @@ class GroupCommit:
 
     def _commit(self, batch: list[_Pending]) -> None:
         try:
-            with transaction(self._sessions) as session:
-                outcomes = [_record(session, item) for item in batch]
+            outcomes = self._in_one_transaction(batch)
         except Exception:
             # One at a time, so only a bad row fails; this also settles a row that lost a race
             # with another listener process for the same instance (it is found, identical).
             for item in batch:
                 try:
-                    with transaction(self._sessions) as session:
-                        outcome = _record(session, item)
+                    (outcome,) = self._in_one_transaction([item])
                 except Exception as single_error:
                     _finish(item, None, single_error)
                 else:
@@ -93,6 +100,44 @@ class GroupCommit:
             return
         for item, outcome in zip(batch, outcomes, strict=True):
             _finish(item, outcome, None)
+
+    def _in_one_transaction(self, batch: list[_Pending]) -> list[Outcome]:
+        try:
+            if self._connection is None:
+                self._connection = self._engine.connect()
+            with self._connection.begin():
+                return [_record_on(self._connection, item) for item in batch]
+        except Exception:
+            self._drop_connection()  # it may be the broken part (a restarted server)
+            raise
+
+    def _drop_connection(self) -> None:
+        connection, self._connection = self._connection, None
+        if connection is not None:
+            with contextlib.suppress(Exception):  # it is gone either way
+                connection.invalidate()
+
+    def close(self) -> None:
+        """Give the kept connection back (the listener is stopping)."""
+        with self._commit_lock:
+            if self._connection is not None:
+                self._connection.close()
+                self._connection = None
+
+
+def _record_on(connection: Connection, item: _Pending) -> Outcome:
+    """The row of one instance in the connection's transaction."""
+    recorded = worklist.record_instance_quickly(
+        connection, item.facts, association_id=item.association_id, now=item.now
+    )
+    if recorded is not None:
+        return Outcome(recorded, None)
+    # A session joined to the connection's transaction (SQLAlchemy's default for a connection
+    # already in one): it flushes into it, and its close leaves the commit to our block.
+    with Session(bind=connection) as session:
+        outcome = _record(session, item)
+        session.flush()
+        return outcome
 
 
 def _record(session: Session, item: _Pending) -> Outcome:

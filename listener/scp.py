@@ -237,6 +237,7 @@ class Listener:
             self.metrics_server.stop()
         if self._thread is not None:
             self._thread.join(timeout=10)
+        self.state.commits.close()
         if self._lock is not None:
             self._lock.release()
             self._lock = None

@@ -19,7 +19,7 @@ from pathlib import Path
 import pydicom
 import pytest
 from pynetdicom import AE
-from sqlalchemy import event, select
+from sqlalchemy import Connection, event, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from db import worklist
@@ -281,16 +281,16 @@ def test_rows_that_queue_during_a_commit_share_the_next_one(
 def test_a_bad_row_fails_alone(
     sessions: sessionmaker[Session], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    real = worklist.record_instance
+    real = worklist.record_instance_quickly
 
-    def record_instance(
-        session: Session, facts: worklist.InstanceFacts, **kwargs: object
+    def record_instance_quickly(
+        connection: Connection, facts: worklist.InstanceFacts, **kwargs: object
     ) -> object:
         if facts.sop_instance_uid.endswith(".2"):
             raise RuntimeError("this row cannot be written")
-        return real(session, facts, **kwargs)  # type: ignore[arg-type]
+        return real(connection, facts, **kwargs)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(commits.worklist, "record_instance", record_instance)
+    monkeypatch.setattr(commits.worklist, "record_instance_quickly", record_instance_quickly)
     # when one of four rows that share a commit fails
     results = _queue_while_committing(GroupCommit(sessions), 4)
     # then only its C-STORE fails; the other three are committed

@@ -48,7 +48,7 @@ from db.worklist.delivery import (
     release_delivery,
     settle_delivery,
 )
-from db.worklist.ingest import complete_ready_studies, record_instance
+from db.worklist.ingest import complete_ready_studies, record_instance, record_instance_quickly
 from db.worklist.operator import (
     CANCELLED_REASON,
     PURGEABLE,
@@ -104,6 +104,7 @@ __all__ = [
     "purge_candidates",
     "record_delivery",
     "record_instance",
+    "record_instance_quickly",
     "record_purge",
     "record_refusal",
     "release_delivery",

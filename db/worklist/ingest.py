@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import bindparam, exists, func, insert, select
+from sqlalchemy import Connection, bindparam, exists, func, insert, select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
@@ -29,19 +29,32 @@ def record_instance(
     session: Session, facts: InstanceFacts, *, association_id: int | None, now: datetime
 ) -> Recorded:
     session.flush()  # the statements below run on the connection, past the ORM's autoflush
-    existing_sha = (
-        session.connection()
-        .execute(
-            _ingest_statements(session).existing_sha,
-            {"sop_instance_uid": facts.sop_instance_uid},
-        )
-        .scalar_one_or_none()
+    recorded = record_instance_quickly(
+        session.connection(), facts, association_id=association_id, now=now
     )
+    if recorded is not None:
+        return recorded
+    return _record_instance_in_full(session, facts, association_id=association_id, now=now)
+
+
+def record_instance_quickly(
+    connection: Connection, facts: InstanceFacts, *, association_id: int | None, now: datetime
+) -> Recorded | None:
+    """``record_instance`` for the two common cases, on a bare connection in a transaction (the
+    listener's group commit holds one, with no ORM session to pay for): an identical resend, and
+    a new instance of a study still receiving. None, with at most the study's last-instance time
+    changed, when the instance needs the full transition of ``record_instance``."""
+    existing_sha = connection.execute(
+        _ingest_statements(connection).existing_sha,
+        {"sop_instance_uid": facts.sop_instance_uid},
+    ).scalar_one_or_none()
     if existing_sha == facts.sha256:
         return Recorded.IDENTICAL
-    if existing_sha is None and _record_new_in_receiving_study(session, facts, association_id, now):
+    if existing_sha is None and _record_new_in_receiving_study(
+        connection, facts, association_id, now
+    ):
         return Recorded.NEW
-    return _record_instance_in_full(session, facts, association_id=association_id, now=now)
+    return None
 
 
 def _upsert(session: Session, model: type[Any]) -> Any:
@@ -64,8 +77,8 @@ class _IngestStatements:
 _INGEST_STATEMENTS: dict[str, _IngestStatements] = {}
 
 
-def _ingest_statements(session: Session) -> _IngestStatements:
-    dialect = session.get_bind().dialect.name
+def _ingest_statements(connection: Connection) -> _IngestStatements:
+    dialect = connection.dialect.name
     built = _INGEST_STATEMENTS.get(dialect)
     if built is None:  # two threads may both build it; either copy is the same
         built = _INGEST_STATEMENTS[dialect] = _build_ingest_statements(dialect)
@@ -129,18 +142,17 @@ def _build_ingest_statements(dialect: str) -> _IngestStatements:
 
 
 def _record_new_in_receiving_study(
-    session: Session, facts: InstanceFacts, association_id: int | None, now: datetime
+    connection: Connection, facts: InstanceFacts, association_id: int | None, now: datetime
 ) -> bool:
     """The common case in three statements (the listener's hot path): a new instance of a study
     that is still receiving. False, with nothing but the study's last-instance time changed,
     when the study has moved on and needs the full transition in ``_record_instance_in_full``.
 
     The study upsert locks the study row like ``SELECT ... FOR UPDATE`` would, so completion
-    cannot slip between it and the instance insert. Core statements on the session's connection,
+    cannot slip between it and the instance insert. Core statements on the connection,
     prepared once (``_ingest_statements``): the ORM adds nothing here but time.
     """
-    statements = _ingest_statements(session)
-    connection = session.connection()
+    statements = _ingest_statements(connection)
     study_id, status = connection.execute(
         statements.study,
         {
