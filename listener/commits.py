@@ -15,7 +15,10 @@ session per commit cost more Python than the statements themselves. An instance 
 full transition (a changed version, a study already complete) gets a session joined to the same
 transaction.
 
-Nothing is acknowledged before the transaction holding its row has committed. A batch that
+Nothing is acknowledged before the transaction holding its row has committed. Rows are committed
+while their files' fsyncs run (``listener.spool``), except a row that replaces an acknowledged
+version of an instance: the transaction waits for that file (``durable``) before it commits, so
+the worklist never trades a version on disk for one that may not be. A batch that
 fails is tried again one row per transaction, so one bad row fails only its own C-STORE, and a
 row that lost a race on its unique key to another listener process (the same instance sent over
 two associations at once) is found on the second try and recorded as the identical resend it is.
@@ -25,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 
@@ -48,6 +52,7 @@ class _Pending:
     facts: worklist.InstanceFacts
     association_id: int | None
     now: datetime
+    durable: Callable[[], object] | None
     outcome: Outcome | None = None
     error: BaseException | None = None
     done: bool = field(default=False)
@@ -65,10 +70,15 @@ class GroupCommit:
         self._commit_lock = threading.Lock()
 
     def record(
-        self, facts: worklist.InstanceFacts, association_id: int | None, now: datetime
+        self,
+        facts: worklist.InstanceFacts,
+        association_id: int | None,
+        now: datetime,
+        durable: Callable[[], object] | None = None,
     ) -> Outcome:
-        """Commit the instance's row (perhaps with others'); raises what the commit raised."""
-        item = _Pending(facts, association_id, now)
+        """Commit the instance's row (perhaps with others'); raises what the commit raised, or
+        what ``durable`` (waiting for the instance's file) raised before a replacing row."""
+        item = _Pending(facts, association_id, now, durable)
         with self._queue_lock:
             self._pending.append(item)
         while not item.done:
@@ -106,7 +116,11 @@ class GroupCommit:
             if self._connection is None:
                 self._connection = self._engine.connect()
             with self._connection.begin():
-                return [_record_on(self._connection, item) for item in batch]
+                outcomes = [_record_on(self._connection, item) for item in batch]
+                for item, outcome in zip(batch, outcomes, strict=True):
+                    if outcome.recorded is worklist.Recorded.REPLACED and item.durable:
+                        item.durable()
+                return outcomes
         except Exception:
             self._drop_connection()  # it may be the broken part (a restarted server)
             raise

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from io import BytesIO
@@ -27,7 +28,7 @@ from db.settings import Settings
 from db.storage import InvalidUID, validate_uid
 from listener.access import AccessPolicy
 from listener.backlog import Backlog
-from listener.commits import GroupCommit
+from listener.commits import GroupCommit, Outcome
 from listener.dicom_header import (
     ACCESSION_NUMBER,
     MODALITY,
@@ -43,12 +44,13 @@ from listener.dicom_header import (
 )
 from listener.metrics import ListenerMetrics, rejection_kind
 from listener.spool import (
+    Syncing,
     content_hash,
     file_meta,
     free_bytes,
     fsync_dir,
     instance_path,
-    write_instance,
+    start_instance,
 )
 
 log = logging.getLogger("hrct.listener")
@@ -363,22 +365,17 @@ def _store(
         sha256 = content_hash(meta, data)
         path = instance_path(state.spool_dir, study_uid, series_uid, sop_uid, sha256)
         try:
-            spooled = write_instance(path, meta, data, sha256)
+            syncing = start_instance(path, meta, data, sha256)
         except OSError as error:
-            raise _Refused(
-                OUT_OF_RESOURCES,
-                f"spool write failed: {error.strerror}",
-                "spool_write",
-                transient=True,
-            ) from None
+            raise _spool_write_failed(error) from None
         facts = worklist.InstanceFacts(
             study_uid=study_uid,
             series_uid=series_uid,
             sop_instance_uid=sop_uid,
             sop_class_uid=sop_class,
             transfer_syntax_uid=transfer_syntax,
-            path=str(spooled.path),
-            size_bytes=spooled.size_bytes,
+            path=str(path),
+            size_bytes=syncing.spooled.size_bytes,
             sha256=sha256,
             modality=_clipped(header.text(MODALITY), 16),
             series_number=header.integer(SERIES_NUMBER),
@@ -386,14 +383,47 @@ def _store(
             accession_number=_clipped(header.text(ACCESSION_NUMBER), 16),
             calling_ae=str(request.assoc.requestor.ae_title).strip(),
         )
-        superseded = _record(state, facts, association_id)
+        try:  # the row is committed while the file's fsyncs run (listener.spool)
+            outcome = _record(state, facts, association_id, syncing.wait)
+        finally:
+            sync_error = _synced(syncing)
+        if sync_error is not None:
+            _forget_unsynced(state, facts, outcome)
+            raise _spool_write_failed(sync_error)
     except _Refused as refusal:
         refusal.study_uid = study_uid
         _record_refusal(state, association_id, study_uid, sop_uid, refusal)
         raise
-    if superseded is not None and superseded != str(spooled.path):
-        _remove_superseded(Path(superseded))
+    if outcome.superseded is not None and outcome.superseded != str(path):
+        _remove_superseded(Path(outcome.superseded))
     return SUCCESS
+
+
+def _spool_write_failed(error: OSError) -> _Refused:
+    return _Refused(
+        OUT_OF_RESOURCES, f"spool write failed: {error.strerror}", "spool_write", transient=True
+    )
+
+
+def _synced(syncing: Syncing) -> OSError | None:
+    """Wait for the file's fsyncs; the error that kept it off the disk, if one did."""
+    try:
+        syncing.wait()
+    except OSError as error:
+        return error
+    return None
+
+
+def _forget_unsynced(state: ListenerState, facts: worklist.InstanceFacts, outcome: Outcome) -> None:
+    """The row was committed but its file's fsync failed: take a new row back, so the worklist
+    names no file the scanner was not told is safe (it will send it again)."""
+    if outcome.recorded is not worklist.Recorded.NEW:
+        return  # an identical resend: the row names the version acknowledged before
+
+    def forget(session: Session) -> None:
+        worklist.forget_instance(session, facts.sop_instance_uid, facts.sha256)
+
+    state.backlog.write(f"withdrawal of {facts.sop_instance_uid}", forget)
 
 
 def _check_free_space(state: ListenerState, size: int) -> None:
@@ -416,11 +446,17 @@ def _check_free_space(state: ListenerState, size: int) -> None:
 
 
 def _record(
-    state: ListenerState, facts: worklist.InstanceFacts, association_id: int | None
-) -> str | None:
-    """Commit the instance row; returns the file of a version it replaced, if any."""
+    state: ListenerState,
+    facts: worklist.InstanceFacts,
+    association_id: int | None,
+    durable: Callable[[], object],
+) -> Outcome:
+    """Commit the instance row (``durable`` waits for its file, before a row that replaces an
+    acknowledged version is committed)."""
     try:  # committed with the rows of other associations' C-STOREs (listener.commits)
-        outcome = state.commits.record(facts, association_id, _now())
+        outcome = state.commits.record(facts, association_id, _now(), durable)
+    except OSError as error:  # the file of a changed version did not reach the disk
+        raise _spool_write_failed(error) from None
     except Exception as error:  # database unreachable: the scanner must keep its copy
         raise _Refused(
             OUT_OF_RESOURCES,
@@ -434,7 +470,7 @@ def _record(
             facts.sop_instance_uid,
             extra={"study_uid": facts.study_uid, "association": association_id},
         )
-    return outcome.superseded
+    return outcome
 
 
 def _record_refusal(

@@ -14,6 +14,12 @@ name, and each is settled before the listener accepts an association:
 * a finished file of an instance the worklist knows under another file: either the version a
   committed replacement superseded (its removal was interrupted) or an unacknowledged change;
   removed, since the worklist's version is the one acknowledged last.
+
+And one kind of row: the listener commits an instance's row while its file's fsyncs run
+(``listener.spool``), so a power cut can leave a row whose file is partial or missing. Its C-STORE
+was never answered, its association was open, so its study is still receiving: every file of the
+studies still receiving is hashed, and a row whose file does not match its hash is deleted with
+the file (the scanner, told nothing, sends the instance again).
 """
 
 from __future__ import annotations
@@ -44,11 +50,18 @@ class Reconciliation:
     associations_orphaned: int = 0
     adopted: int = 0
     stale_removed: int = 0
+    unsynced_forgotten: int = 0
 
     @property
     def anything(self) -> bool:
         return any(
-            (self.partial_removed, self.associations_orphaned, self.adopted, self.stale_removed)
+            (
+                self.partial_removed,
+                self.associations_orphaned,
+                self.adopted,
+                self.stale_removed,
+                self.unsynced_forgotten,
+            )
         )
 
 
@@ -58,6 +71,8 @@ def reconcile(spool_dir: Path, sessions: sessionmaker[Session]) -> Reconciliatio
     partial = remove_partial_files(spool_dir)
     with transaction(sessions) as session:
         orphaned = worklist.close_orphaned_associations(session, now=now)
+    forgotten = _forget_unsynced(sessions)
+    with transaction(sessions) as session:
         known = {str(Path(path).resolve()) for path in worklist.spooled_paths(session)}
     adopted = stale = 0
     for path in spooled_files(spool_dir):
@@ -71,17 +86,40 @@ def reconcile(spool_dir: Path, sessions: sessionmaker[Session]) -> Reconciliatio
             log.warning("spool file %s cannot be adopted (%s)", path.name, type(error).__name__)
         path.unlink(missing_ok=True)
         stale += 1
-    result = Reconciliation(partial, orphaned, adopted, stale)
+    result = Reconciliation(partial, orphaned, adopted, stale, forgotten)
     if result.anything:
         log.warning(
             "recovered from an unclean stop: %d partial files removed, %d associations closed, "
-            "%d unacknowledged instances adopted, %d stale files removed",
+            "%d unacknowledged instances adopted, %d stale files removed, "
+            "%d unacknowledged rows whose file did not reach the disk forgotten",
             partial,
             orphaned,
             adopted,
             stale,
+            forgotten,
         )
     return result
+
+
+def _forget_unsynced(sessions: sessionmaker[Session]) -> int:
+    """Delete the rows of receiving studies whose file is missing or not what the row hashed."""
+    with transaction(sessions) as session:
+        rows = worklist.receiving_instances(session)
+    lost = [(sop, path, sha256) for sop, path, sha256 in rows if not _whole(Path(path), sha256)]
+    for sop, path, sha256 in lost:
+        with transaction(sessions) as session:
+            worklist.forget_instance(session, sop, sha256)
+        Path(path).unlink(missing_ok=True)
+        log.warning("instance %s was never acknowledged and its file is not whole: forgotten", sop)
+    return len(lost)
+
+
+def _whole(path: Path, sha256: str) -> bool:
+    try:
+        with path.open("rb") as spooled:
+            return hashlib.file_digest(spooled, "sha256").hexdigest() == sha256
+    except OSError:
+        return False
 
 
 def _adopt(path: Path, sessions: sessionmaker[Session]) -> bool:

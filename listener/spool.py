@@ -11,10 +11,19 @@ and its folder are fsynced at the same time (two fsyncs in flight cost about one
 after the other cost two). A folder made for the instance has its parent fsynced too
 (``make_folder``). When ``write_instance`` returns, the file and its name are on disk.
 
+``start_instance`` returns with those fsyncs still in flight, so that the listener commits the
+instance's worklist row meanwhile: the disk's flush and the database's at once, instead of one
+after the other. Success is answered only after ``Syncing.wait``. A power cut after the commit but
+before the fsyncs can leave a row whose file is partial or missing; such a row belongs to a study
+still receiving (its association was open), and start-up reconciliation checks every file of
+those studies against its row's hash (``listener.reconcile``). A changed version of an instance
+is different: its row replaces the acknowledged one, so it is committed only once its file is on
+disk (``listener.commits``).
+
 A power cut before the fsyncs can leave a final name whose content never reached the disk. Such
-a file was never acknowledged (the worklist row, and so the success status, comes after the
-fsyncs), and start-up reconciliation tells it apart by its content hash, which must match its
-name (``name_matches_content``). A crash also leaves at most temporary files, which start-up
+a file was never acknowledged (success comes only after the fsyncs); when the worklist does not
+name it, start-up reconciliation tells it apart by its content hash, which must match its name
+(``name_matches_content``). A crash also leaves at most temporary files, which start-up
 removes.
 """
 
@@ -29,7 +38,7 @@ import threading
 import uuid
 from collections import OrderedDict
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,9 +51,9 @@ IMPLEMENTATION_CLASS_UID = "2.25." + str(
 )
 IMPLEMENTATION_VERSION = "HRCT_TRIAGE_01"
 _HASH_CHARS = 16  # 64 bits of the SHA-256 tell versions of one instance apart
-# Folder fsyncs run here while the association's own thread fsyncs the file (fsync releases the
-# GIL); a few threads serve every association of the process.
-_FOLDER_SYNCS = ThreadPoolExecutor(max_workers=4, thread_name_prefix="hrct-fsync")
+# The fsyncs of spooled files and of their folders run here, beside the worklist commit (fsync
+# releases the GIL): two per C-STORE in flight, for every association of the process.
+_SYNCS = ThreadPoolExecutor(max_workers=32, thread_name_prefix="hrct-fsync")
 # Instance folders whose entries this process has made durable (``make_folder``), newest last.
 _DURABLE_FOLDERS: OrderedDict[Path, None] = OrderedDict()
 _DURABLE_FOLDERS_KEPT = 1024
@@ -119,6 +128,26 @@ def write_instance(
     path: Path, meta: bytes, dataset: bytes | memoryview, sha256: str
 ) -> SpooledFile:
     """Write File Meta + data set to ``path`` durably (see the module docstring)."""
+    return start_instance(path, meta, dataset, sha256).wait()
+
+
+@dataclass
+class Syncing:
+    """A spooled file whose name is published and whose fsyncs (the file's and its folder's)
+    run in other threads; ``wait`` returns once both are done, or raises what one raised."""
+
+    spooled: SpooledFile
+    _syncs: tuple[Future[None], ...]
+
+    def wait(self) -> SpooledFile:
+        for sync in self._syncs:
+            sync.result()
+        return self.spooled
+
+
+def start_instance(path: Path, meta: bytes, dataset: bytes | memoryview, sha256: str) -> Syncing:
+    """Write File Meta + data set to ``path`` and start making it durable: the caller commits
+    the instance's worklist row while the disk flushes, and answers only after ``wait``."""
     folder = path.parent
     make_folder(folder)
     temporary = folder / f".{path.name}.{uuid.uuid4().hex}{TEMP_SUFFIX}"
@@ -127,6 +156,7 @@ def write_instance(
     except FileNotFoundError:  # the folder was removed since (``purge``): make it again
         make_folder(folder, again=True)
         fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
+    spooled = SpooledFile(path, len(meta) + len(dataset), sha256)
     try:
         _write_all(fd, meta, dataset)
         published = _publish(fd, temporary, path)
@@ -134,14 +164,20 @@ def write_instance(
         os.close(fd)
         temporary.unlink(missing_ok=True)
         raise
-    os.close(fd)
+    if published is None:  # no hard links here: already synced the classic way
+        os.close(fd)
+        return Syncing(spooled, ())
     if not published:  # the same bytes are already under this name: make those durable
+        os.close(fd)
         fd = os.open(path, os.O_RDONLY)
-        try:
-            _sync_with_folder(fd, folder)
-        finally:
-            os.close(fd)
-    return SpooledFile(path, len(meta) + len(dataset), sha256)
+    return Syncing(spooled, (_SYNCS.submit(_fsync_and_close, fd), _SYNCS.submit(fsync_dir, folder)))
+
+
+def _fsync_and_close(fd: int) -> None:
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _write_all(fd: int, meta: bytes, dataset: bytes | memoryview) -> None:
@@ -155,9 +191,11 @@ def _write_all(fd: int, meta: bytes, dataset: bytes | memoryview) -> None:
             buffers[0] = buffers[0][written:]
 
 
-def _publish(fd: int, temporary: Path, path: Path) -> bool:
-    """Give the whole temporary file (open as ``fd``) its final name and make both durable;
-    False, with the temporary removed, when a file of that name (same hash) is already there."""
+def _publish(fd: int, temporary: Path, path: Path) -> bool | None:
+    """Give the whole temporary file (open as ``fd``) its final name: True once linked, False
+    (temporary removed) when a file of that name (same hash) is already there, None when the
+    file system has no hard links and the file was renamed and synced one flush after the other.
+    """
     try:
         os.link(temporary, path)
     except FileExistsError:
@@ -166,23 +204,12 @@ def _publish(fd: int, temporary: Path, path: Path) -> bool:
     except OSError as error:
         if error.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.ENOSYS, errno.EMLINK):
             raise
-        # A file system without hard links: the classic order, one flush after the other.
         os.fsync(fd)
         os.replace(temporary, path)
         fsync_dir(path.parent)
-        return True
+        return None
     temporary.unlink()
-    _sync_with_folder(fd, path.parent)
     return True
-
-
-def _sync_with_folder(fd: int, folder: Path) -> None:
-    """fsync the file and its folder at once; both are done when this returns."""
-    folder_synced = _FOLDER_SYNCS.submit(fsync_dir, folder)
-    try:
-        os.fsync(fd)
-    finally:
-        folder_synced.result()
 
 
 def make_folder(folder: Path, *, again: bool = False) -> None:

@@ -6,6 +6,7 @@ with its chunked file sender, which puts the file's bytes on the wire undecoded.
 from __future__ import annotations
 
 import copy
+import errno
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,8 +21,9 @@ from pynetdicom.association import Association as ClientAssociation
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from db.models import Association, Instance, InstanceReplacement
+from db.models import Association, Instance, InstanceReplacement, Refusal
 from db.session import transaction
+from listener import spool
 from listener.scp import Listener
 from tests.conftest import listener_settings, thin_series, wait_until_no_open_association
 
@@ -238,3 +240,48 @@ def test_aborted_association_keeps_what_it_acknowledged(
     fresh.SOPInstanceUID = generate_uid()
     assert again.send_c_store(fresh).Status == 0x0000
     again.release()
+
+
+def test_an_instance_whose_file_fails_to_reach_the_disk_is_refused_and_forgotten(
+    small_listener: Listener,
+    phantom_dir: Path,
+    sqlite_sessions: sessionmaker[Session],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # given three slices, and a disk that fails the flush of the second one's file (its row is
+    # committed while that fsync runs)
+    slices = [pydicom.dcmread(path) for path in thin_series(phantom_dir)[:3]]
+    failing = str(slices[1].SOPInstanceUID)
+    flush = spool._fsync_and_close
+
+    def failing_flush(fd: int) -> None:
+        if failing in os.readlink(f"/proc/self/fd/{fd}"):
+            os.close(fd)
+            raise OSError(errno.EIO, "Input/output error")
+        flush(fd)
+
+    ae = AE(ae_title="CT_SCANNER")
+    ae.add_requested_context(slices[0].SOPClassUID, slices[0].file_meta.TransferSyntaxUID)
+    assoc = ae.associate("127.0.0.1", small_listener.port, ae_title="HRCT_TRIAGE")
+    assert assoc.is_established
+    # when they are sent in one association
+    with monkeypatch.context() as patch:
+        patch.setattr(spool, "_fsync_and_close", failing_flush)
+        statuses = [int(assoc.send_c_store(dataset).Status) for dataset in slices]
+    # then only that one fails, out of resources, so the scanner keeps it and sends it again
+    assert statuses == [0x0000, 0xA700, 0x0000]
+    with transaction(sqlite_sessions) as session:
+        recorded = set(session.scalars(select(Instance.sop_instance_uid)))
+        refusal = session.scalars(select(Refusal)).one()
+    # and the worklist does not name its file (the row committed meanwhile is taken back)
+    assert recorded == {str(slices[0].SOPInstanceUID), str(slices[2].SOPInstanceUID)}
+    assert (refusal.sop_instance_uid, refusal.status, refusal.transient) == (failing, 0xA700, True)
+    assert "Input/output error" in refusal.reason
+    # and when the scanner sends it again to a healthy disk, it is stored
+    assert int(assoc.send_c_store(slices[1]).Status) == 0x0000
+    assoc.release()
+    with transaction(sqlite_sessions) as session:
+        assert (
+            session.scalar(select(Instance.path).where(Instance.sop_instance_uid == failing))
+            is not None
+        )

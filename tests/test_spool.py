@@ -1,24 +1,34 @@
 """The spool's write path: a final name only ever holds whole content and is never swapped for a
 copy not yet on disk, and start-up reconciliation tells a file whose content never reached the
-disk (power cut before its fsync) from an unacknowledged but whole one."""
+disk (power cut before its fsync) from an unacknowledged but whole one, including the files of
+rows committed while their fsyncs ran."""
 
 from __future__ import annotations
 
+import errno
 import hashlib
+from dataclasses import replace
+from datetime import timedelta
 from pathlib import Path
 
 import pydicom
+import pytest
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
+from db import worklist
 from db.models import Instance
 from db.session import transaction
 from db.storage import TEMP_SUFFIX
 from listener import spool
+from listener.commits import GroupCommit
 from listener.reconcile import reconcile
 from tests.conftest import thin_series
+from tests.test_worklist import T0
+from tests.test_worklist import facts as _facts
 
 STUDY, SERIES, SOP = "1.2.826.0.1.3680043.10.2", "1.2.826.0.1.3680043.10.2.1", "1.2.3.4.5"
+T_QUIET = timedelta(seconds=1)
 
 
 def _write(spool_dir: Path, dataset: bytes) -> spool.SpooledFile:
@@ -86,3 +96,70 @@ def test_reconciliation_drops_a_file_whose_content_never_reached_the_disk(
         recorded = [row.sop_instance_uid for row in session.scalars(select(Instance))]
     assert recorded == [str(whole.SOPInstanceUID)]
     assert paths[0].is_file() and not paths[1].exists()
+
+
+def _recorded(
+    sessions: sessionmaker[Session], spool_dir: Path, study: str, sop: str, body: bytes
+) -> spool.SpooledFile:
+    """An instance written to the spool and its row committed, as the listener does."""
+    meta = spool.file_meta("1.2.840.10008.5.1.4.1.1.2", sop, "1.2.840.10008.1.2.1")
+    sha256 = spool.content_hash(meta, body)
+    path = spool.instance_path(spool_dir, study, f"{study}.1", sop, sha256)
+    spooled = spool.write_instance(path, meta, body, sha256)
+    facts = replace(_facts(sop, study=study, sha=sha256), path=str(path))
+    with transaction(sessions) as session:
+        worklist.record_instance(session, facts, association_id=None, now=T0)
+    return spooled
+
+
+def test_reconciliation_forgets_a_receiving_studys_row_whose_file_never_reached_the_disk(
+    tmp_path: Path, sqlite_sessions: sessionmaker[Session]
+) -> None:
+    # given a study that completed long ago (its instances were acknowledged)
+    spool_dir = tmp_path / "spool"
+    done = "1.2.826.0.1.3680043.10.8"
+    old = _recorded(sqlite_sessions, spool_dir, done, f"{done}.1.1", b"d" * 4096)
+    with transaction(sqlite_sessions) as session:
+        assert worklist.complete_ready_studies(session, quiet_seconds=0, now=T0 + T_QUIET)
+    # and a study still receiving whose rows were committed while their files' fsyncs ran
+    receiving = "1.2.826.0.1.3680043.10.7"
+    kept = _recorded(sqlite_sessions, spool_dir, receiving, f"{receiving}.1.1", b"a" * 4096)
+    damaged = _recorded(sqlite_sessions, spool_dir, receiving, f"{receiving}.1.2", b"b" * 4096)
+    missing = _recorded(sqlite_sessions, spool_dir, receiving, f"{receiving}.1.3", b"c" * 4096)
+    # when a power cut leaves one file with other content and another not at all (and the old
+    # study's file is damaged too)
+    damaged.path.write_bytes(bytes(damaged.size_bytes))
+    missing.path.unlink()
+    old.path.write_bytes(bytes(old.size_bytes))
+    # and the listener starts
+    result = reconcile(spool_dir, sqlite_sessions)
+    # then the receiving study's two rows are forgotten with their files (their senders never
+    # heard success); the whole one stays, and the completed study is not the start-up's to judge
+    assert result.unsynced_forgotten == 2
+    with transaction(sqlite_sessions) as session:
+        recorded = sorted(session.scalars(select(Instance.sop_instance_uid)))
+    assert recorded == [f"{receiving}.1.1", f"{done}.1.1"]
+    assert kept.path.is_file() and old.path.is_file()
+    assert not damaged.path.exists() and not missing.path.exists()
+
+
+def test_a_replacing_row_waits_for_its_file_and_a_new_row_does_not(
+    sqlite_sessions: sessionmaker[Session],
+) -> None:
+    def disk_failed() -> None:
+        raise OSError(errno.EIO, "Input/output error")
+
+    group = GroupCommit(sqlite_sessions)
+    try:
+        # a new instance's row commits without waiting for its file (its fsync runs meanwhile)
+        new = group.record(_facts("1.2.3.1.1", sha="a" * 64), None, T0, disk_failed)
+        assert new.recorded is worklist.Recorded.NEW
+        # a changed version's row waits for its file, and a file that failed changes nothing
+        with pytest.raises(OSError):
+            group.record(_facts("1.2.3.1.1", sha="b" * 64), None, T0, disk_failed)
+        with transaction(sqlite_sessions) as session:
+            assert session.scalars(select(Instance.sha256)).one() == "a" * 64
+        changed = group.record(_facts("1.2.3.1.1", sha="b" * 64), None, T0, lambda: None)
+        assert changed.recorded is worklist.Recorded.REPLACED
+    finally:
+        group.close()

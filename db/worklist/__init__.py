@@ -37,6 +37,7 @@ from db.worklist.associations import (
     close_association,
     close_orphaned_associations,
     open_association,
+    receiving_instances,
     record_refusal,
     replaced_path,
     spooled_paths,
@@ -48,7 +49,12 @@ from db.worklist.delivery import (
     release_delivery,
     settle_delivery,
 )
-from db.worklist.ingest import complete_ready_studies, record_instance, record_instance_quickly
+from db.worklist.ingest import (
+    complete_ready_studies,
+    forget_instance,
+    record_instance,
+    record_instance_quickly,
+)
 from db.worklist.operator import (
     CANCELLED_REASON,
     PURGEABLE,
@@ -94,6 +100,7 @@ __all__ = [
     "due_publications",
     "fail_analysis",
     "finish_analysis",
+    "forget_instance",
     "give_up",
     "live_holder",
     "live_holders",
@@ -102,6 +109,7 @@ __all__ = [
     "open_association",
     "pending_deliveries",
     "purge_candidates",
+    "receiving_instances",
     "record_delivery",
     "record_instance",
     "record_instance_quickly",

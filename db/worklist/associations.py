@@ -155,6 +155,18 @@ def spooled_paths(session: Session) -> set[str]:
     return set(session.scalars(select(Instance.path)))
 
 
+def receiving_instances(session: Session) -> list[tuple[str, str, str]]:
+    """(SOP Instance UID, path, SHA-256) of every instance of the studies still receiving: the
+    only rows a power cut can leave naming a file that never reached the disk (``listener.spool``).
+    """
+    rows = session.execute(
+        select(Instance.sop_instance_uid, Instance.path, Instance.sha256)
+        .join(Study, Study.id == Instance.study_id)
+        .where(Study.status == StudyStatus.RECEIVING)
+    )
+    return [(sop, path, sha256) for sop, path, sha256 in rows]
+
+
 def replaced_path(session: Session, sop_instance_uid: str) -> str | None:
     """The file of the version most recently replaced for this SOP instance, if any."""
     return session.scalar(

@@ -57,6 +57,21 @@ def record_instance_quickly(
     return None
 
 
+def forget_instance(session: Session, sop_instance_uid: str, sha256: str) -> bool:
+    """Delete the row of an instance the listener committed but could not make durable (its
+    sender was answered with a failure); False when the row now names another version."""
+    found = session.scalar(
+        select(Instance).where(
+            Instance.sop_instance_uid == sop_instance_uid, Instance.sha256 == sha256
+        )
+    )
+    if found is None:
+        return False
+    session.delete(found)
+    session.flush()
+    return True
+
+
 def _upsert(session: Session, model: type[Any]) -> Any:
     dialect = session.get_bind().dialect.name
     module: Any = postgresql if dialect == "postgresql" else sqlite
