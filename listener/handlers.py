@@ -45,11 +45,10 @@ from listener.dicom_header import (
 from listener.metrics import ListenerMetrics, rejection_kind
 from listener.spool import (
     Syncing,
-    content_hash,
     file_meta,
     free_bytes,
     fsync_dir,
-    instance_path,
+    instance_dir,
     start_instance,
 )
 
@@ -362,12 +361,12 @@ def _store(
     try:
         _check_free_space(state, len(data))
         meta = file_meta(sop_class, sop_uid, transfer_syntax)
-        sha256 = content_hash(meta, data)
-        path = instance_path(state.spool_dir, study_uid, series_uid, sop_uid, sha256)
+        folder = instance_dir(state.spool_dir, study_uid, series_uid)
         try:
-            syncing = start_instance(path, meta, data, sha256)
+            syncing = start_instance(folder, sop_uid, meta, data)
         except OSError as error:
             raise _spool_write_failed(error) from None
+        path, sha256 = syncing.spooled.path, syncing.spooled.sha256
         facts = worklist.InstanceFacts(
             study_uid=study_uid,
             series_uid=series_uid,

@@ -38,6 +38,7 @@ import threading
 import uuid
 from collections import OrderedDict
 from collections.abc import Iterator
+from concurrent import futures
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -74,15 +75,12 @@ def instance_dir(spool_dir: Path, study_uid: str, series_uid: str) -> Path:
     return spool_dir / study_uid / series_uid
 
 
-def instance_path(
-    spool_dir: Path, study_uid: str, series_uid: str, sop_uid: str, sha256: str
-) -> Path:
-    """Where one version of an instance lies; raises InvalidUID before any path is made."""
+def instance_name(sop_uid: str, sha256: str) -> str:
+    """``<sop>.<sha16>.dcm``; raises InvalidUID before any name is made."""
     validate_uid(sop_uid, "SOPInstanceUID")
     if len(sha256) != 64 or any(c not in "0123456789abcdef" for c in sha256):
         raise ValueError("sha256 must be 64 lowercase hex digits")
-    folder = instance_dir(spool_dir, study_uid, series_uid)
-    return folder / f"{sop_uid}.{sha256[:_HASH_CHARS]}.dcm"
+    return f"{sop_uid}.{sha256[:_HASH_CHARS]}.dcm"
 
 
 def file_meta(sop_class_uid: str, sop_instance_uid: str, transfer_syntax_uid: str) -> bytes:
@@ -125,10 +123,10 @@ def content_hash(meta: bytes, dataset: bytes | memoryview) -> str:
 
 
 def write_instance(
-    path: Path, meta: bytes, dataset: bytes | memoryview, sha256: str
+    folder: Path, sop_uid: str, meta: bytes, dataset: bytes | memoryview
 ) -> SpooledFile:
-    """Write File Meta + data set to ``path`` durably (see the module docstring)."""
-    return start_instance(path, meta, dataset, sha256).wait()
+    """Write File Meta + data set durably to ``folder`` (see the module docstring)."""
+    return start_instance(folder, sop_uid, meta, dataset).wait()
 
 
 @dataclass
@@ -145,25 +143,34 @@ class Syncing:
         return self.spooled
 
 
-def start_instance(path: Path, meta: bytes, dataset: bytes | memoryview, sha256: str) -> Syncing:
-    """Write File Meta + data set to ``path`` and start making it durable: the caller commits
-    the instance's worklist row while the disk flushes, and answers only after ``wait``."""
-    folder = path.parent
-    make_folder(folder)
-    temporary = folder / f".{path.name}.{uuid.uuid4().hex}{TEMP_SUFFIX}"
+def start_instance(folder: Path, sop_uid: str, meta: bytes, dataset: bytes | memoryview) -> Syncing:
+    """Write File Meta + data set to ``folder`` under its content's name and start making it
+    durable: the caller commits the instance's worklist row while the disk flushes, and answers
+    only after ``wait``. The content hash (the name) is computed in another thread while the
+    file is written (hashing and writing release the GIL)."""
+    hashing = _SYNCS.submit(content_hash, meta, dataset)
     try:
-        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
-    except FileNotFoundError:  # the folder was removed since (``purge``): make it again
-        make_folder(folder, again=True)
-        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
-    spooled = SpooledFile(path, len(meta) + len(dataset), sha256)
+        make_folder(folder)
+        temporary = folder / f".{sop_uid}.{uuid.uuid4().hex}{TEMP_SUFFIX}"
+        try:
+            fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
+        except FileNotFoundError:  # the folder was removed since (``purge``): make it again
+            make_folder(folder, again=True)
+            fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
+    except BaseException:
+        futures.wait([hashing])  # it reads ``dataset``, which the caller may reuse
+        raise
     try:
         _write_all(fd, meta, dataset)
+        sha256 = hashing.result()
+        path = folder / instance_name(sop_uid, sha256)
         published = _publish(fd, temporary, path)
     except BaseException:
+        futures.wait([hashing])
         os.close(fd)
         temporary.unlink(missing_ok=True)
         raise
+    spooled = SpooledFile(path, len(meta) + len(dataset), sha256)
     if published is None:  # no hard links here: already synced the classic way
         os.close(fd)
         return Syncing(spooled, ())

@@ -33,9 +33,7 @@ T_QUIET = timedelta(seconds=1)
 
 def _write(spool_dir: Path, dataset: bytes) -> spool.SpooledFile:
     meta = spool.file_meta("1.2.840.10008.5.1.4.1.1.2", SOP, "1.2.840.10008.1.2.1")
-    sha256 = spool.content_hash(meta, dataset)
-    path = spool.instance_path(spool_dir, STUDY, SERIES, SOP, sha256)
-    return spool.write_instance(path, meta, dataset, sha256)
+    return spool.write_instance(spool.instance_dir(spool_dir, STUDY, SERIES), SOP, meta, dataset)
 
 
 def test_an_identical_resend_leaves_the_stored_file_in_place(tmp_path: Path) -> None:
@@ -103,10 +101,9 @@ def _recorded(
 ) -> spool.SpooledFile:
     """An instance written to the spool and its row committed, as the listener does."""
     meta = spool.file_meta("1.2.840.10008.5.1.4.1.1.2", sop, "1.2.840.10008.1.2.1")
-    sha256 = spool.content_hash(meta, body)
-    path = spool.instance_path(spool_dir, study, f"{study}.1", sop, sha256)
-    spooled = spool.write_instance(path, meta, body, sha256)
-    facts = replace(_facts(sop, study=study, sha=sha256), path=str(path))
+    folder = spool.instance_dir(spool_dir, study, f"{study}.1")
+    spooled = spool.write_instance(folder, sop, meta, body)
+    facts = replace(_facts(sop, study=study, sha=spooled.sha256), path=str(spooled.path))
     with transaction(sessions) as session:
         worklist.record_instance(session, facts, association_id=None, now=T0)
     return spooled
