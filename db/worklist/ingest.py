@@ -8,8 +8,10 @@ from typing import Any
 
 from sqlalchemy import Connection, bindparam, exists, func, insert, select
 from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import Session
 
+from db.compiled import Prepared
 from db.models import (
     Association,
     Instance,
@@ -44,10 +46,10 @@ def record_instance_quickly(
     listener's group commit holds one, with no ORM session to pay for): an identical resend, and
     a new instance of a study still receiving. None, with at most the study's last-instance time
     changed, when the instance needs the full transition of ``record_instance``."""
-    existing_sha = connection.execute(
-        _ingest_statements(connection).existing_sha,
-        {"sop_instance_uid": facts.sop_instance_uid},
-    ).scalar_one_or_none()
+    existing = _ingest_statements(connection).existing_sha.one(
+        connection, {"sop_instance_uid": facts.sop_instance_uid}
+    )
+    existing_sha = existing[0] if existing is not None else None
     if existing_sha == facts.sha256:
         return Recorded.IDENTICAL
     if existing_sha is None and _record_new_in_receiving_study(
@@ -80,28 +82,28 @@ def _upsert(session: Session, model: type[Any]) -> Any:
 
 @dataclass(frozen=True)
 class _IngestStatements:
-    """The hot path's statements, built once per dialect with bound parameters: building an
-    upsert (its ``excluded`` alias, its cache key) cost more than running it."""
+    """The hot path's statements, built and compiled once per dialect (``db.compiled``):
+    building an upsert cost more than running it, and so did SQLAlchemy's per-execution work."""
 
-    existing_sha: Any
-    study: Any
-    series: Any
-    instance: Any
+    existing_sha: Prepared
+    study: Prepared
+    series: Prepared
+    instance: Prepared
 
 
 _INGEST_STATEMENTS: dict[str, _IngestStatements] = {}
 
 
 def _ingest_statements(connection: Connection) -> _IngestStatements:
-    dialect = connection.dialect.name
-    built = _INGEST_STATEMENTS.get(dialect)
+    dialect = connection.dialect
+    built = _INGEST_STATEMENTS.get(dialect.name)
     if built is None:  # two threads may both build it; either copy is the same
-        built = _INGEST_STATEMENTS[dialect] = _build_ingest_statements(dialect)
+        built = _INGEST_STATEMENTS[dialect.name] = _build_ingest_statements(dialect)
     return built
 
 
-def _build_ingest_statements(dialect: str) -> _IngestStatements:
-    module: Any = postgresql if dialect == "postgresql" else sqlite
+def _build_ingest_statements(dialect: Dialect) -> _IngestStatements:
+    module: Any = postgresql if dialect.name == "postgresql" else sqlite
     tables = Study.metadata.tables
     studies, series, instances = tables["studies"], tables["series"], tables["instances"]
     study_insert = module.insert(studies).values(
@@ -153,7 +155,12 @@ def _build_ingest_statements(dialect: str) -> _IngestStatements:
     existing_sha = select(instances.c.sha256).where(
         instances.c.sop_instance_uid == bindparam("sop_instance_uid")
     )
-    return _IngestStatements(existing_sha, study, series_upsert, instance)
+    return _IngestStatements(
+        Prepared.of(existing_sha, dialect),
+        Prepared.of(study, dialect),
+        Prepared.of(series_upsert, dialect),
+        Prepared.of(instance, dialect),
+    )
 
 
 def _record_new_in_receiving_study(
@@ -164,12 +171,13 @@ def _record_new_in_receiving_study(
     when the study has moved on and needs the full transition in ``_record_instance_in_full``.
 
     The study upsert locks the study row like ``SELECT ... FOR UPDATE`` would, so completion
-    cannot slip between it and the instance insert. Core statements on the connection,
-    prepared once (``_ingest_statements``): the ORM adds nothing here but time.
+    cannot slip between it and the instance insert. Core statements compiled once
+    (``_ingest_statements``), run on the connection's cursor: the ORM adds nothing here but time.
     """
     statements = _ingest_statements(connection)
-    study_id, status = connection.execute(
+    study_id, status = _returned(
         statements.study,
+        connection,
         {
             "study_uid": facts.study_uid,
             "priority": priority_for(StudyStatus.RECEIVING, None, None),
@@ -179,11 +187,12 @@ def _record_new_in_receiving_study(
             "last_at": now,
             "updated_at": now,
         },
-    ).one()
+    )
     if status != StudyStatus.RECEIVING:
         return False
-    series_id = connection.execute(
+    (series_id,) = _returned(
         statements.series,
+        connection,
         {
             "study_id": study_id,
             "series_uid": facts.series_uid,
@@ -191,9 +200,9 @@ def _record_new_in_receiving_study(
             "series_number": facts.series_number,
             "description": (facts.series_description or "")[:64],
         },
-    ).scalar_one()
-    connection.execute(
-        statements.instance,
+    )
+    statements.instance.one(
+        connection,
         {
             "study_id": study_id,
             "series_id": series_id,
@@ -208,6 +217,13 @@ def _record_new_in_receiving_study(
         },
     )
     return True
+
+
+def _returned(statement: Prepared, connection: Connection, values: dict[str, Any]) -> Any:
+    row = statement.one(connection, values)
+    if row is None:
+        raise RuntimeError("an upsert with RETURNING returned no row")
+    return row
 
 
 def _record_instance_in_full(
