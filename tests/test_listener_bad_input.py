@@ -154,8 +154,8 @@ def test_bad_instances_fail_and_the_good_ones_around_them_succeed(
         replacements = session.scalars(select(InstanceReplacement)).all()
     # and only the good instances are in the worklist, each whole on disk
     assert set(rows) == {str(good[i].SOPInstanceUID) for i in (0, 1, 2, 3, 7)}
-    spool = small_listener.settings.spool_dir.resolve()
-    on_disk = sorted(p for p in spool.rglob("*") if p.is_file())
+    spool_dir = small_listener.settings.spool_dir.resolve()
+    on_disk = sorted(p for p in spool_dir.rglob("*") if p.is_file())
     assert sorted(Path(row.path) for row in rows.values()) == on_disk
     # and the association audit counts what happened
     assert (audit.instances, audit.failures) == (6, 7)
@@ -253,9 +253,11 @@ def test_an_instance_whose_file_fails_to_reach_the_disk_is_refused_and_forgotten
     slices = [pydicom.dcmread(path) for path in thin_series(phantom_dir)[:3]]
     failing = str(slices[1].SOPInstanceUID)
     flush = spool._fsync_and_close
+    flushes = []
 
-    def failing_flush(fd: int) -> None:
-        if failing in os.readlink(f"/proc/self/fd/{fd}"):
+    def failing_flush(fd: int) -> None:  # one file flush per instance, sent one at a time
+        flushes.append(fd)
+        if len(flushes) == 2:
             os.close(fd)
             raise OSError(errno.EIO, "Input/output error")
         flush(fd)
