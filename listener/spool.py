@@ -147,7 +147,9 @@ def start_instance(folder: Path, sop_uid: str, meta: bytes, dataset: bytes | mem
     """Write File Meta + data set to ``folder`` under its content's name and start making it
     durable: the caller commits the instance's worklist row while the disk flushes, and answers
     only after ``wait``. The content hash (the name) is computed in another thread while the
-    file is written (hashing and writing release the GIL)."""
+    file is written (hashing and writing release the GIL). Raises InvalidUID before any file is
+    made when ``sop_uid`` could not name one."""
+    validate_uid(sop_uid, "SOPInstanceUID")
     hashing = _SYNCS.submit(content_hash, meta, dataset)
     try:
         make_folder(folder)

@@ -19,7 +19,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from db import worklist
 from db.models import Instance
 from db.session import transaction
-from db.storage import TEMP_SUFFIX
+from db.storage import TEMP_SUFFIX, InvalidUID
 from listener import spool
 from listener.commits import GroupCommit
 from listener.reconcile import reconcile
@@ -160,3 +160,14 @@ def test_a_replacing_row_waits_for_its_file_and_a_new_row_does_not(
         assert changed.recorded is worklist.Recorded.REPLACED
     finally:
         group.close()
+
+
+def test_a_uid_that_could_not_name_a_file_is_refused_before_any_file_is_made(
+    tmp_path: Path,
+) -> None:
+    meta = spool.file_meta("1.2.840.10008.5.1.4.1.1.2", SOP, "1.2.840.10008.1.2.1")
+    folder = spool.instance_dir(tmp_path, STUDY, SERIES)
+    for bad in ("../../x", "1." + "2" * 70, ""):
+        with pytest.raises(InvalidUID):
+            spool.start_instance(folder, bad, meta, b"\x08\x00\x18\x00")
+    assert not [p for p in tmp_path.rglob("*") if p.is_file()]
