@@ -91,14 +91,16 @@ class _IngestStatements:
     instance: Prepared
 
 
-_INGEST_STATEMENTS: dict[str, _IngestStatements] = {}
+# Per dialect, driver and parameter style: the compiled text depends on all three.
+_INGEST_STATEMENTS: dict[tuple[str, str, str], _IngestStatements] = {}
 
 
 def _ingest_statements(connection: Connection) -> _IngestStatements:
     dialect = connection.dialect
-    built = _INGEST_STATEMENTS.get(dialect.name)
+    key = (dialect.name, dialect.driver, dialect.paramstyle)
+    built = _INGEST_STATEMENTS.get(key)
     if built is None:  # two threads may both build it; either copy is the same
-        built = _INGEST_STATEMENTS[dialect.name] = _build_ingest_statements(dialect)
+        built = _INGEST_STATEMENTS[key] = _build_ingest_statements(dialect)
     return built
 
 
