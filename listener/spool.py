@@ -75,11 +75,8 @@ def instance_dir(spool_dir: Path, study_uid: str, series_uid: str) -> Path:
     return spool_dir / study_uid / series_uid
 
 
-def instance_name(sop_uid: str, sha256: str) -> str:
-    """``<sop>.<sha16>.dcm``; raises InvalidUID before any name is made."""
-    validate_uid(sop_uid, "SOPInstanceUID")
-    if len(sha256) != 64 or any(c not in "0123456789abcdef" for c in sha256):
-        raise ValueError("sha256 must be 64 lowercase hex digits")
+def _instance_name(sop_uid: str, sha256: str) -> str:
+    """``<sop>.<sha16>.dcm``, for a UID ``start_instance`` has validated and a hex digest."""
     return f"{sop_uid}.{sha256[:_HASH_CHARS]}.dcm"
 
 
@@ -165,7 +162,7 @@ def start_instance(folder: Path, sop_uid: str, meta: bytes, dataset: bytes | mem
     try:
         _write_all(fd, meta, dataset)
         sha256 = hashing.result()
-        path = folder / instance_name(sop_uid, sha256)
+        path = folder / _instance_name(sop_uid, sha256)
         published = _publish(fd, temporary, path)
     except BaseException:
         futures.wait([hashing])

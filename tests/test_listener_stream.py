@@ -205,20 +205,23 @@ def test_a_pdu_over_our_maximum_length_aborts_the_association(
     )
 
     # then the association is aborted, its audit row says why, and nothing is stored
-    _wait_until_aborted(assoc)
-    wait_until_no_open_association(sqlite_sessions)
-    assert _stored(sqlite_sessions) == {}
-    with transaction(sqlite_sessions) as session:
-        audit = session.scalars(select(Association)).one()
-        assert audit.state == "aborted"
-        assert "over the maximum length of 131072" in (audit.rejection_reason or "")
+    _assert_aborted_with_nothing_stored(assoc, sqlite_sessions, "over the maximum length of 131072")
 
 
-def _wait_until_aborted(assoc: ClientAssociation) -> None:
+def _assert_aborted_with_nothing_stored(
+    assoc: ClientAssociation, sessions: sessionmaker[Session], reason: str
+) -> None:
+    """The listener aborted ``assoc``, stored nothing, and audited it as aborted for ``reason``."""
     deadline = time.monotonic() + 10
     while assoc.is_established and time.monotonic() < deadline:
         time.sleep(0.05)
     assert assoc.is_aborted
+    wait_until_no_open_association(sessions)
+    assert _stored(sessions) == {}
+    with transaction(sessions) as session:
+        audit = session.scalars(select(Association)).one()
+        assert audit.state == "aborted"
+        assert reason in (audit.rejection_reason or "")
 
 
 def test_a_command_inside_a_data_set_aborts_that_association_only(
@@ -238,13 +241,7 @@ def test_a_command_inside_a_data_set_aborts_that_association_only(
     )
 
     # then the listener aborts that association and stores nothing of it
-    _wait_until_aborted(assoc)
-    wait_until_no_open_association(sqlite_sessions)
-    assert _stored(sqlite_sessions) == {}
-    with transaction(sqlite_sessions) as session:
-        audit = session.scalars(select(Association)).one()
-        assert audit.state == "aborted"
-        assert "fragment of another message" in (audit.rejection_reason or "")
+    _assert_aborted_with_nothing_stored(assoc, sqlite_sessions, "fragment of another message")
 
     # and the next association is served as usual
     again = _client(sqlite_listener)
