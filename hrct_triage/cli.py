@@ -371,13 +371,22 @@ def phantom(
         typer.Option("--enhanced", help="thin series as one multi-frame Enhanced CT instance"),
     ] = False,
     workers: Annotated[int, typer.Option(help="studies written at once (processes)")] = 1,
+    severity_mix: Annotated[
+        str | None,
+        typer.Option(
+            help="shares of the positives' severities, e.g. "
+            "focal=0.05,mild=0.5,moderate=0.25,severe=0.2 [default: the paper-like cohort, "
+            "focal=0.03,mild=0.22,moderate=0.4,severe=0.35]"
+        ),
+    ] = None,
 ) -> None:
     """Write synthetic chest CT studies, one folder each, and labels.csv."""
     from rich.progress import Progress
 
-    from worker.phantom import write_phantom_studies
+    from worker.phantom import parse_severity_mix, write_phantom_studies
 
     try:
+        mix = None if severity_mix is None else parse_severity_mix(severity_mix)
         with Progress(console=console) as progress:
             task = progress.add_task("phantoms", total=covid + healthy)
             studies = write_phantom_studies(
@@ -392,6 +401,7 @@ def phantom(
                 transfer_syntax=transfer_syntax,
                 enhanced=enhanced,
                 workers=workers,
+                severity_mix=mix,
             )
     except ValueError as exc:  # checked before any file is written
         raise typer.BadParameter(str(exc)) from exc

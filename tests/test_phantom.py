@@ -26,8 +26,10 @@ from tests.conftest import dciodvfy_errors
 from worker.phantom import (
     LABELS_NAME,
     LESION_MASKS_NAME,
+    SEVERITY_MIX,
     TRANSFER_SYNTAXES,
     PhantomStudy,
+    parse_severity_mix,
     write_non_ct_study,
     write_phantom_studies,
 )
@@ -248,7 +250,15 @@ def test_labels_csv_lists_every_study_folder(out_dir: Path, studies: list[Phanto
     # then it has one row per study, matching the folders on disk
     assert [r["study_uid"] for r in rows] == [s.study_uid for s in studies]
     for row, study in zip(rows, studies, strict=True):
-        assert list(row) == ["study_uid", "folder", "label", "patient_id", "lesion_instances"]
+        assert list(row) == [
+            "study_uid",
+            "folder",
+            "label",
+            "patient_id",
+            "lesion_instances",
+            "severity",
+        ]
+        assert row["severity"] == study.severity
         assert (out_dir / row["folder"]) == study.folder
         assert study.folder.is_dir()
         assert row["label"] == study.label
@@ -258,6 +268,65 @@ def test_labels_csv_lists_every_study_folder(out_dir: Path, studies: list[Phanto
         ds = pydicom.dcmread(next(study.folder.glob("*.dcm")), stop_before_pixels=True)
         assert ds.StudyInstanceUID == row["study_uid"]
     assert {r["label"] for r in rows} == {"covid", "healthy"}
+    assert {r["label"]: r["severity"] for r in rows}["healthy"] == "none"
+    assert {r["label"]: r["severity"] for r in rows}["covid"] in SEVERITY_MIX
+
+
+def test_a_severity_mix_draws_other_patients_of_that_severity(
+    tmp_path: Path, studies: list[PhantomStudy]
+) -> None:
+    # given the fixture's seed written again with every positive mild
+    mild = write_phantom_studies(
+        tmp_path, covid=3, healthy=1, slices=SLICES, seed=SEED, severity_mix={"mild": 1.0}
+    )
+    # then every positive is mild and says so in labels.csv
+    assert [s.severity for s in mild if s.label == "covid"] == ["mild"] * 3
+    with (tmp_path / LABELS_NAME).open(newline="") as handle:
+        assert [r["severity"] for r in csv.DictReader(handle)] == ["mild"] * 3 + ["none"]
+    # and they are other patients than the default cohort's, under other UIDs and patient IDs
+    default = {s.label: s for s in studies}
+    drawn = {s.label: s for s in mild}
+    for label in ("covid", "healthy"):
+        assert drawn[label].study_uid != default[label].study_uid
+        assert drawn[label].patient_id != default[label].patient_id
+    # while the default shares, written out in full, change nothing
+    again = write_phantom_studies(
+        tmp_path / "default", covid=1, healthy=1, slices=SLICES, seed=SEED,
+        severity_mix=dict(SEVERITY_MIX),
+    )  # fmt: skip
+    assert [s.study_uid for s in again] == [s.study_uid for s in studies]
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("mild=0.5,severe=0.4", "sum to 1"),
+        ("mild=1.2,severe=-0.2", ">= 0"),
+        ("diffuse=1", "unknown severity diffuse"),
+        ("mild", "not NAME=SHARE"),
+        ("mild=half", "not a number"),
+    ],
+)
+def test_a_bad_severity_mix_is_refused_before_any_file(
+    tmp_path: Path, text: str, message: str
+) -> None:
+    # when the CLI is given shares that cannot be a cohort
+    result = CliRunner().invoke(
+        app, ["phantom", str(tmp_path / "out"), "--severity-mix", text], catch_exceptions=False
+    )
+    # then it says why and writes nothing
+    assert result.exit_code != 0
+    assert message in " ".join(result.output.split())
+    assert not (tmp_path / "out").exists()
+
+
+def test_severity_mix_shares_are_read_in_a_fixed_order() -> None:
+    assert parse_severity_mix("severe=0.5, mild=0.5") == {
+        "focal": 0.0,
+        "mild": 0.5,
+        "moderate": 0.0,
+        "severe": 0.5,
+    }
 
 
 def test_patient_identity_is_synthetic_and_labelled(covid: PhantomStudy) -> None:

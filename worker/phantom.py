@@ -32,7 +32,7 @@ import shutil
 import subprocess
 import tempfile
 import zlib
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from contextlib import ExitStack
 from dataclasses import dataclass, replace
@@ -151,6 +151,8 @@ class _Options:
     kernel: str = "LUNG"  # ConvolutionKernel of the thin series
     transfer_syntax: str = "explicit"  # a TRANSFER_SYNTAXES name, for every CT image
     enhanced: bool = False  # the thin series as one multi-frame Enhanced CT Image instance
+    # shares of the positive studies' severities; None is SEVERITY_MIX, the paper's cohort
+    severity_mix: tuple[tuple[str, float], ...] | None = None
 
     def check(self) -> None:
         if not (math.isfinite(self.thickness) and 0.0 < self.thickness < THIN_THICKNESS_LIMIT):
@@ -168,10 +170,22 @@ class _Options:
             )
         if syntax.encoder == "dcmtk" and shutil.which("dcmcjpeg") is None:
             raise ValueError(f"transfer syntax {syntax.name} needs DCMTK's dcmcjpeg on PATH")
+        if self.severity_mix is not None:
+            check_severity_mix(dict(self.severity_mix))
 
     @property
     def syntax(self) -> _Syntax:
         return _SYNTAXES[self.transfer_syntax]
+
+    @property
+    def mix(self) -> dict[str, float]:
+        return dict(self.severity_mix) if self.severity_mix is not None else SEVERITY_MIX
+
+    def cohort(self) -> tuple[str, ...]:
+        """Extra UID parts for another severity mix: other patients, so other studies."""
+        if self.severity_mix is None or dict(self.severity_mix) == SEVERITY_MIX:
+            return ()
+        return ("mix", *(f"{name}={share:g}" for name, share in self.severity_mix))
 
     def variant(self, *, thin: bool) -> tuple[str, ...]:
         """Extra UID parts of a series whose content an option changes; none for the defaults."""
@@ -233,6 +247,7 @@ class PhantomStudy:
     # InstanceNumbers of thin lung-series slices with a lesion; with ``enhanced``, the frame
     # numbers of the one Enhanced CT instance, which are the same numbers (frame k is slice k)
     lesion_instances: list[int]
+    severity: str = "none"  # a SEVERITY_MIX key for positive studies
 
 
 def write_phantom_studies(
@@ -248,6 +263,7 @@ def write_phantom_studies(
     transfer_syntax: str = "explicit",
     enhanced: bool = False,
     workers: int = 1,
+    severity_mix: Mapping[str, float] | None = None,
 ) -> list[PhantomStudy]:
     """Write ``covid`` positive and ``healthy`` negative studies under ``out_dir``.
 
@@ -269,6 +285,11 @@ def write_phantom_studies(
 
     ``workers`` > 1 writes that many studies at once in child processes (a study takes seconds
     of one core); the files are the same as with one.
+
+    ``severity_mix`` (shares of ``SEVERITY_MIX``'s keys, summing to 1) replaces the paper-like
+    cohort of positive studies, e.g. to train on more mild disease. Other shares draw other
+    patients, so their studies get other UIDs and patient IDs; labels.csv names each study's
+    severity.
     """
     if covid < 0 or healthy < 0:
         raise ValueError("covid and healthy must be >= 0")
@@ -279,6 +300,7 @@ def write_phantom_studies(
         kernel=kernel.upper(),
         transfer_syntax=transfer_syntax.lower(),
         enhanced=enhanced,
+        severity_mix=None if severity_mix is None else tuple(severity_mix.items()),
     )
     options.check()
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -616,7 +638,13 @@ def _point_in_lung(sec: _Sections, x: float, y: float, margin: float = 0.0) -> b
 # --------------------------------------------------------------------------------------------
 
 
-def _draw_anatomy(rng: np.random.Generator, *, label: Label, slices: int) -> _Anatomy:
+def _draw_anatomy(
+    rng: np.random.Generator,
+    *,
+    label: Label,
+    slices: int,
+    mix: Mapping[str, float] | None = None,
+) -> _Anatomy:
     base = _Anatomy(
         label=label,
         size=float(rng.uniform(0.9, 1.08)),
@@ -639,7 +667,8 @@ def _draw_anatomy(rng: np.random.Generator, *, label: Label, slices: int) -> _An
     # but sometimes to positive ones too, so that they never give the label away by themselves.
     confound = 0.5 if label == "healthy" else 0.2
     if label == "covid":
-        severity = str(rng.choice(list(SEVERITY_MIX), p=list(SEVERITY_MIX.values())))
+        shares = SEVERITY_MIX if mix is None else mix
+        severity = str(rng.choice(list(shares), p=list(shares.values())))
         lesions += _covid_lesions(base, rng, severity, slices)
     if rng.random() < confound:
         lesions += _atelectasis(base, rng)
@@ -858,6 +887,38 @@ _SEVERITY = {  # lesion count range, in-plane radius range (mm), share with cons
 # The paper's positives were admitted patients with lesions on HRCT; the two it missed (of 70)
 # each had one solitary focal GGO. Focal disease is as rare here; the rest is multilobar.
 SEVERITY_MIX = {"focal": 0.03, "mild": 0.22, "moderate": 0.4, "severe": 0.35}
+
+
+def check_severity_mix(mix: Mapping[str, float]) -> None:
+    """Refuse shares that name an unknown severity, are negative, or do not sum to 1."""
+    unknown = sorted(set(mix) - set(_SEVERITY))
+    if unknown:
+        raise ValueError(f"unknown severity {', '.join(unknown)}; known: {', '.join(SEVERITY_MIX)}")
+    if any(not math.isfinite(v) or v < 0 for v in mix.values()):
+        raise ValueError("severity shares must be finite and >= 0")
+    if abs(sum(mix.values()) - 1.0) > 1e-6:
+        raise ValueError(f"severity shares must sum to 1, got {sum(mix.values()):g}")
+
+
+def parse_severity_mix(text: str) -> dict[str, float]:
+    """``"focal=0.05,mild=0.5,moderate=0.25,severe=0.2"`` as shares, checked; unnamed ones are 0.
+
+    The order is always SEVERITY_MIX's, so the same shares written in another order draw the
+    same patients.
+    """
+    given: dict[str, float] = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        name, sep, value = part.partition("=")
+        if not sep:
+            raise ValueError(f"severity share {part!r} is not NAME=SHARE")
+        try:
+            given[name.strip()] = float(value)
+        except ValueError as exc:
+            raise ValueError(f"severity share {part!r}: {value!r} is not a number") from exc
+    check_severity_mix(given)
+    return {name: given.get(name, 0.0) for name in SEVERITY_MIX}
+
+
 _MULTILOBAR_T = (0.12, 0.9)  # share of the scan length (apex end 0) that multifocal disease spans
 
 
@@ -1406,14 +1467,23 @@ class _Identity:
     study_seconds: int
 
     @staticmethod
-    def make(*, seed: int, label: str, index: int, rng: np.random.Generator) -> _Identity:
+    def make(
+        *,
+        seed: int,
+        label: str,
+        index: int,
+        rng: np.random.Generator,
+        cohort: tuple[str, ...] = (),
+    ) -> _Identity:
         age = int(rng.integers(24, 82))
         month, day = int(rng.integers(1, 13)), int(rng.integers(1, 29))
         tag = label[0].upper()
+        # another cohort is other patients: they must not share an ID with the default one's
+        suffix = f"-{zlib.crc32('|'.join(cohort).encode()):08x}" if cohort else ""
         return _Identity(
-            key=(str(seed), label, str(index)),
+            key=(str(seed), label, str(index), *cohort),
             patient_name=f"PHANTOM^{label.upper()}^{index:03d}",
-            patient_id=f"PHANTOM-S{seed}-{tag}{index:03d}",
+            patient_id=f"PHANTOM-S{seed}-{tag}{index:03d}{suffix}",
             birth_date=f"{2025 - age:04d}{month:02d}{day:02d}",
             sex=str(rng.choice(["F", "M"])),
             age=f"{age:03d}Y",
@@ -2124,8 +2194,8 @@ def _write_ct_study(
     options = options or _Options()
     syntax = options.syntax
     rng = np.random.default_rng([seed, 0 if label == "covid" else 1, index])
-    anat = _draw_anatomy(rng, label=label, slices=slices)
-    ids = _Identity.make(seed=seed, label=label, index=index, rng=rng)
+    anat = _draw_anatomy(rng, label=label, slices=slices, mix=options.mix)
+    ids = _Identity.make(seed=seed, label=label, index=index, rng=rng, cohort=options.cohort())
     folder = out_dir / f"{label}_{index:03d}"
     folder.mkdir(parents=True, exist_ok=True)
     for stale in folder.glob("*.dcm"):
@@ -2179,16 +2249,21 @@ def _write_ct_study(
         patient_id=ids.patient_id,
         lung_series_uid=ids.uid("series", THIN.number, *variant),
         lesion_instances=lesion_instances,
+        severity=anat.severity,
     )
 
 
 def _write_labels(path: Path, studies: Iterable[PhantomStudy]) -> None:
     with path.open("w", newline="", encoding="utf-8") as handle:
         writer = csv.writer(handle, lineterminator="\n")
-        writer.writerow(["study_uid", "folder", "label", "patient_id", "lesion_instances"])
+        writer.writerow(
+            ["study_uid", "folder", "label", "patient_id", "lesion_instances", "severity"]
+        )
         for st in studies:
             lesions = ";".join(str(n) for n in st.lesion_instances)
-            writer.writerow([st.study_uid, st.folder.name, st.label, st.patient_id, lesions])
+            writer.writerow(
+                [st.study_uid, st.folder.name, st.label, st.patient_id, lesions, st.severity]
+            )
 
 
 def _sc_dataset(
