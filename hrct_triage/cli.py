@@ -493,6 +493,12 @@ def train(
         int, typer.Option(help="processes decoding studies into the cache (per rank)")
     ] = 1,
     device: Annotated[str | None, typer.Option(help="[cuda:LOCAL_RANK if any, else cpu]")] = None,
+    cuda_graphs: Annotated[
+        bool,
+        typer.Option(
+            "--cuda-graphs", help="replay each step as a CUDA graph (one GPU, no torchrun)"
+        ),
+    ] = False,
     progress: Annotated[bool, typer.Option(help="rich progress bars")] = True,
     log_level: str = "INFO",
 ) -> None:
@@ -533,6 +539,7 @@ def train(
             workers=workers,
             preprocess_workers=preprocess_workers,
             device=device,
+            cuda_graphs=cuda_graphs,
             progress=progress,
         )
         result = run_training(config, console=Console(stderr=True))

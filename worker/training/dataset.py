@@ -285,7 +285,8 @@ def random_flips(
     if not 0.0 <= probability <= 1.0:
         raise ValueError(f"flip probability must be in [0, 1], got {probability}")
     n = batch.shape[0]
-    left_right = torch.rand(n, generator=generator) < probability
-    front_back = torch.rand(n, generator=generator) < probability
+    # drawn on the CPU whatever the batch's device, so a run flips alike on a CPU and a GPU
+    left_right = (torch.rand(n, generator=generator) < probability).to(batch.device)
+    front_back = (torch.rand(n, generator=generator) < probability).to(batch.device)
     out = torch.where(left_right.view(n, 1, 1, 1), batch.flip(-1), batch)
     return torch.where(front_back.view(n, 1, 1, 1), out.flip(-2), out)
