@@ -89,11 +89,15 @@ class GraphedStep:
         return [float(group["lr"]) for group in self._eager.optimizer.param_groups]
 
     def _on_side_stream(self, batch: torch.Tensor, target: torch.Tensor) -> StepOutput:
+        main = torch.cuda.current_stream(batch.device)
         side = torch.cuda.Stream(device=batch.device)
-        side.wait_stream(torch.cuda.current_stream(batch.device))
+        side.wait_stream(main)
         with torch.cuda.stream(side):
             out = self._eager(batch, target)
-        torch.cuda.current_stream(batch.device).wait_stream(side)
+        main.wait_stream(side)
+        # made on the side stream, read on the main one: not to be reused before it has read
+        out.loss.record_stream(main)
+        out.logits.record_stream(main)
         return out
 
     def _capture(self, batch: torch.Tensor, target: torch.Tensor) -> None:
