@@ -283,7 +283,7 @@ def test_a_severity_mix_draws_other_patients_of_that_severity(
     assert [s.severity for s in mild if s.label == "covid"] == ["mild"] * 3
     with (tmp_path / LABELS_NAME).open(newline="") as handle:
         assert [r["severity"] for r in csv.DictReader(handle)] == ["mild"] * 3 + ["none"]
-    # and they are other patients than the default cohort's, under other UIDs and patient IDs
+    # and they are other studies than the default cohort's, under other UIDs and patient IDs
     default = {s.label: s for s in studies}
     drawn = {s.label: s for s in mild}
     for label in ("covid", "healthy"):

@@ -287,9 +287,9 @@ def write_phantom_studies(
     of one core); the files are the same as with one.
 
     ``severity_mix`` (shares of ``SEVERITY_MIX``'s keys, summing to 1) replaces the paper-like
-    cohort of positive studies, e.g. to train on more mild disease. Other shares draw other
-    patients, so their studies get other UIDs and patient IDs; labels.csv names each study's
-    severity.
+    cohort of positive studies, e.g. to train on more mild disease. Other shares give a seed's
+    bodies other disease, so their studies get other UIDs and patient IDs; labels.csv names
+    each study's severity.
     """
     if covid < 0 or healthy < 0:
         raise ValueError("covid and healthy must be >= 0")
