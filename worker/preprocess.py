@@ -170,7 +170,8 @@ def model_input(
         chunk = torch.from_numpy(np.ascontiguousarray(picked, dtype=np.float32))
         if on_gpu:
             chunk = chunk.pin_memory().to(device, non_blocking=True)
-        windowed = ((chunk - low) / width).clamp_(0.0, 1.0).unsqueeze(1)
+        # in place: ``chunk`` is a fresh copy (fancy indexing), the same ops without temporaries
+        windowed = chunk.sub_(low).div_(width).clamp_(0.0, 1.0).unsqueeze(1)
         resized = F.interpolate(
             windowed, size=(size, size), mode="bilinear", antialias=True, align_corners=False
         )
