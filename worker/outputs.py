@@ -24,6 +24,7 @@ from io import BytesIO
 from pathlib import Path
 
 from pydicom import Dataset
+from pydicom.uid import UID
 
 from db.settings import Settings, check_series_description
 from db.storage import write_durably
@@ -31,6 +32,7 @@ from worker.results import StudyAnalysis
 from worker.sc import DEFAULT_SC_SERIES_DESCRIPTION, build_heatmap_scs, render_heatmap
 from worker.sr import DEFAULT_SR_SERIES_DESCRIPTION, build_not_analysed_sr, build_sr
 from worker.uids import OutputKey, derive_uid
+from worker.write_prep import settle_encoding
 
 __all__ = [
     "OutputKey",
@@ -130,7 +132,17 @@ def build_outputs(
 
 
 def encode(ds: Dataset) -> bytes:
-    """The Part 10 file bytes of ``ds`` (with file meta), as they are stored and compared."""
+    """The Part 10 file bytes of ``ds`` (with file meta), as they are stored and compared.
+
+    Marks ``ds`` and its items as being in the output's encoding (``worker.write_prep``), which
+    changes nothing but how often pydicom re-checks them for ambiguous VRs.
+    """
+    meta = getattr(ds, "file_meta", None)
+    syntax = UID(str(meta.get("TransferSyntaxUID", ""))) if meta is not None else UID("")
+    if syntax and syntax.is_transfer_syntax and not syntax.is_deflated:
+        settle_encoding(
+            ds, implicit_vr=syntax.is_implicit_VR, little_endian=syntax.is_little_endian
+        )
     buffer = BytesIO()
     ds.save_as(buffer, enforce_file_format=True)
     return buffer.getvalue()

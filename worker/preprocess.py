@@ -24,6 +24,8 @@ import torch
 import torch.nn.functional as F
 from scipy import ndimage
 
+from worker.cpu_pool import cpu_map
+
 __all__ = [
     "DEFAULT_INPUT_SIZE",
     "DEFAULT_WINDOW_LEVEL",
@@ -114,13 +116,17 @@ def lung_slices(
         raise ValueError(f"hu must be (slices, rows, columns), got shape {hu.shape}")
     stride = max(1, min(hu.shape[1], hu.shape[2]) // _SEGMENTATION_SIZE)
     spacing = (float(pixel_spacing[0]) * stride, float(pixel_spacing[1]) * stride)
-    area = np.empty(hu.shape[0], dtype=np.float64)
-    # Components never span slices, so chunks segment exactly as the whole stack would, with
-    # temporaries (labels are int32) small enough to be reused rather than mapped afresh.
-    for start in range(0, hu.shape[0], _CHUNK):
+
+    def chunk_area(start: int) -> npt.NDArray[np.float64]:
         small = hu[start : start + _CHUNK, ::stride, ::stride]
         mask = lung_mask(small, pixel_spacing=spacing, settings=settings)
-        area[start : start + _CHUNK] = mask.sum(axis=(1, 2)) * (spacing[0] * spacing[1])
+        return np.asarray(mask.sum(axis=(1, 2)) * (spacing[0] * spacing[1]), dtype=np.float64)
+
+    # Components never span slices, so chunks segment exactly as the whole stack would, with
+    # temporaries (labels are int32) small enough to be reused rather than mapped afresh, and
+    # independently: on the worker's CPU threads (the labelling runs outside the GIL).
+    areas = cpu_map(chunk_area, range(0, hu.shape[0], _CHUNK))
+    area = np.concatenate(areas) if areas else np.empty(0, dtype=np.float64)
     return np.asarray(area >= settings.min_lung_area_mm2, dtype=bool)
 
 
@@ -170,7 +176,8 @@ def model_input(
         chunk = torch.from_numpy(np.ascontiguousarray(picked, dtype=np.float32))
         if on_gpu:
             chunk = chunk.pin_memory().to(device, non_blocking=True)
-        windowed = ((chunk - low) / width).clamp_(0.0, 1.0).unsqueeze(1)
+        # in place: ``chunk`` is a fresh copy (fancy indexing), the same ops without temporaries
+        windowed = chunk.sub_(low).div_(width).clamp_(0.0, 1.0).unsqueeze(1)
         resized = F.interpolate(
             windowed, size=(size, size), mode="bilinear", antialias=True, align_corners=False
         )

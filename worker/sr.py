@@ -32,6 +32,7 @@ from pydicom.sr.coding import Code
 
 from db.settings import check_series_description
 from worker.results import ModelInfo, StudyAnalysis
+from worker.sr_library import SOURCE_OF_MEASUREMENT, add_content, image_item, image_library
 from worker.uids import (
     OutputKey,
     algorithm_equipment,
@@ -54,7 +55,6 @@ ARTIFICIAL_INTELLIGENCE = Code("123110", "DCM", "Artificial Intelligence")
 QUALITATIVE_EVALUATIONS = Code("C0034375", "UMLS", "Qualitative Evaluations")
 NOT_ANALYSED_REASON = Code("121106", "DCM", "Comment")
 
-_SOURCE = CodedConcept("260753009", "SCT", "Source")  # as highdicom's own image library names it
 
 DEFAULT_SR_SERIES_DESCRIPTION = "AI COVID-19 triage SR - not for diagnostic use"
 _TRACKING_IDENTIFIER = "AI COVID-19 triage"
@@ -411,20 +411,21 @@ def _add_image_references(
 
     Why after construction: highdicom deep-copies and re-parses the whole content tree and
     checks each library image against the IOD tables, which took ~17 s for a 300-slice
-    library. Built here from the same highdicom content items and spliced in, it takes well
-    under a second. Every image referenced here is already in the evidence passed to highdicom.
+    library. Built here (``worker.sr_library``, with the elements highdicom's content items
+    have) and spliced in, it takes well under a second. Every image referenced here is already
+    in the evidence passed to highdicom.
     """
     content = sr.ContentSequence
     measurements_at = _index_of(content, codes.DCM.ImagingMeasurements)
-    content.insert(measurements_at, _image_library([*images, *scs]))
+    content.insert(measurements_at, image_library([*images, *scs]))
     group = _find(content[measurements_at + 1].ContentSequence, codes.DCM.MeasurementGroup)
     by_uid = {str(ds.SOPInstanceUID): ds for ds in images}
-    group.ContentSequence.extend(
-        hd.sr.SourceImageForMeasurementGroup(
-            referenced_sop_class_uid=by_uid[uid].SOPClassUID,
-            referenced_sop_instance_uid=uid,
-        )
-        for uid in analysis.kept
+    add_content(
+        group,
+        [
+            image_item(SOURCE_OF_MEASUREMENT, str(by_uid[uid].SOPClassUID), uid)
+            for uid in analysis.kept
+        ],
     )
 
 
@@ -443,91 +444,6 @@ def _index_of(content: Sequence[Dataset], name: Code) -> int:
 def _find(content: Sequence[Dataset], name: Code) -> Dataset:
     """The first content item called ``name``."""
     return content[_index_of(content, name)]
-
-
-_PER_IMAGE = (
-    codes.DCM.ImagePositionPatientX,
-    codes.DCM.ImagePositionPatientY,
-    codes.DCM.ImagePositionPatientZ,
-)
-# The same three names and unit for every library entry, converted once: converting them per
-# item was a fifth of the library's build time. Items may share them, as nothing edits a code.
-_PER_IMAGE_CONCEPTS = tuple(CodedConcept.from_code(name) for name in _PER_IMAGE)
-_MILLIMETER = CodedConcept.from_code(codes.UCUM.Millimeter)
-
-
-def _image_library(images: Sequence[Dataset]) -> hd.sr.ContainerContentItem:
-    """TID 1600: one Image Library Group per shared geometry, each image with its position.
-
-    Descriptors every image of a group shares (modality, frame of reference, matrix, pixel
-    spacing, slice thickness, orientation) are said once at group level, as TID 1600 allows;
-    each image entry then carries only its Image Position (Patient). This keeps a 300-slice
-    library small and quick to build.
-    """
-    groups: dict[tuple[str, ...], list[Dataset]] = {}
-    for ds in images:
-        groups.setdefault(_geometry_key(ds), []).append(ds)
-    library = hd.sr.ContainerContentItem(
-        name=codes.DCM.ImageLibrary, relationship_type=hd.sr.RelationshipTypeValues.CONTAINS
-    )
-    library.ContentSequence = hd.sr.ContentSequence(
-        [_library_group(members) for members in groups.values()]
-    )
-    return library
-
-
-def _geometry_key(ds: Dataset) -> tuple[str, ...]:
-    """What must be equal for images to share group-level descriptors."""
-    names = (
-        "SOPClassUID",
-        "FrameOfReferenceUID",
-        "Rows",
-        "Columns",
-        "PixelSpacing",
-        "SliceThickness",
-        "ImageOrientationPatient",
-        "SpacingBetweenSlices",
-    )
-    return tuple(str(ds.get(name, "")) for name in names)
-
-
-def _library_group(members: Sequence[Dataset]) -> hd.sr.ContainerContentItem:
-    """One Image Library Group: shared descriptors (TID 1602) then one entry per image."""
-    shared = [
-        item
-        for item in hd.sr.ImageLibraryEntryDescriptors(members[0])
-        if item.name not in _PER_IMAGE
-    ]
-    group = hd.sr.ContainerContentItem(
-        name=codes.DCM.ImageLibraryGroup, relationship_type=hd.sr.RelationshipTypeValues.CONTAINS
-    )
-    group.ContentSequence = hd.sr.ContentSequence(
-        [*shared, *(_library_entry(ds) for ds in members)]
-    )
-    return group
-
-
-def _library_entry(ds: Dataset) -> hd.sr.ImageContentItem:
-    """TID 1601: the image reference, with its position when it has one."""
-    entry = hd.sr.ImageContentItem(
-        name=_SOURCE,
-        referenced_sop_class_uid=ds.SOPClassUID,
-        referenced_sop_instance_uid=ds.SOPInstanceUID,
-        relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
-    )
-    if "ImagePositionPatient" in ds:
-        entry.ContentSequence = hd.sr.ContentSequence(
-            [
-                hd.sr.NumContentItem(
-                    name=name,
-                    value=float(value),
-                    unit=_MILLIMETER,
-                    relationship_type=hd.sr.RelationshipTypeValues.HAS_ACQ_CONTEXT,
-                )
-                for name, value in zip(_PER_IMAGE_CONCEPTS, ds.ImagePositionPatient, strict=True)
-            ]
-        )
-    return entry
 
 
 def _plain(sr: Dataset) -> Dataset:

@@ -26,6 +26,7 @@ from highdicom.spatial import get_volume_positions
 from pydicom.dataset import Dataset
 from pydicom.uid import DeflatedExplicitVRLittleEndian
 
+from worker.native_pixels import read_native_pixels
 from worker.results import NotApplicable
 from worker.series import SelectedSeries
 
@@ -126,10 +127,14 @@ def _pixel_array(header: Dataset, path: Path) -> npt.NDArray[Any]:
     """The decoded pixels of ``path``, after which ``header`` holds no pixel data.
 
     ``header`` comes from ``series.read_headers`` with the pixel data left on disk, so decoding
-    it reads only the pixel bytes. A deflated file is read again whole: pydicom's deferred read
-    would seek into the compressed file, not the inflated stream it parsed.
+    it reads only the pixel bytes, directly where ``native_pixels`` can. A deflated file is read
+    again whole: pydicom's deferred read would seek into the compressed file, not the inflated
+    stream it parsed.
     """
     try:
+        native = read_native_pixels(header, path)
+        if native is not None:
+            return native
         deflated = header.file_meta.TransferSyntaxUID == DeflatedExplicitVRLittleEndian
         source = pydicom.dcmread(path) if deflated else header
         return source.pixel_array
