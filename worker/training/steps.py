@@ -108,7 +108,8 @@ class GraphedStep:
         eager = self._eager
         eager.optimizer.zero_grad(set_to_none=True)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
+        # thread_local: the DataLoader's pinning thread may call CUDA while this thread records
+        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
             # autocast's cast cache would keep the bf16 weights of the capture: cast every replay
             with torch.autocast(
                 "cuda", dtype=torch.bfloat16, enabled=eager.bf16, cache_enabled=False
