@@ -437,6 +437,12 @@ def _broadcast_text(text: str, rank: _Rank) -> str:
 # --- data ------------------------------------------------------------------------------------
 
 
+def _one_thread_each() -> None:
+    """A decoding process among N uses one thread: N processes of all cores each thrash."""
+    os.environ["HRCT_CPU_THREADS"] = "1"
+    torch.set_num_threads(1)
+
+
 def _cache_only(study: LabelledStudy, *, cache_dir: Path, settings: PreprocessSettings) -> None:
     """Fill the cache for one study; returns nothing, so a pool sends no pixels back."""
     cache_study(study, cache_dir=cache_dir, settings=settings)
@@ -460,7 +466,11 @@ def _prepare(
     with ExitStack() as stack:
         mapper: Callable[..., Iterable[object]] = map
         if config.preprocess_workers > 1:  # spawned: a forked child of a CUDA process can hang
-            pool = ProcessPoolExecutor(config.preprocess_workers, mp_context=get_context("spawn"))
+            pool = ProcessPoolExecutor(
+                config.preprocess_workers,
+                mp_context=get_context("spawn"),
+                initializer=_one_thread_each,
+            )
             mapper = stack.enter_context(pool).map
         for _ in mapper(cache, mine):
             bars.advance(task, rank.world)
