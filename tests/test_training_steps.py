@@ -9,6 +9,7 @@ docs/model-card.md) and is skipped here, where the CPU-side refusals are tested 
 from __future__ import annotations
 
 import copy
+import threading
 from pathlib import Path
 
 import pytest
@@ -112,3 +113,33 @@ def test_graph_replays_train_as_the_eager_step_does(bf16: bool) -> None:
             rtol=1e-3,
             atol=1e-4,
         )
+
+
+@cuda
+def test_a_thread_pinning_memory_does_not_break_the_capture() -> None:
+    # given a thread that pins host memory all along, as a DataLoader's pinning thread does
+    # (on the H200 this invalidated captures recorded in the global mode)
+    device = torch.device("cuda")
+    net = _small_net(0).to(device)
+    graphed = GraphedStep(
+        EagerStep(net, torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9), bf16=False),
+        batch_size=8,
+        warmup_steps=1,
+    )
+    stop = threading.Event()
+
+    def pin() -> None:
+        while not stop.is_set():
+            torch.empty(1 << 20).pin_memory()
+
+    pinning = threading.Thread(target=pin, daemon=True)
+    pinning.start()
+    try:
+        # when steps are captured and replayed meanwhile
+        losses = [float(graphed(b, t).loss) for b, t in _batches(device, [8] * 6)]
+    finally:
+        stop.set()
+        pinning.join()
+    # then the capture held and the replays trained
+    assert graphed.captures == 1
+    assert all(torch.isfinite(torch.tensor(losses)))
