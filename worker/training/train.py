@@ -554,8 +554,7 @@ def _train_epoch(
             description = f"epoch {epoch}/{config.epochs} loss {float(loss_sum) / seen:.4f}"
         bars.update(task, advance=1, description=description)
     bars.remove_task(task)
-    totals = torch.stack([loss_sum, correct.double()]).cpu()
-    totals = torch.cat([totals, torch.tensor([seen], dtype=torch.float64)])
+    totals = torch.tensor([float(loss_sum), float(correct), seen], dtype=torch.float64)
     if rank.world > 1:  # NCCL reduces device tensors only
         on_device = totals.to(rank.device)
         dist.all_reduce(on_device)
