@@ -3,6 +3,7 @@ the spool and the worklist (SQLite and PostgreSQL) are checked directly."""
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import subprocess
 from datetime import timedelta
@@ -15,7 +16,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from db.models import Association, Instance, Study, StudyStatus
 from db.session import transaction
-from listener.scp import Listener
+from listener.scp import Listener, SupportedContexts
 from tests.conftest import (
     dcmtk_env,
     require_tool,
@@ -125,3 +126,22 @@ def test_uid_that_would_escape_the_spool_is_refused(
     assert not list(tmp_path.rglob("x.dcm")) and not (tmp_path / "x.dcm").exists()
     with transaction(sessions) as session:
         assert len(session.scalars(select(Instance)).all()) == 1
+
+
+def test_each_association_gets_its_own_copy_of_the_supported_contexts(
+    listener: Listener,
+) -> None:
+    # given the running server's supported contexts
+    server = listener._server
+    contexts = server.contexts
+    assert isinstance(contexts, SupportedContexts)  # our cheap copy, not pynetdicom's
+    # when pynetdicom copies them for an association (it calls deepcopy)
+    copied = copy.deepcopy(contexts)
+    # then every context is there, equal, and nothing an association could change is shared
+    assert [c.as_tuple for c in copied] == [c.as_tuple for c in contexts]
+    assert len(copied) > 100
+    for original, duplicate in zip(contexts, copied, strict=True):
+        assert duplicate is not original
+        assert duplicate._transfer_syntax is not original._transfer_syntax
+    copied[0].add_transfer_syntax("1.2.840.10008.1.2.4.100")
+    assert "1.2.840.10008.1.2.4.100" not in contexts[0].transfer_syntax
