@@ -89,6 +89,8 @@ class ListenerState:
     associations: dict[int, _Open] = field(default_factory=dict)
     metrics: ListenerMetrics = field(default_factory=ListenerMetrics)
     lock: threading.Lock = field(default_factory=threading.Lock)
+    # C-STOREs of this process being stored right now (``store_instance``), under ``lock``.
+    storing: int = 0
     commits: GroupCommit = field(init=False)
     # Closes and refusals the worklist could not take when they happened (listener.backlog).
     backlog: Backlog = field(init=False)
@@ -308,10 +310,13 @@ def store_instance(state: ListenerState, request: StoreRequest, data: memoryview
     ``size`` is the data set's length as received; it exceeds ``len(data)`` when the reader
     stopped keeping the bytes of a data set already over ``HRCT_MAX_INSTANCE_BYTES``.
     """
-    opened = state.opened(request.assoc)
+    with state.lock:
+        opened = state.associations.get(id(request.assoc))
+        state.storing += 1
+        alone = state.storing == 1
     association_id = opened.row_id if opened else None
     try:
-        status = _store(request, state, data, size, association_id)
+        status = _store(request, state, data, size, association_id, alone=alone)
     except _Refused as refusal:
         status = refusal.status
         state.metrics.refusals.labels(status=f"0x{status:04X}", reason=refusal.kind).inc()
@@ -329,6 +334,9 @@ def store_instance(state: ListenerState, request: StoreRequest, data: memoryview
     else:
         state.metrics.instances.inc()
         state.metrics.received_bytes.inc(size)
+    finally:
+        with state.lock:
+            state.storing -= 1
     if opened is not None:
         opened.tally.count(status, size)
     return status
@@ -340,6 +348,8 @@ def _store(
     data: memoryview,
     size: int,
     association_id: int | None,
+    *,
+    alone: bool,
 ) -> int:
     settings = state.settings
     if size > settings.max_instance_bytes:  # the reader keeps no more than that of it
@@ -363,7 +373,9 @@ def _store(
         meta = file_meta(sop_class, sop_uid, transfer_syntax)
         folder = instance_dir(state.spool_dir, study_uid, series_uid)
         try:
-            syncing = start_instance(folder, sop_uid, meta, data)
+            # Alone, the hash and the fsyncs overlap the write and the commit; beside other
+            # C-STOREs they run in this thread (see ``start_instance``).
+            syncing = start_instance(folder, sop_uid, meta, data, overlap=alone)
         except OSError as error:
             raise _spool_write_failed(error) from None
         path, sha256 = syncing.spooled.path, syncing.spooled.sha256

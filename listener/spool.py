@@ -7,13 +7,15 @@ it, and an identical resend lands on the same name.
 A file is written whole to a hidden temporary name in its folder, hard-linked to its final name
 (a link never replaces: a final name only ever holds whole content, and a file already there is
 never swapped for a copy that is not yet on disk) and the temporary name dropped; then the file
-and its folder are fsynced at the same time (two fsyncs in flight cost about one flush, where one
-after the other cost two). A folder made for the instance has its parent fsynced too
+and its folder are fsynced. A folder made for the instance has its parent fsynced too
 (``make_folder``). When ``write_instance`` returns, the file and its name are on disk.
 
-``start_instance`` returns with those fsyncs still in flight, so that the listener commits the
-instance's worklist row meanwhile: the disk's flush and the database's at once, instead of one
-after the other. Success is answered only after ``Syncing.wait``. A power cut after the commit but
+``start_instance`` returns before those fsyncs are done, so that the listener commits the
+instance's worklist row first or meanwhile. A C-STORE alone in its process has them run in other
+threads, at the same time as each other and as the commit (two fsyncs in flight cost about one
+flush, where one after the other cost two); beside other C-STOREs, where the CPUs rather than the
+flushes are the limit, they run in ``Syncing.wait``, after the commit (see ``start_instance``).
+Success is answered only after ``Syncing.wait``. A power cut after the commit but
 before the fsyncs can leave a row whose file is partial or missing; such a row belongs to a study
 still receiving (its association was open), and start-up reconciliation checks every file of
 those studies against its row's hash (``listener.reconcile``). A changed version of an instance
@@ -37,10 +39,11 @@ import struct
 import threading
 import uuid
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent import futures
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 from db.storage import TEMP_SUFFIX, validate_uid
@@ -129,25 +132,56 @@ def write_instance(
 @dataclass
 class Syncing:
     """A spooled file whose name is published and whose fsyncs (the file's and its folder's)
-    run in other threads; ``wait`` returns once both are done, or raises what one raised."""
+    are in flight in other threads, or deferred to ``wait``; ``wait`` returns once both are
+    done, or raises what one raised (again on every later call)."""
 
     spooled: SpooledFile
-    _syncs: tuple[Future[None], ...]
+    _syncs: tuple[Future[None], ...] = ()
+    _deferred: Callable[[], None] | None = None
+    _error: BaseException | None = None
+    _lock: threading.Lock = field(default_factory=threading.Lock)
 
     def wait(self) -> SpooledFile:
+        if self._deferred is not None or self._error is not None:
+            with self._lock:  # the group committer may call it for a replacing row
+                deferred, self._deferred = self._deferred, None
+                if deferred is not None:
+                    try:
+                        deferred()
+                    except BaseException as error:
+                        self._error = error
+                if self._error is not None:
+                    raise self._error
         for sync in self._syncs:
             sync.result()
         return self.spooled
 
 
-def start_instance(folder: Path, sop_uid: str, meta: bytes, dataset: bytes | memoryview) -> Syncing:
+def start_instance(
+    folder: Path,
+    sop_uid: str,
+    meta: bytes,
+    dataset: bytes | memoryview,
+    *,
+    overlap: bool = True,
+) -> Syncing:
     """Write File Meta + data set to ``folder`` under its content's name and start making it
-    durable: the caller commits the instance's worklist row while the disk flushes, and answers
-    only after ``wait``. The content hash (the name) is computed in another thread while the
-    file is written (hashing and writing release the GIL). Raises InvalidUID before any file is
-    made when ``sop_uid`` could not name one."""
+    durable: the caller commits the instance's worklist row, and answers only after ``wait``.
+    Raises InvalidUID before any file is made when ``sop_uid`` could not name one.
+
+    ``overlap`` is for a C-STORE that has the process to itself, where the time to the answer
+    is what counts: the content hash (the name) is computed in another thread while the file is
+    written, and the file's and folder's fsyncs run in other threads while the caller commits
+    (hashing, writing and fsync release the GIL). When other C-STOREs are being stored at the
+    same time the CPUs are the limit instead, and each hand-off to a pool thread costs two
+    context switches and a turn at the GIL; so without ``overlap`` the same work runs in the
+    caller's thread, the fsyncs in ``wait`` (after the commit, file then folder)."""
     validate_uid(sop_uid, "SOPInstanceUID")
-    hashing = _SYNCS.submit(content_hash, meta, dataset)
+    if overlap:
+        hashing = _SYNCS.submit(content_hash, meta, dataset)
+    else:
+        hashing = Future()
+        hashing.set_result(content_hash(meta, dataset))
     try:
         make_folder(folder)
         temporary = folder / f".{sop_uid}.{uuid.uuid4().hex}{TEMP_SUFFIX}"
@@ -172,11 +206,20 @@ def start_instance(folder: Path, sop_uid: str, meta: bytes, dataset: bytes | mem
     spooled = SpooledFile(path, len(meta) + len(dataset), sha256)
     if published is None:  # no hard links here: already synced the classic way
         os.close(fd)
-        return Syncing(spooled, ())
+        return Syncing(spooled)
     if not published:  # the same bytes are already under this name: make those durable
         os.close(fd)
         fd = os.open(path, os.O_RDONLY)
+    if not overlap:
+        return Syncing(spooled, _deferred=partial(_fsync_file_and_folder, fd, folder))
     return Syncing(spooled, (_SYNCS.submit(_fsync_and_close, fd), _SYNCS.submit(fsync_dir, folder)))
+
+
+def _fsync_file_and_folder(fd: int, folder: Path) -> None:
+    try:
+        _fsync_and_close(fd)
+    finally:
+        fsync_dir(folder)
 
 
 def _fsync_and_close(fd: int) -> None:

@@ -242,14 +242,20 @@ def test_aborted_association_keeps_what_it_acknowledged(
     again.release()
 
 
+@pytest.mark.parametrize("beside_another_store", [False, True], ids=["alone", "beside"])
 def test_an_instance_whose_file_fails_to_reach_the_disk_is_refused_and_forgotten(
     small_listener: Listener,
     phantom_dir: Path,
     sqlite_sessions: sessionmaker[Session],
     monkeypatch: pytest.MonkeyPatch,
+    beside_another_store: bool,
 ) -> None:
-    # given three slices, and a disk that fails the flush of the second one's file (its row is
-    # committed while that fsync runs)
+    # given three slices, and a disk that fails the flush of the second one's file (alone, its
+    # row is committed while that fsync runs in another thread; beside another C-STORE of the
+    # process, the fsync runs in the association's thread after the commit)
+    if beside_another_store:
+        with small_listener.state.lock:
+            small_listener.state.storing += 1  # as if another association's store were running
     slices = [pydicom.dcmread(path) for path in thin_series(phantom_dir)[:3]]
     failing = str(slices[1].SOPInstanceUID)
     flush = spool._fsync_and_close
@@ -282,6 +288,9 @@ def test_an_instance_whose_file_fails_to_reach_the_disk_is_refused_and_forgotten
     # and when the scanner sends it again to a healthy disk, it is stored
     assert int(assoc.send_c_store(slices[1]).Status) == 0x0000
     assoc.release()
+    if beside_another_store:
+        with small_listener.state.lock:
+            small_listener.state.storing -= 1
     with transaction(sqlite_sessions) as session:
         assert (
             session.scalar(select(Instance.path).where(Instance.sop_instance_uid == failing))

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import os
 from dataclasses import replace
 from datetime import timedelta
 from pathlib import Path
@@ -49,6 +50,36 @@ def test_an_identical_resend_leaves_the_stored_file_in_place(tmp_path: Path) -> 
     assert hashlib.sha256(first.path.read_bytes()).hexdigest() == first.sha256
     assert spool.name_matches_content(first.path, first.sha256)
     assert not list(tmp_path.rglob(f"*{TEMP_SUFFIX}"))
+
+
+def test_without_overlap_the_same_file_is_made_and_a_failed_flush_is_raised(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # given an instance written with the hash and the fsyncs overlapped (a C-STORE alone)
+    meta = spool.file_meta("1.2.840.10008.5.1.4.1.1.2", SOP, "1.2.840.10008.1.2.1")
+    body = b"\x08\x00\x18\x00" + bytes(range(256)) * 300
+    alone = spool.start_instance(tmp_path / "a", SOP, meta, body).wait()
+    # when the same bytes are written without overlap (beside other C-STOREs)
+    beside = spool.start_instance(tmp_path / "b", SOP, meta, body, overlap=False).wait()
+    # then the file has the same name, bytes and hash
+    assert beside.path.name == alone.path.name
+    assert beside.path.read_bytes() == alone.path.read_bytes() == meta + body
+    assert beside.sha256 == alone.sha256 == hashlib.sha256(meta + body).hexdigest()
+    # and a flush that fails in wait() is raised there, and again by any later wait()
+    flushed: list[int] = []
+
+    def failing_flush(fd: int) -> None:
+        flushed.append(fd)
+        os.close(fd)
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(spool, "_fsync_and_close", failing_flush)
+    syncing = spool.start_instance(tmp_path / "c", SOP, meta, body, overlap=False)
+    assert flushed == []  # deferred: nothing flushed before the caller waits
+    for _ in range(2):
+        with pytest.raises(OSError, match="Input/output error"):
+            syncing.wait()
+    assert len(flushed) == 1
 
 
 def test_a_changed_version_gets_its_own_file(tmp_path: Path) -> None:
