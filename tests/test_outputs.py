@@ -28,7 +28,14 @@ from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 from db.settings import Settings
 from worker.outputs import SeriesLabels, build_outputs, encode, write_output
 from worker.results import HeatMap, ModelInfo, SliceResult, StudyAnalysis
-from worker.sc import build_heatmap_scs, render_heatmap
+from worker.sc import (
+    _demo_note,
+    _draw_legend,
+    _fixed_legend,
+    _legend_strip,
+    build_heatmap_scs,
+    render_heatmap,
+)
 from worker.sr import (
     ABSENT,
     COVID_19,
@@ -537,6 +544,25 @@ def test_overlay_keeps_low_activation_grey_and_marks_high_activation_red(
     row, col = np.unravel_index(np.argmax(heatmap.cam), heatmap.cam.shape)
     peak = rgb[row * scale + scale // 2, col * scale + scale // 2].astype(int)
     assert peak[0] > peak[1] + 40 and peak[0] > peak[2] + 40
+
+
+@pytest.mark.parametrize("width", [512, 640, 1024])
+@pytest.mark.parametrize("probability", [0.0, 0.93, 1.0])
+@pytest.mark.parametrize("untrained", [True, False])
+def test_legend_of_fixed_parts_and_probability_line_is_the_legend_drawn_at_once(
+    width: int, probability: float, untrained: bool
+) -> None:
+    # given a model, a strip width and a slice probability
+    model = replace(make_model(), untrained=untrained)
+    note = _demo_note(model)
+    # when the strip is composed of its cached fixed parts and the probability line
+    composed = _legend_strip(width, probability, model)
+    # then it is the strip drawn in one figure, pixel for pixel
+    drawn = _draw_legend(width, probability=probability, note=note, fixed=True)
+    assert np.array_equal(composed, drawn)
+    # and it was composed, not drawn at once: the line touches no drawn pixel of the fixed parts
+    line = _draw_legend(width, probability=probability, note=None, fixed=False)
+    assert np.any(line) and not np.any(_fixed_legend(width, note)[np.any(line != 0, axis=2)])
 
 
 def test_sc_pixel_spacing_follows_the_enlargement(positive: tuple[Dataset, list[Dataset]]) -> None:

@@ -7,7 +7,9 @@ written so a PACS administrator can read them, and when no series fits, the reas
 series and the first rule it failed, because that text ends up in the worklist.
 
 Headers are parsed once, here; pixel data and other large values stay on disk (``defer_size``)
-until ``volume`` decodes the chosen series, which thus reads each file's header only once.
+until ``volume`` decodes the chosen series, which thus reads each file's header only once. Plain
+files are read by ``worker.header_reader`` (the same datasets as pydicom's, in half the time),
+the others by pydicom.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import pydicom
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 
+from worker.header_reader import read_header
 from worker.results import NotApplicable
 
 __all__ = [
@@ -32,6 +35,7 @@ __all__ = [
     "ENHANCED_CT_IMAGE_STORAGE",
     "SelectedSeries",
     "read_headers",
+    "select_from_headers",
     "select_series",
 ]
 
@@ -80,12 +84,16 @@ def read_headers(paths: Iterable[Path]) -> list[tuple[Path, Dataset]]:
     """Headers of every readable DICOM file; unreadable files are logged (path only) and skipped.
 
     Values over ``DEFERRED_VALUE_BYTES`` (pixel data above all) are not read: they load from the
-    file when first accessed, so the headers of a whole study cost little memory.
+    file when first accessed, so the headers of a whole study cost little memory. Each dataset
+    is the one ``pydicom.dcmread(path, defer_size=DEFERRED_VALUE_BYTES)`` gives.
     """
     headers: list[tuple[Path, Dataset]] = []
     for path in paths:
         try:
-            headers.append((path, pydicom.dcmread(path, defer_size=DEFERRED_VALUE_BYTES)))
+            header = read_header(path, defer_size=DEFERRED_VALUE_BYTES)
+            if header is None:
+                header = pydicom.dcmread(path, defer_size=DEFERRED_VALUE_BYTES)
+            headers.append((path, header))
         except (InvalidDicomError, OSError, EOFError, ValueError) as exc:
             log.warning("skipping unreadable DICOM file %s: %s", path, type(exc).__name__)
     return headers
@@ -105,7 +113,21 @@ def select_series(
     """
     if min_slices < 1:
         raise ValueError(f"min_slices must be >= 1, got {min_slices}")
-    groups = _group_by_series(read_headers(paths))
+    return select_from_headers(
+        read_headers(paths), min_slices=min_slices, orientation_tol_deg=orientation_tol_deg
+    )
+
+
+def select_from_headers(
+    headers: Sequence[tuple[Path, Dataset]],
+    *,
+    min_slices: int = 20,
+    orientation_tol_deg: float = DEFAULT_ORIENTATION_TOL_DEG,
+) -> SelectedSeries:
+    """:func:`select_series` over headers already read, as (path, header-only dataset) pairs."""
+    if min_slices < 1:
+        raise ValueError(f"min_slices must be >= 1, got {min_slices}")
+    groups = _group_by_series(headers)
     if not groups:
         raise NotApplicable("no axial CT series fit for analysis: no readable DICOM instance")
     candidates: list[SelectedSeries] = []
@@ -132,7 +154,9 @@ def select_series(
     return chosen
 
 
-def _group_by_series(headers: list[tuple[Path, Dataset]]) -> dict[str, list[tuple[Path, Dataset]]]:
+def _group_by_series(
+    headers: Sequence[tuple[Path, Dataset]],
+) -> dict[str, list[tuple[Path, Dataset]]]:
     groups: dict[str, list[tuple[Path, Dataset]]] = {}
     for path, ds in headers:
         groups.setdefault(str(ds.get("SeriesInstanceUID", "(no SeriesInstanceUID)")), []).append(

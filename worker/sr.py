@@ -29,10 +29,11 @@ from pydicom import Dataset
 from pydicom.sequence import Sequence as DataElementSequence
 from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
+from pydicom.uid import ExplicitVRLittleEndian
 
 from db.settings import check_series_description
 from worker.results import ModelInfo, StudyAnalysis
-from worker.sr_library import SOURCE_OF_MEASUREMENT, add_content, image_item, image_library
+from worker.sr_library import SOURCE_OF_MEASUREMENT, add_images, image_library
 from worker.uids import (
     OutputKey,
     algorithm_equipment,
@@ -78,6 +79,7 @@ def build_sr(
     series_description: str = DEFAULT_SR_SERIES_DESCRIPTION,
     predecessor: Dataset | None = None,
     institution_name: str | None = None,
+    pre_encoded: bool = True,
 ) -> Dataset:
     """The TID 1500 SR of ``analysis``, in the source study, with deterministic UIDs and dates.
 
@@ -85,6 +87,8 @@ def build_sr(
     analysed slice needs one, others are ignored. ``heatmap_scs`` are the SCs of
     ``build_heatmap_scs`` for the same analysis; they join the image library and the evidence.
     ``predecessor`` is the SR this one supersedes (a new analysis of the same study).
+    ``pre_encoded=False`` keeps the per-image items as datasets instead of pre-encoded bytes
+    (``worker.sr_encoded``); the file written is the same, only slower to write.
     """
     check_model(analysis.model)
     _check_frame(series_number, series_description, institution_name)
@@ -110,7 +114,7 @@ def build_sr(
         predecessor=predecessor,
         institution_name=institution_name,
     )
-    _add_image_references(sr, analysis, images, scs)
+    _add_image_references(sr, analysis, images, scs, pre_encoded=pre_encoded)
     return _plain(sr)
 
 
@@ -405,7 +409,12 @@ def _measurement_group(
 
 
 def _add_image_references(
-    sr: Dataset, analysis: StudyAnalysis, images: Sequence[Dataset], scs: Sequence[Dataset]
+    sr: Dataset,
+    analysis: StudyAnalysis,
+    images: Sequence[Dataset],
+    scs: Sequence[Dataset],
+    *,
+    pre_encoded: bool,
 ) -> None:
     """Put the image library and the group's source images into the finished document.
 
@@ -413,19 +422,19 @@ def _add_image_references(
     checks each library image against the IOD tables, which took ~17 s for a 300-slice
     library. Built here (``worker.sr_library``, with the elements highdicom's content items
     have) and spliced in, it takes well under a second. Every image referenced here is already
-    in the evidence passed to highdicom.
+    in the evidence passed to highdicom. Pre-encoded only in the encoding they are written in.
     """
+    pre_encoded = pre_encoded and sr.file_meta.TransferSyntaxUID == ExplicitVRLittleEndian
     content = sr.ContentSequence
     measurements_at = _index_of(content, codes.DCM.ImagingMeasurements)
-    content.insert(measurements_at, image_library([*images, *scs]))
+    content.insert(measurements_at, image_library([*images, *scs], pre_encoded=pre_encoded))
     group = _find(content[measurements_at + 1].ContentSequence, codes.DCM.MeasurementGroup)
     by_uid = {str(ds.SOPInstanceUID): ds for ds in images}
-    add_content(
+    add_images(
         group,
-        [
-            image_item(SOURCE_OF_MEASUREMENT, str(by_uid[uid].SOPClassUID), uid)
-            for uid in analysis.kept
-        ],
+        SOURCE_OF_MEASUREMENT,
+        [(str(by_uid[uid].SOPClassUID), uid) for uid in analysis.kept],
+        pre_encoded=pre_encoded,
     )
 
 

@@ -8,8 +8,9 @@ five levels deep, mostly the image library) that repeated walk was a sixth of th
 :func:`settle_encoding` runs the correction once over the whole tree, then marks each item as
 already in the target encoding and character set, which is what the writer checks before
 walking it. Items holding raw (still undecoded) elements are left unmarked: for them the writer
-must convert the elements to re-encode their text, as it did before. The bytes written are the
-same (tests/test_write_prep.py compares them).
+must convert the elements to re-encode their text, as it did before. The exception are sequences
+``worker.sr_encoded`` made, ASCII and explicit VR little endian: in that encoding they are
+written as they are. The bytes written are the same (tests/test_write_prep.py compares them).
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ from pydicom import Dataset
 from pydicom.filewriter import correct_ambiguous_vr
 from pydicom.valuerep import AMBIGUOUS_VR, VR
 
+from worker.sr_encoded import is_pre_encoded
+
 __all__ = ["settle_encoding"]
 
 
@@ -28,13 +31,14 @@ def settle_encoding(ds: Dataset, *, implicit_vr: bool, little_endian: bool) -> N
     """Correct ambiguous VRs in ``ds`` once and mark its items as in the given encoding."""
     marked: list[Dataset] = []
     ambiguous = False
+    as_they_are = not implicit_vr and little_endian  # the encoding of pre-encoded sequences
     stack = [ds]
     while stack:
         item = stack.pop()
         raw = False
         for element in item.elements():
             if element.is_raw:
-                raw = True
+                raw = raw or not (as_they_are and is_pre_encoded(element))
             elif element.VR == VR.SQ:
                 stack.extend(cast(Iterable[Dataset], element.value))
             elif element.VR in AMBIGUOUS_VR:
