@@ -27,6 +27,13 @@ either way).
 
 On a shared machine one pass says little, so each case runs ``--repeat`` times, listener and
 reference taking turns, and the medians are compared. Ratios are printed last.
+
+Two effects of the 2-core development VM move both servers' figures by up to 1.5x from one
+turn to the next, which is why only ratios of the same run compare: its ext4 has no journal, and
+such an ext4 skips inodes deleted in the last seconds when it allocates one (``recently_deleted``
+in a profile: a tenth of all CPU time in the turns that follow a deletion); and page-cache writes
+into memory the VM has not touched before cost several times a copy into reused pages
+(``copy_folio_from_iter_atomic``: a fifth of all CPU time in such turns).
 """
 
 from __future__ import annotations
