@@ -66,16 +66,37 @@ def _free_port() -> int:
         return int(probe.getsockname()[1])
 
 
-def _wait_for_port(port: int, process: subprocess.Popen[bytes], timeout: float = 60) -> None:
+def _wait_for_port(
+    port: int, process: subprocess.Popen[bytes], sockets: int = 1, timeout: float = 60
+) -> None:
+    """Until ``sockets`` listening sockets are bound to ``port``: one per listener process. The
+    first process binds and accepts before it starts the others, so a connection alone would
+    start the clock while they still import, and their start-up would count as their work."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process.poll() is not None:
             raise RuntimeError(f"server exited with {process.returncode} before listening")
-        with socket.socket() as probe:
-            if probe.connect_ex(("127.0.0.1", port)) == 0:
-                return
+        if _listening_sockets(port) >= sockets:
+            with socket.socket() as probe:
+                if probe.connect_ex(("127.0.0.1", port)) == 0:
+                    return
         time.sleep(0.05)
-    raise TimeoutError(f"nothing listens on port {port}")
+    raise TimeoutError(f"fewer than {sockets} sockets listen on port {port}")
+
+
+def _listening_sockets(port: int) -> int:
+    """Listening TCP sockets bound to ``port`` (``SO_REUSEPORT`` lets several share it)."""
+    found = 0
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            lines = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            fields = line.split()
+            if int(fields[1].rsplit(":", 1)[1], 16) == port and fields[3] == "0A":
+                found += 1
+    return found
 
 
 def make_series(folder: Path, *, studies: int, slices: int) -> list[Path]:
@@ -161,7 +182,7 @@ def start_listener(data_dir: Path, processes: int = 1) -> Server:
         cwd=data_dir,
         stdout=subprocess.DEVNULL,
     )
-    _wait_for_port(port, process)
+    _wait_for_port(port, process, sockets=processes)
     return Server(process, port, "HRCT_TRIAGE")
 
 
