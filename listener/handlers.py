@@ -378,23 +378,25 @@ def _store(
             syncing = start_instance(folder, sop_uid, meta, data, overlap=alone)
         except OSError as error:
             raise _spool_write_failed(error) from None
-        path, sha256 = syncing.spooled.path, syncing.spooled.sha256
-        facts = worklist.InstanceFacts(
-            study_uid=study_uid,
-            series_uid=series_uid,
-            sop_instance_uid=sop_uid,
-            sop_class_uid=sop_class,
-            transfer_syntax_uid=transfer_syntax,
-            path=str(path),
-            size_bytes=syncing.spooled.size_bytes,
-            sha256=sha256,
-            modality=_clipped(header.text(MODALITY), 16),
-            series_number=header.integer(SERIES_NUMBER),
-            series_description=_clipped(header.text(SERIES_DESCRIPTION), 64),
-            accession_number=_clipped(header.text(ACCESSION_NUMBER), 16),
-            calling_ae=str(request.assoc.requestor.ae_title).strip(),
-        )
-        try:  # the row is committed while the file's fsyncs run (listener.spool)
+        # Alone, the row is committed while the file's fsyncs run; beside other C-STOREs, before
+        # they run (listener.spool). Either way ``_synced`` waits for them, and closes the file.
+        try:
+            path, sha256 = syncing.spooled.path, syncing.spooled.sha256
+            facts = worklist.InstanceFacts(
+                study_uid=study_uid,
+                series_uid=series_uid,
+                sop_instance_uid=sop_uid,
+                sop_class_uid=sop_class,
+                transfer_syntax_uid=transfer_syntax,
+                path=str(path),
+                size_bytes=syncing.spooled.size_bytes,
+                sha256=sha256,
+                modality=_clipped(header.text(MODALITY), 16),
+                series_number=header.integer(SERIES_NUMBER),
+                series_description=_clipped(header.text(SERIES_DESCRIPTION), 64),
+                accession_number=_clipped(header.text(ACCESSION_NUMBER), 16),
+                calling_ae=str(request.assoc.requestor.ae_title).strip(),
+            )
             outcome = _record(state, facts, association_id, syncing.wait)
         finally:
             sync_error = _synced(syncing)
