@@ -141,9 +141,12 @@ class _Walker:
         self.end = len(view)
         self.implicit = implicit
         self.little = little
-        self.u16 = struct.Struct("<H" if little else ">H")
-        self.u32 = struct.Struct("<L" if little else ">L")
-        self.tag_struct = struct.Struct("<HH" if little else ">HH")
+        order = "<" if little else ">"
+        self.u32 = struct.Struct(order + "L")
+        # an element header whole in one unpack: tag and 4-byte length (implicit VR, items),
+        # or tag, VR and 2-byte length (explicit VR)
+        self.implicit_header = struct.Struct(order + "HHL")
+        self.explicit_header = struct.Struct(order + "HH2sH")
         self.kept: list[RawDataElement] = []
 
     def walk(self, pos: int, *, depth: int) -> int:
@@ -207,15 +210,17 @@ class _Walker:
         """(tag, VR or None, length, where the value starts) of the element at ``pos``."""
         if pos + 8 > self.end:
             raise MalformedDataSet("data ends inside an element header")
-        group, element = self.tag_struct.unpack_from(self.view, pos)
+        if self.implicit:
+            group, element, length = self.implicit_header.unpack_from(self.view, pos)
+            return group << 16 | element, None, length, pos + 8
+        group, element, vr, short_length = self.explicit_header.unpack_from(self.view, pos)
         tag = group << 16 | element
-        if group == 0xFFFE or self.implicit:
+        if group == 0xFFFE:  # item and delimiters: a 4-byte length where the VR would be
             return tag, None, self.u32.unpack_from(self.view, pos + 4)[0], pos + 8
-        vr = bytes(self.view[pos + 4 : pos + 6])
-        if not (65 <= vr[0] <= 90 and 65 <= vr[1] <= 90):
+        if not (vr.isalpha() and vr.isupper()):  # two ASCII capitals
             raise MalformedDataSet(f"no valid VR at ({group:04X},{element:04X})")
         if vr in _LONG_VRS:
             if pos + 12 > self.end:
                 raise MalformedDataSet("data ends inside an element header")
             return tag, vr, self.u32.unpack_from(self.view, pos + 8)[0], pos + 12
-        return tag, vr, self.u16.unpack_from(self.view, pos + 6)[0], pos + 8
+        return tag, vr, short_length, pos + 8
