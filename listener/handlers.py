@@ -44,6 +44,7 @@ from listener.dicom_header import (
 )
 from listener.metrics import ListenerMetrics, rejection_kind
 from listener.spool import (
+    Streaming,
     Syncing,
     file_meta,
     free_bytes,
@@ -304,11 +305,33 @@ def handle_store(event: events.Event, state: ListenerState) -> int:
         return store_instance(state, request, data, len(data))
 
 
-def store_instance(state: ListenerState, request: StoreRequest, data: memoryview, size: int) -> int:
+def begin_instance(state: ListenerState, request: StoreRequest) -> Streaming | None:
+    """Start writing a C-STORE's data set to the spool as it arrives (``spool.Streaming``), or
+    None to have it written whole once received: when its request's UIDs could not name the
+    file, the spool is short of space (``store_instance`` then refuses it), or the file system
+    cannot make a nameless file. Nothing here refuses anything; ``store_instance`` decides."""
+    try:
+        sop_uid = validate_uid(request.requested_sop_uid, "SOPInstanceUID")
+        sop_class = validate_uid(request.abstract_syntax, "SOPClassUID")
+        if free_bytes(state.spool_dir) < state.settings.min_free_disk_bytes:
+            return None
+    except (InvalidUID, OSError):
+        return None
+    return Streaming.open(state.spool_dir, file_meta(sop_class, sop_uid, request.transfer_syntax))
+
+
+def store_instance(
+    state: ListenerState,
+    request: StoreRequest,
+    data: memoryview,
+    size: int,
+    streamed: Streaming | None = None,
+) -> int:
     """Store one received data set and return the C-STORE status for it.
 
     ``size`` is the data set's length as received; it exceeds ``len(data)`` when the reader
     stopped keeping the bytes of a data set already over ``HRCT_MAX_INSTANCE_BYTES``.
+    ``streamed`` is the file ``begin_instance`` started for it, which this publishes or drops.
     """
     with state.lock:
         opened = state.associations.get(id(request.assoc))
@@ -316,7 +339,7 @@ def store_instance(state: ListenerState, request: StoreRequest, data: memoryview
         alone = state.storing == 1
     association_id = opened.row_id if opened else None
     try:
-        status = _store(request, state, data, size, association_id, alone=alone)
+        status = _store(request, state, data, size, association_id, alone=alone, streamed=streamed)
     except _Refused as refusal:
         status = refusal.status
         state.metrics.refusals.labels(status=f"0x{status:04X}", reason=refusal.kind).inc()
@@ -337,6 +360,8 @@ def store_instance(state: ListenerState, request: StoreRequest, data: memoryview
     finally:
         with state.lock:
             state.storing -= 1
+        if streamed is not None:
+            streamed.close()  # a file not published is dropped
     if opened is not None:
         opened.tally.count(status, size)
     return status
@@ -350,6 +375,7 @@ def _store(
     association_id: int | None,
     *,
     alone: bool,
+    streamed: Streaming | None,
 ) -> int:
     settings = state.settings
     if size > settings.max_instance_bytes:  # the reader keeps no more than that of it
@@ -369,13 +395,21 @@ def _store(
     study_uid, series_uid, sop_uid, sop_class = _identify(header, request)
 
     try:
-        _check_free_space(state, len(data))
         meta = file_meta(sop_class, sop_uid, transfer_syntax)
+        if streamed is not None and streamed.meta != meta:
+            streamed.close()  # cannot happen once _identify passed; written whole instead
+            streamed = None
+        # A streamed file already takes its space on the disk.
+        _check_free_space(state, 0 if streamed is not None else len(data))
         folder = instance_dir(state.spool_dir, study_uid, series_uid)
         try:
-            # Alone, the hash and the fsyncs overlap the write and the commit; beside other
-            # C-STOREs they run in this thread (see ``start_instance``).
-            syncing = start_instance(folder, sop_uid, meta, data, overlap=alone)
+            # Alone, the fsyncs overlap the commit (and the hash the write, when written
+            # whole); beside other C-STOREs they run in this thread (see ``start_instance``).
+            syncing = (
+                streamed.publish(folder, sop_uid, overlap=alone) if streamed is not None else None
+            )
+            if syncing is None:
+                syncing = start_instance(folder, sop_uid, meta, data, overlap=alone)
         except OSError as error:
             raise _spool_write_failed(error) from None
         # Alone, the row is committed while the file's fsyncs run; beside other C-STOREs, before

@@ -234,6 +234,7 @@ class Listener:
         state = self.state
         server.data_phase = DataPhase(  # type: ignore[attr-defined]  # StreamingRequestHandler's
             store=partial(handlers.store_instance, state),
+            begin=partial(handlers.begin_instance, state),
             aborting=partial(handlers.record_abort, state),
             keep_at_most=self.settings.max_instance_bytes,
         )

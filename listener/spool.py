@@ -207,12 +207,121 @@ def start_instance(
     if published is None:  # no hard links here: already synced the classic way
         os.close(fd)
         return Syncing(spooled)
-    if not published:  # the same bytes are already under this name: make those durable
+    return _syncing(fd, spooled, published, overlap=overlap)
+
+
+def _syncing(fd: int, spooled: SpooledFile, published: bool, *, overlap: bool) -> Syncing:
+    """Make the file just given its name (open as ``fd``, which this closes) and its folder
+    durable: in pool threads with ``overlap``, else in ``Syncing.wait``. ``published`` is False
+    when a file of that name (the same bytes) was already there: those are made durable."""
+    folder = spooled.path.parent
+    if not published:
         os.close(fd)
-        fd = os.open(path, os.O_RDONLY)
+        fd = os.open(spooled.path, os.O_RDONLY)
     if not overlap:
         return Syncing(spooled, _deferred=partial(_fsync_file_and_folder, fd, folder))
     return Syncing(spooled, (_SYNCS.submit(_fsync_and_close, fd), _SYNCS.submit(fsync_dir, folder)))
+
+
+class Streaming:
+    """An instance written to the spool while its data set arrives, as a file with no name yet
+    (``O_TMPFILE`` in the spool folder) that ``publish`` links under its content's name.
+
+    Why: each fragment is hashed and copied into the page cache while it is still in the CPU's
+    cache, straight after it was read off the socket. Written whole at the end, the 512 KiB of a
+    CT slice are read back from memory twice more (hash, then write): on the development VM
+    that cost 1.6-1.9 ms of CPU per instance against 1.0-1.6 ms streamed (a microbenchmark).
+    A file that is never published has no name, so a refused or broken-off instance leaves
+    nothing behind, even after a crash.
+
+    ``meta`` is the File Meta the caller built from the C-STORE request; ``publish`` is only
+    for a data set whose own UIDs gave the same (``listener.handlers`` checks). A write error is
+    kept and raised by ``publish``.
+    """
+
+    def __init__(self, fd: int, meta: bytes) -> None:
+        self.meta = meta
+        self.size = 0  # bytes written: File Meta and data set so far
+        self._fd: int | None = fd
+        self._digest = hashlib.sha256()
+        self._error: OSError | None = None
+        self.add(meta)
+
+    @classmethod
+    def open(cls, spool_dir: Path, meta: bytes) -> Streaming | None:
+        """A nameless file in ``spool_dir``, or None where the file system cannot make one (the
+        caller then writes the instance whole, ``start_instance``)."""
+        try:
+            fd = os.open(spool_dir, os.O_TMPFILE | os.O_WRONLY, 0o640)
+        except OSError:
+            return None
+        return cls(fd, meta)
+
+    def add(self, fragment: bytes | memoryview) -> None:
+        """Hash and write the next bytes of the data set."""
+        if self._fd is None or self._error is not None:
+            return
+        self._digest.update(fragment)
+        try:
+            _write_all(self._fd, fragment, b"")
+        except OSError as error:
+            self._error = error
+            return
+        self.size += len(fragment)
+
+    def publish(self, folder: Path, sop_uid: str, *, overlap: bool) -> Syncing | None:
+        """Give the file its name in ``folder`` and start making it durable, as
+        ``start_instance`` does; None (the file dropped) where no name can be linked to it here,
+        so the caller writes the instance whole instead. Raises the write's error, if one
+        failed, or InvalidUID."""
+        validate_uid(sop_uid, "SOPInstanceUID")
+        if self._error is not None:
+            self.close()
+            raise self._error
+        fd = self._fd
+        if fd is None:
+            raise ValueError("publish of a closed streaming file")
+        sha256 = self._digest.hexdigest()
+        path = folder / _instance_name(sop_uid, sha256)
+        make_folder(folder)
+        try:
+            published = _link_nameless(fd, path)
+        except FileNotFoundError:  # the folder was removed since (``purge``): make it again
+            make_folder(folder, again=True)
+            published = _link_nameless(fd, path)
+        except OSError:  # no /proc, or no hard links on this file system
+            self.close()
+            return None
+        self._fd = None  # _syncing closes it
+        return _syncing(fd, SpooledFile(path, self.size, sha256), published, overlap=overlap)
+
+    def close(self) -> None:
+        """Drop the file unless it was published (no name: its space is freed at once)."""
+        fd, self._fd = self._fd, None
+        if fd is not None:
+            os.close(fd)
+
+    def __del__(self) -> None:  # an association thread that ended mid-instance
+        self.close()
+
+
+_PROC: int | None = None  # an O_PATH descriptor of /proc, for ``_link_nameless``
+
+
+def _link_nameless(fd: int, path: Path) -> bool:
+    """Link the ``O_TMPFILE`` file open as ``fd`` to ``path``: True, or False when a file of
+    that name is already there. ``linkat`` with ``AT_SYMLINK_FOLLOW`` on ``/proc/self/fd/N`` is
+    the unprivileged way (``AT_EMPTY_PATH`` needs CAP_DAC_READ_SEARCH); Python uses ``linkat``
+    only when given a directory descriptor, hence ``_PROC``."""
+    global _PROC
+    with _DURABLE_LOCK:
+        if _PROC is None:
+            _PROC = os.open("/proc", os.O_PATH | os.O_DIRECTORY)
+    try:
+        os.link(f"self/fd/{fd}", path, src_dir_fd=_PROC, follow_symlinks=True)
+    except FileExistsError:
+        return False
+    return True
 
 
 def _fsync_file_and_folder(fd: int, folder: Path) -> None:
@@ -229,7 +338,7 @@ def _fsync_and_close(fd: int) -> None:
         os.close(fd)
 
 
-def _write_all(fd: int, meta: bytes, dataset: bytes | memoryview) -> None:
+def _write_all(fd: int, meta: bytes | memoryview, dataset: bytes | memoryview) -> None:
     buffers = [memoryview(meta), memoryview(dataset)]
     while buffers:
         written = os.writev(fd, buffers)

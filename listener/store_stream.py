@@ -32,6 +32,7 @@ from pynetdicom.transport import AssociationSocket, RequestHandler
 
 from listener.handlers import StoreRequest
 from listener.reactors import WakingDUL, make_waking
+from listener.spool import Streaming
 
 log = logging.getLogger("hrct.listener")
 
@@ -40,7 +41,9 @@ log = logging.getLogger("hrct.listener")
 class DataPhase:
     """What the reader needs from the listener, one per server (``server.data_phase``)."""
 
-    store: Callable[[StoreRequest, memoryview, int], int]  # ``handlers.store_instance``
+    # ``handlers.store_instance``: the request, the data set kept, its size, its streamed file
+    store: Callable[[StoreRequest, memoryview, int, Streaming | None], int]
+    begin: Callable[[StoreRequest], Streaming | None]  # ``handlers.begin_instance``
     # Called with the association and the reason just before the reader aborts it, so that the
     # audit row says why (``handlers.record_abort``).
     aborting: Callable[[Any, str], None]
@@ -156,12 +159,26 @@ class _Store:
     message_id: int
     keep_at_most: int
     data: bytearray
+    # The spool file the data set is written to as it arrives (``handlers.begin_instance``);
+    # the store publishes or drops it.
+    streamed: Streaming | None
     size: int = 0
 
     def add(self, value: memoryview) -> None:
         self.size += len(value)
         if self.size <= self.keep_at_most:  # beyond the limit only the size is still counted
             self.data += value
+            if self.streamed is not None:
+                self.streamed.add(value)
+        elif self.streamed is not None:  # it will be refused: free its space now
+            self.streamed.close()
+            self.streamed = None
+
+    def drop(self) -> None:
+        """Broken off before its end (abort, protocol error, closed connection)."""
+        if self.streamed is not None:
+            self.streamed.close()
+            self.streamed = None
 
 
 class _MessageTracker:
@@ -245,15 +262,21 @@ class StreamingDUL(WakingDUL):
                     received = 0
                 if received == 0:  # closed, reset or silent past the network timeout
                     self.event_queue.put("Evt17")  # as pynetdicom: transport connection closed
-                    self._storing = None
+                    self._drop_storing()
                     return False
                 offset += received
         return True
 
+    def _drop_storing(self) -> None:
+        """Forget the instance being received, never to be acknowledged; its file goes too."""
+        if self._storing is not None:
+            self._storing.drop()
+            self._storing = None
+
     def _on_pdu(self, pdu: memoryview) -> None:
         """Store with this PDU, or hand it to pynetdicom's state machine."""
         if pdu[0] != _P_DATA_TF:  # release, abort: pynetdicom's; a partial instance is dropped
-            self._storing = None
+            self._drop_storing()
             self._hand_over(pdu)
             return
         try:
@@ -291,13 +314,15 @@ class StreamingDUL(WakingDUL):
         if not _all_data_of(found[1:], first.context_id) or not self._accepted():
             return False
         abstract_syntax, transfer_syntax = context
+        request = StoreRequest(self.assoc, abstract_syntax, transfer_syntax, sop_instance)
         self._storing = _Store(
             first.context_id,
-            StoreRequest(self.assoc, abstract_syntax, transfer_syntax, sop_instance),
+            request,
             sop_class,
             message_id,
             self._data_phase.keep_at_most,
             bytearray(),
+            self._data_phase.begin(request),
         )
         self._add_data(pdu, found[1:])
         return True
@@ -318,10 +343,14 @@ class StreamingDUL(WakingDUL):
 
     def _answer(self, storing: _Store) -> None:
         try:
-            status = self._data_phase.store(storing.request, memoryview(storing.data), storing.size)
+            status = self._data_phase.store(
+                storing.request, memoryview(storing.data), storing.size, storing.streamed
+            )
         except Exception:  # a bug of ours must not take the association down
             log.exception("C-STORE handling failed")
             status = _PROCESSING_FAILURE
+        finally:
+            storing.drop()
         response = c_store_rsp(
             storing.context_id,
             storing.sop_class_uid,
@@ -364,7 +393,7 @@ class StreamingDUL(WakingDUL):
         """Drop any partial instance, record why, and let the state machine send the A-ABORT
         (event Evt19: invalid PDU)."""
         log.error("aborting the association: %s", reason)
-        self._storing = None
+        self._drop_storing()
         try:
             self._accepted()  # the audit row the reason goes to is open by then
             self._data_phase.aborting(self.assoc, reason)

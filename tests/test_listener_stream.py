@@ -33,6 +33,7 @@ from db.session import transaction
 from listener.scp import Listener
 from listener.store_stream import ProtocolViolation, c_store_rsp, fragments, parse_command
 from tests.conftest import thin_series, wait_until_no_open_association
+from tests.test_spool import nameless_files_open
 
 
 def _client(listener: Listener) -> ClientAssociation:
@@ -240,8 +241,12 @@ def test_a_command_inside_a_data_set_aborts_that_association_only(
         answer=False,
     )
 
-    # then the listener aborts that association and stores nothing of it
+    # then the listener aborts that association and stores nothing of it: the file the first
+    # data set was being written to as it arrived is dropped, never named
     _assert_aborted_with_nothing_stored(assoc, sqlite_sessions, "fragment of another message")
+    spool_dir = sqlite_listener.settings.spool_dir.resolve()
+    assert nameless_files_open(spool_dir) == []
+    assert not [path for path in spool_dir.rglob("*") if path.is_file()]
 
     # and the next association is served as usual
     again = _client(sqlite_listener)

@@ -8,6 +8,8 @@ from __future__ import annotations
 import errno
 import hashlib
 import os
+import shutil
+import tempfile
 from dataclasses import replace
 from datetime import timedelta
 from pathlib import Path
@@ -80,6 +82,114 @@ def test_without_overlap_the_same_file_is_made_and_a_failed_flush_is_raised(
         with pytest.raises(OSError, match="Input/output error"):
             syncing.wait()
     assert len(flushed) == 1
+
+
+def _streamed(spool_dir: Path, meta: bytes, body: bytes, piece: int) -> spool.Streaming:
+    streaming = spool.Streaming.open(spool_dir, meta)
+    assert streaming is not None  # ext4 and tmpfs make nameless files
+    for start in range(0, len(body), piece):
+        streaming.add(memoryview(body)[start : start + piece])
+    return streaming
+
+
+def nameless_files_open(spool_dir: Path) -> list[str]:
+    """This process's open ``O_TMPFILE`` files in ``spool_dir``: ``/proc`` shows each as
+    ``<folder>/#<inode> (deleted)``."""
+    found = []
+    for fd in Path("/proc/self/fd").iterdir():
+        try:
+            target = os.readlink(fd)
+        except OSError:  # closed since the listing
+            continue
+        if target.startswith(f"{spool_dir}/#") and target.endswith(" (deleted)"):
+            found.append(target)
+    return found
+
+
+@pytest.mark.parametrize("overlap", [True, False], ids=["alone", "beside"])
+def test_a_streamed_instance_is_the_file_written_whole(tmp_path: Path, overlap: bool) -> None:
+    # given an instance written whole
+    meta = spool.file_meta("1.2.840.10008.5.1.4.1.1.2", SOP, "1.2.840.10008.1.2.1")
+    body = b"\x08\x00\x18\x00" + bytes(range(256)) * 3000
+    whole = spool.start_instance(tmp_path / "whole", SOP, meta, body).wait()
+    # when the same bytes are streamed in uneven fragments and published
+    (tmp_path / "spool").mkdir()
+    streaming = _streamed(tmp_path / "spool", meta, body, 70_001)
+    folder = spool.instance_dir(tmp_path / "spool", STUDY, SERIES)
+    syncing = streaming.publish(folder, SOP, overlap=overlap)
+    assert syncing is not None
+    streamed = syncing.wait()
+    # then the file has the same name, bytes, size and hash
+    assert streamed.path.name == whole.path.name
+    assert streamed.path.read_bytes() == whole.path.read_bytes() == meta + body
+    assert (streamed.sha256, streamed.size_bytes) == (whole.sha256, whole.size_bytes)
+    # and an identical resend streamed again keeps the file stored before
+    inode = streamed.path.stat().st_ino
+    again = _streamed(tmp_path / "spool", meta, body, 16_384).publish(folder, SOP, overlap=overlap)
+    assert again is not None and again.wait().path == streamed.path
+    assert streamed.path.stat().st_ino == inode
+    # and no nameless file is left open, nothing else is in the spool
+    assert nameless_files_open(tmp_path / "spool") == []
+    assert [p.name for p in (tmp_path / "spool").rglob("*") if p.is_file()] == [whole.path.name]
+
+
+def test_a_streamed_instance_never_published_leaves_nothing(tmp_path: Path) -> None:
+    # given an instance being streamed
+    meta = spool.file_meta("1.2.840.10008.5.1.4.1.1.2", SOP, "1.2.840.10008.1.2.1")
+    streaming = _streamed(tmp_path, meta, b"\x08\x00\x18\x00" + b"x" * 100_000, 30_000)
+    assert len(nameless_files_open(tmp_path)) == 1
+    # when it is dropped (refused, or its association broke off)
+    streaming.close()
+    streaming.close()  # twice is harmless: the store and the reader both drop it
+    # then its file is gone: it never had a name, and it is no longer open
+    assert nameless_files_open(tmp_path) == []
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_streamed_write_that_failed_is_raised_when_published(tmp_path: Path) -> None:
+    # given a file size limit (RLIMIT_FSIZE): writes past it fail with EFBIG, as a full disk
+    # fails them with ENOSPC
+    import resource
+    import signal
+
+    meta = spool.file_meta("1.2.840.10008.5.1.4.1.1.2", SOP, "1.2.840.10008.1.2.1")
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    previous = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (50_000, hard))
+    try:
+        streaming = _streamed(tmp_path, meta, b"\x08\x00\x18\x00" + b"x" * 100_000, 30_000)
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, previous)
+    # when it is published
+    folder = spool.instance_dir(tmp_path, STUDY, SERIES)
+    with pytest.raises(OSError) as raised:
+        streaming.publish(folder, SOP, overlap=False)
+    # then the write's error is raised and nothing is named or left open
+    assert raised.value.errno == errno.EFBIG
+    assert not folder.exists() or list(folder.iterdir()) == []
+    assert nameless_files_open(tmp_path) == []
+
+
+def test_a_streamed_instance_that_cannot_be_linked_there_is_dropped_for_a_whole_write(
+    tmp_path: Path,
+) -> None:
+    # given a streamed instance, and a target folder on another file system (no link can
+    # reach it: EXDEV, as a file system without hard links refuses one)
+    other = Path("/dev/shm")
+    assert other.stat().st_dev != tmp_path.stat().st_dev, "needs /dev/shm apart from tmp_path"
+    meta = spool.file_meta("1.2.840.10008.5.1.4.1.1.2", SOP, "1.2.840.10008.1.2.1")
+    streaming = _streamed(tmp_path, meta, b"\x08\x00\x18\x00" + b"x" * 1000, 300)
+    folder = Path(tempfile.mkdtemp(dir=other)) / STUDY / SERIES
+    try:
+        # when it is published there
+        published = streaming.publish(folder, SOP, overlap=True)
+        # then it says so (the caller writes the instance whole) and its file is dropped
+        assert published is None
+        assert nameless_files_open(tmp_path) == []
+        assert list(folder.iterdir()) == []
+    finally:
+        shutil.rmtree(folder.parent.parent)
 
 
 def test_a_changed_version_gets_its_own_file(tmp_path: Path) -> None:
