@@ -28,12 +28,16 @@ either way).
 On a shared machine one pass says little, so each case runs ``--repeat`` times, listener and
 reference taking turns, and the medians are compared. Ratios are printed last.
 
-Two effects of the 2-core development VM move both servers' figures by up to 1.5x from one
-turn to the next, which is why only ratios of the same run compare: its ext4 has no journal, and
-such an ext4 skips inodes deleted in the last seconds when it allocates one (``recently_deleted``
-in a profile: a tenth of all CPU time in the turns that follow a deletion); and page-cache writes
-into memory the VM has not touched before cost several times a copy into reused pages
-(``copy_folio_from_iter_atomic``: a fifth of all CPU time in such turns).
+Two effects of the 2-core development VM move both servers' figures from one turn to the next,
+which is why only ratios of the same run compare. Its ext4 has no journal, and such an ext4 does
+not reuse an inode freed less than 60 s ago (360 s while its inode table block is not written
+back): every inode allocated passes over all of them again (``recently_deleted``; measured here:
+44 us to create an empty file in a quiet folder, 830 us among a few thousand such inodes). So
+no turn's files are removed before the run ends: removing them after each pair of turns, as
+until stop 17, made the listener's turns (always the first after a removal) pay for thousands
+of them and the reference's turns for fewer. A run started within minutes of another still
+inherits that run's removal. And page-cache writes into memory the VM has not touched before
+cost several times a copy into reused pages (``copy_folio_from_iter_atomic``).
 """
 
 from __future__ import annotations
@@ -225,20 +229,18 @@ def _case(
     ours: list[float] = []
     theirs: list[float] = []
     rss = 0
-    for _ in range(repeat):
-        listener = start_listener(_fresh(scratch / f"{name}-listener"), processes)
+    for turn in range(repeat):
+        listener = start_listener(_fresh(scratch / f"{name}-listener-{turn}"), processes)
         try:
             ours.append(send(listener, folders))
             rss = max(rss, listener.peak_rss_kib())
         finally:
             listener.stop()
-        reference = start_storescp(_fresh(scratch / f"{name}-storescp"), fork=fork)
+        reference = start_storescp(_fresh(scratch / f"{name}-storescp-{turn}"), fork=fork)
         try:
             theirs.append(send(reference, folders))
         finally:
             reference.stop()
-        shutil.rmtree(scratch / f"{name}-listener", ignore_errors=True)
-        shutil.rmtree(scratch / f"{name}-storescp", ignore_errors=True)
     return statistics.median(ours), statistics.median(theirs), rss
 
 
@@ -268,7 +270,6 @@ def durable_ceiling(folder: Path, sample: Path, count: int) -> float:
         database.execute("COMMIT")
     elapsed = time.perf_counter() - started
     database.close()
-    shutil.rmtree(folder, ignore_errors=True)
     return count / elapsed
 
 
@@ -279,13 +280,12 @@ def _fresh(folder: Path) -> Path:
 
 
 def _peak_rss(scratch: Path, folder: Path) -> int:
-    listener = start_listener(_fresh(scratch / "rss-listener"))
+    listener = start_listener(_fresh(scratch / f"rss-listener-{folder.name}"))
     try:
         send(listener, [folder])
         return listener.peak_rss_kib()
     finally:
         listener.stop()
-        shutil.rmtree(scratch / "rss-listener", ignore_errors=True)
 
 
 def main() -> None:
