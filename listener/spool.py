@@ -47,7 +47,6 @@ from functools import partial
 from pathlib import Path
 
 from db.storage import TEMP_SUFFIX, validate_uid
-from listener.direct_writes import DirectWriter
 
 # Our Implementation Class UID (PS3.7 D.3.3.2) in the File Meta of spooled files; a UUID-derived
 # UID under 2.25 needs no registered root.
@@ -240,12 +239,10 @@ class Streaming:
     kept and raised by ``publish``.
     """
 
-    def __init__(self, fd: int, meta: bytes, *, direct: bool = False) -> None:
+    def __init__(self, fd: int, meta: bytes) -> None:
         self.meta = meta
         self.size = 0  # bytes written: File Meta and data set so far
         self._fd: int | None = fd
-        # Past the page cache where the file system allows it (``listener.direct_writes``).
-        self._direct = DirectWriter(fd) if direct else None
         self._digest = hashlib.sha256()
         self._error: OSError | None = None
         self.add(meta)
@@ -254,13 +251,11 @@ class Streaming:
     def open(cls, spool_dir: Path, meta: bytes) -> Streaming | None:
         """A nameless file in ``spool_dir``, or None where the file system cannot make one (the
         caller then writes the instance whole, ``start_instance``)."""
-        for flags, direct in ((os.O_DIRECT, True), (0, False)):
-            try:
-                fd = os.open(spool_dir, os.O_TMPFILE | os.O_WRONLY | flags, 0o640)
-            except OSError:
-                continue
-            return cls(fd, meta, direct=direct)
-        return None
+        try:
+            fd = os.open(spool_dir, os.O_TMPFILE | os.O_WRONLY, 0o640)
+        except OSError:
+            return None
+        return cls(fd, meta)
 
     def add(self, fragment: bytes | memoryview) -> None:
         """Hash and write the next bytes of the data set."""
@@ -268,10 +263,7 @@ class Streaming:
             return
         self._digest.update(fragment)
         try:
-            if self._direct is not None:
-                self._direct.write(fragment)
-            else:
-                _write_all(self._fd, fragment, b"")
+            _write_all(self._fd, fragment, b"")
         except OSError as error:
             self._error = error
             return
@@ -283,11 +275,6 @@ class Streaming:
         so the caller writes the instance whole instead. Raises the write's error, if one
         failed, or InvalidUID."""
         validate_uid(sop_uid, "SOPInstanceUID")
-        if self._direct is not None and self._error is None and self._fd is not None:
-            try:
-                self._direct.finish()
-            except OSError as error:
-                self._error = error
         if self._error is not None:
             self.close()
             raise self._error
@@ -311,8 +298,6 @@ class Streaming:
     def close(self) -> None:
         """Drop the file unless it was published (no name: its space is freed at once)."""
         fd, self._fd = self._fd, None
-        if self._direct is not None:
-            self._direct.release()
         if fd is not None:
             os.close(fd)
 

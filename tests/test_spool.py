@@ -156,15 +156,15 @@ def test_a_streamed_write_that_failed_is_raised_when_published(tmp_path: Path) -
     soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
     previous = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
     resource.setrlimit(resource.RLIMIT_FSIZE, (50_000, hard))
-    folder = spool.instance_dir(tmp_path, STUDY, SERIES)
     try:
         streaming = _streamed(tmp_path, meta, b"\x08\x00\x18\x00" + b"x" * 100_000, 30_000)
-        # when it is published (a file written past the page cache is written by then)
-        with pytest.raises(OSError) as raised:
-            streaming.publish(folder, SOP, overlap=False)
     finally:
         resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
         signal.signal(signal.SIGXFSZ, previous)
+    # when it is published
+    folder = spool.instance_dir(tmp_path, STUDY, SERIES)
+    with pytest.raises(OSError) as raised:
+        streaming.publish(folder, SOP, overlap=False)
     # then the write's error is raised and nothing is named or left open
     assert raised.value.errno == errno.EFBIG
     assert not folder.exists() or list(folder.iterdir()) == []
