@@ -38,6 +38,10 @@ until stop 17, made the listener's turns (always the first after a removal) pay 
 of them and the reference's turns for fewer. A run started within minutes of another still
 inherits that run's removal. And page-cache writes into memory the VM has not touched before
 cost several times a copy into reused pages (``copy_folio_from_iter_atomic``).
+
+storescp fsyncs nothing, so its files are still being written to the disk when its turn ends;
+without the ``sync`` after every turn, the kernel wrote them back during the listener's next
+turn (competing with its fsyncs). The ``sync`` is not timed.
 """
 
 from __future__ import annotations
@@ -236,11 +240,13 @@ def _case(
             rss = max(rss, listener.peak_rss_kib())
         finally:
             listener.stop()
+            os.sync()
         reference = start_storescp(_fresh(scratch / f"{name}-storescp-{turn}"), fork=fork)
         try:
             theirs.append(send(reference, folders))
         finally:
             reference.stop()
+            os.sync()  # its files are not on disk yet: written back in the next turn otherwise
     return statistics.median(ours), statistics.median(theirs), rss
 
 
