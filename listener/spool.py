@@ -4,10 +4,13 @@
 version of an instance never overwrites the acknowledged one before the worklist has switched to
 it, and an identical resend lands on the same name.
 
-A file is written whole to a hidden temporary name in its folder, hard-linked to its final name
-(a link never replaces: a final name only ever holds whole content, and a file already there is
-never swapped for a copy that is not yet on disk) and the temporary name dropped; then the file
-and its folder are fsynced. A folder made for the instance has its parent fsynced too
+A C-STORE read by the listener's own reader is written while its data set arrives, to a file
+with no name in the spool folder (``Streaming``, ``O_TMPFILE``), and hard-linked to its final name
+once stored. Otherwise (pynetdicom's path, or a file system that cannot make nameless files) a
+file is written whole to a hidden temporary name in its folder, hard-linked to its final name
+and the temporary name dropped. A link never replaces: a final name only ever holds whole
+content, and a file already there is never swapped for a copy that is not yet on disk. Then the
+file and its folder are fsynced. A folder made for the instance has its parent fsynced too
 (``make_folder``). When ``write_instance`` returns, the file and its name are on disk.
 
 ``start_instance`` returns before those fsyncs are done, so that the listener commits the
