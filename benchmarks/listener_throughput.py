@@ -231,7 +231,7 @@ def _case(
     scratch: Path, name: str, folders: list[Path], *, fork: bool, repeat: int, processes: int = 1
 ) -> tuple[float, float, int]:
     """Median instances per second of the listener and of storescp, taking turns ``repeat``
-    times, and the listener's peak RSS."""
+    times (each pair printed, for the spread), and the listener's peak RSS."""
     ours: list[float] = []
     theirs: list[float] = []
     rss = 0
@@ -249,6 +249,7 @@ def _case(
         finally:
             reference.stop()
             _settle(scratch / f"{name}-storescp-{turn}")
+        print(f"  {name} turn {turn + 1}: listener {ours[-1]:.0f}, storescp {theirs[-1]:.0f}")
     return statistics.median(ours), statistics.median(theirs), rss
 
 
