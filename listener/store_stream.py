@@ -170,12 +170,12 @@ class _Store:
             self.data += value
             if self.streamed is not None:
                 self.streamed.add(value)
-        elif self.streamed is not None:  # it will be refused: free its space now
-            self.streamed.close()
-            self.streamed = None
+        else:  # it will be refused: free its file's space now
+            self.drop()
 
     def drop(self) -> None:
-        """Broken off before its end (abort, protocol error, closed connection)."""
+        """Close its file unless stored: broken off before its end (abort, protocol error,
+        closed connection), over the size limit, or answered."""
         if self.streamed is not None:
             self.streamed.close()
             self.streamed = None
