@@ -174,7 +174,8 @@ def _serve_association(conn: socket.socket, out_dir: Path, level: int) -> None:
 def serve(out_dir: Path, port: int, level: int) -> None:
     """Accept associations on ``port`` for ever, one forked process each (``storescp --fork``)."""
     if level >= LEVELS.index("row"):
-        with sqlite3.connect(out_dir / "rows.sqlite") as rows:
+        # closed before any fork: a SQLite connection must not be carried into a child
+        with contextlib.closing(sqlite3.connect(out_dir / "rows.sqlite")) as rows:
             rows.execute("PRAGMA journal_mode=WAL")
             rows.execute("CREATE TABLE instance (uid TEXT PRIMARY KEY, path TEXT, sha256 TEXT)")
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # children reaped by the kernel
