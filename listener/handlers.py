@@ -320,6 +320,11 @@ def begin_instance(state: ListenerState, request: StoreRequest) -> Streaming | N
     return Streaming.open(state.spool_dir, file_meta(sop_class, sop_uid, request.transfer_syntax))
 
 
+def prepare_instance(state: ListenerState) -> None:
+    """Ready a spool file for the association's next C-STORE (``spool.Streaming.prepare``)."""
+    Streaming.prepare(state.spool_dir)
+
+
 def store_instance(
     state: ListenerState,
     request: StoreRequest,

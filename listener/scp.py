@@ -23,7 +23,7 @@ from db.metrics import WorklistCollector
 from db.priority import reprioritise
 from db.session import make_engine, make_sessionmaker, transaction
 from db.settings import Settings
-from listener import handlers
+from listener import handlers, spool
 from listener.access import AccessPolicy
 from listener.dispatch import Dispatcher
 from listener.followers import DataFolderLock, Followers
@@ -235,6 +235,7 @@ class Listener:
         server.data_phase = DataPhase(  # type: ignore[attr-defined]  # StreamingRequestHandler's
             store=partial(handlers.store_instance, state),
             begin=partial(handlers.begin_instance, state),
+            prepare=partial(handlers.prepare_instance, state),
             aborting=partial(handlers.record_abort, state),
             keep_at_most=self.settings.max_instance_bytes,
         )
@@ -262,6 +263,7 @@ class Listener:
         if self._thread is not None:
             self._thread.join(timeout=10)
         self.state.commits.close()
+        spool.close_spares(self.state.spool_dir)
         if self._lock is not None:
             self._lock.release()
             self._lock = None

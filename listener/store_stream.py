@@ -44,6 +44,9 @@ class DataPhase:
     # ``handlers.store_instance``: the request, the data set kept, its size, its streamed file
     store: Callable[[StoreRequest, memoryview, int, Streaming | None], int]
     begin: Callable[[StoreRequest], Streaming | None]  # ``handlers.begin_instance``
+    # Called after each answer, while the peer gets its next instance ready: readies what the
+    # next ``begin`` takes (``handlers.prepare_instance``).
+    prepare: Callable[[], None]
     # Called with the association and the reason just before the reader aborts it, so that the
     # audit row says why (``handlers.record_abort``).
     aborting: Callable[[Any, str], None]
@@ -359,6 +362,7 @@ class StreamingDUL(WakingDUL):
             storing.request.requested_sop_uid,
         )
         cast(AssociationSocket, self.socket).send(response)
+        self._data_phase.prepare()
 
     def _accepted(self) -> bool:
         """Wait until the association's thread has finished accepting: the peer may send its

@@ -133,6 +133,29 @@ def test_a_streamed_instance_is_the_file_written_whole(tmp_path: Path, overlap: 
     assert [p.name for p in (tmp_path / "spool").rglob("*") if p.is_file()] == [whole.path.name]
 
 
+def test_the_next_instance_takes_a_nameless_file_prepared_ahead(tmp_path: Path) -> None:
+    # given nameless files prepared ahead (after each answer), more times than are kept
+    for _ in range(spool._SPARES_KEPT + 2):
+        spool.Streaming.prepare(tmp_path)
+    assert len(nameless_files_open(tmp_path)) == spool._SPARES_KEPT
+    # when the next instance is streamed
+    meta = spool.file_meta("1.2.840.10008.5.1.4.1.1.2", SOP, "1.2.840.10008.1.2.1")
+    body = b"\x08\x00\x18\x00" + bytes(range(256)) * 1000
+    streaming = _streamed(tmp_path, meta, body, 70_001)
+    # then it is written to one of them rather than to a file made for it
+    assert len(nameless_files_open(tmp_path)) == spool._SPARES_KEPT
+    # and is published whole under its content's name
+    syncing = streaming.publish(spool.instance_dir(tmp_path, STUDY, SERIES), SOP, overlap=False)
+    assert syncing is not None
+    stored = syncing.wait()
+    assert stored.path.read_bytes() == meta + body
+    assert stored.sha256 == hashlib.sha256(meta + body).hexdigest()
+    # and the listener's stop closes the rest, which leave nothing behind
+    spool.close_spares(tmp_path)
+    assert nameless_files_open(tmp_path) == []
+    assert [p for p in tmp_path.rglob("*") if p.is_file()] == [stored.path]
+
+
 def test_a_streamed_instance_never_published_leaves_nothing(tmp_path: Path) -> None:
     # given an instance being streamed
     meta = spool.file_meta("1.2.840.10008.5.1.4.1.1.2", SOP, "1.2.840.10008.1.2.1")
