@@ -2,7 +2,8 @@
 
 SQLite is shared by the listener, the dispatcher and the workers, each its own process: WAL lets
 readers run beside the writer, a busy timeout waits for the lock instead of failing, and every
-transaction starts with BEGIN IMMEDIATE so two writers never deadlock on a lock upgrade.
+transaction starts with BEGIN IMMEDIATE so two writers never deadlock on a lock upgrade; the
+listener's processes also take turns through a lock file (``db.turns``).
 ``synchronous=FULL`` because a row we acknowledge to a scanner must survive a power cut.
 """
 
@@ -12,17 +13,24 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import Engine, create_engine, event, make_url
 from sqlalchemy.orm import Session, sessionmaker
+
+from db.turns import TurnTakingConnection
 
 # How long a SQLite writer waits for another process's transaction before giving up.
 SQLITE_BUSY_TIMEOUT_MS = 30_000
 
 
-def make_engine(url: str) -> Engine:
-    """An engine for ``url`` with the per-backend settings above."""
+def make_engine(url: str, *, take_turns: bool = False) -> Engine:
+    """An engine for ``url`` with the per-backend settings above. ``take_turns``: its SQLite
+    writers take turns with those of other processes that do too (``db.turns``)."""
     if url.startswith("sqlite"):
-        engine = create_engine(url, connect_args={"timeout": SQLITE_BUSY_TIMEOUT_MS / 1000})
+        connect_args: dict[str, Any] = {"timeout": SQLITE_BUSY_TIMEOUT_MS / 1000}
+        database = make_url(url).database
+        if take_turns and database and database != ":memory:":
+            connect_args["factory"] = TurnTakingConnection.for_database(database)
+        engine = create_engine(url, connect_args=connect_args)
         event.listen(engine, "connect", _sqlite_on_connect)
         event.listen(engine, "begin", _sqlite_on_begin)
         return engine
@@ -40,7 +48,16 @@ def _sqlite_on_connect(dbapi_connection: Any, _record: Any) -> None:
 
 
 def _sqlite_on_begin(connection: Any) -> None:
-    connection.exec_driver_sql("BEGIN IMMEDIATE")
+    dbapi_connection = connection.connection.dbapi_connection
+    if not isinstance(dbapi_connection, TurnTakingConnection):
+        connection.exec_driver_sql("BEGIN IMMEDIATE")
+        return
+    dbapi_connection.take_turn()
+    try:
+        connection.exec_driver_sql("BEGIN IMMEDIATE")
+    except BaseException:
+        dbapi_connection.end_turn()
+        raise
 
 
 def make_sessionmaker(engine: Engine) -> sessionmaker[Session]:

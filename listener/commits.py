@@ -22,6 +22,11 @@ the worklist never trades a version on disk for one that may not be. A batch tha
 fails is tried again one row per transaction, so one bad row fails only its own C-STORE, and a
 row that lost a race on its unique key to another listener process (the same instance sent over
 two associations at once) is found on the second try and recorded as the identical resend it is.
+
+Listener processes sharing a SQLite database take turns to write (``db.turns``); a committing
+thread waits for its process's turn before it takes the batch, so that the rows queued while
+another process committed share the flush: under eight senders, SQLite's lock is held almost
+all the time, by one process's commit or the other's.
 """
 
 from __future__ import annotations
@@ -36,6 +41,7 @@ from sqlalchemy import Connection, Engine
 from sqlalchemy.orm import Session, sessionmaker
 
 from db import worklist
+from db.turns import TurnTakingConnection
 
 # Rows per transaction at most: bounds how long one commit holds the write lock.
 MAX_BATCH = 64
@@ -85,6 +91,7 @@ class GroupCommit:
             with self._commit_lock:
                 if item.done:
                     break
+                self._take_turn()
                 with self._queue_lock:
                     batch = self._pending[:MAX_BATCH]
                     del self._pending[:MAX_BATCH]
@@ -93,6 +100,19 @@ class GroupCommit:
             raise item.error
         assert item.outcome is not None
         return item.outcome
+
+    def _take_turn(self) -> None:
+        """Wait for this process's turn among the database's writers (SQLite, ``db.turns``)
+        before the batch is taken, so that rows queued while another process commits join it;
+        the turn ends with the transaction. Where this fails, BEGIN takes the turn, or fails."""
+        try:
+            if self._connection is None:
+                self._connection = self._engine.connect()
+            dbapi_connection = self._connection.connection.dbapi_connection
+        except Exception:  # the transaction will meet the same error and report it
+            return
+        if isinstance(dbapi_connection, TurnTakingConnection):
+            dbapi_connection.take_turn()
 
     def _commit(self, batch: list[_Pending]) -> None:
         try:

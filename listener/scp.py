@@ -137,7 +137,9 @@ class Listener:
         self.primary = follower_index == 0
         self.run_dispatcher = run_dispatcher and self.primary
         self.shared_port = settings.listener_processes > 1
-        self.sessions = sessions or make_sessionmaker(make_engine(settings.resolved_database_url))
+        self.sessions = sessions or make_sessionmaker(
+            make_engine(settings.resolved_database_url, take_turns=True)
+        )
         self.state = handlers.ListenerState(
             settings,
             self.sessions,

@@ -67,7 +67,8 @@ def database_url(request: pytest.FixtureRequest) -> str:
 
 @pytest.fixture
 def sessions(database_url: str) -> Iterator[sessionmaker[Session]]:
-    engine = make_engine(database_url)
+    """As the listener opens it (its SQLite writers take turns, ``db.turns``)."""
+    engine = make_engine(database_url, take_turns=True)
     yield make_sessionmaker(engine)
     engine.dispose()
 
@@ -299,7 +300,7 @@ def listener_settings(data_dir: Path, database_url: str, **overrides: Any) -> Se
 def sqlite_sessions(sqlite_url: str) -> Iterator[sessionmaker[Session]]:
     """A migrated SQLite worklist alone (tests whose subject does not differ by backend)."""
     upgrade(sqlite_url)
-    engine = make_engine(sqlite_url)
+    engine = make_engine(sqlite_url, take_turns=True)
     yield make_sessionmaker(engine)
     engine.dispose()
 

@@ -24,8 +24,9 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from db import worklist
 from db.models import Association, Instance
-from db.session import transaction
+from db.session import make_engine, transaction
 from db.storage import TEMP_SUFFIX
+from db.turns import TurnTakingConnection
 from listener import commits
 from listener.commits import GroupCommit
 from listener.scp import Listener
@@ -276,6 +277,39 @@ def test_rows_that_queue_during_a_commit_share_the_next_one(
     assert len(committed) == 1
     with transaction(sessions) as session:
         assert len(session.scalars(select(Instance)).all()) == 8
+
+
+def test_rows_that_queue_while_another_process_commits_share_the_next_commit(
+    sqlite_sessions: sessionmaker[Session],
+) -> None:
+    group = GroupCommit(sqlite_sessions)
+    engine = sqlite_sessions.kw["bind"]
+    committed: list[int] = []
+    event.listen(engine, "commit", lambda _connection: committed.append(1))
+    # given another listener process's turn to write (its own connection to the database)
+    other = make_engine(str(engine.url), take_turns=True).raw_connection()
+    other_dbapi = other.dbapi_connection
+    assert isinstance(other_dbapi, TurnTakingConnection)
+    other_dbapi.take_turn()
+    # when four C-STOREs' rows arrive meanwhile
+    results: list[object] = [None] * 4
+
+    def record(index: int) -> None:
+        results[index] = group.record(_facts(index), None, datetime.now(UTC))
+
+    threads = [threading.Thread(target=record, args=(index,)) for index in range(4)]
+    for thread in threads:
+        thread.start()
+    # then the first to commit waits for the turn before it takes its batch ...
+    _wait_for(lambda: len(group._pending) == 4, "every row queued while waiting for the turn")
+    other_dbapi.end_turn()
+    for thread in threads:
+        thread.join(timeout=60)
+    # ... so that one transaction commits all four
+    assert [getattr(r, "recorded", r) for r in results] == [worklist.Recorded.NEW] * 4
+    assert len(committed) == 1
+    other.close()
+    group.close()
 
 
 def test_a_bad_row_fails_alone(
