@@ -68,6 +68,7 @@ _DURABLE_LOCK = threading.Lock()
 # Nameless files opened for C-STOREs still to come (``Streaming.prepare``), per spool folder.
 _SPARES: dict[Path, list[int]] = {}
 _SPARES_KEPT = 4  # each is an empty inode and a descriptor, nothing on the disk
+_SPARES_LOCK = threading.Lock()
 
 
 @dataclass(frozen=True)
@@ -273,14 +274,14 @@ class Streaming:
         and a reader calls this just after answering an instance, while the sender reads its
         next file, instead of on the way to the next answer. A few are kept per process; any
         failure here leaves ``open`` to try again."""
-        with _DURABLE_LOCK:
+        with _SPARES_LOCK:
             if len(_SPARES.get(spool_dir, ())) >= _SPARES_KEPT:
                 return
         try:
             fd = _nameless(spool_dir)
         except OSError:
             return
-        with _DURABLE_LOCK:
+        with _SPARES_LOCK:
             spares = _SPARES.setdefault(spool_dir, [])
             if len(spares) < _SPARES_KEPT:
                 spares.append(fd)
@@ -338,7 +339,7 @@ class Streaming:
 def close_spares(spool_dir: Path) -> None:
     """Close the nameless files prepared in ``spool_dir`` (the listener is stopping); having no
     name, they leave nothing behind."""
-    with _DURABLE_LOCK:
+    with _SPARES_LOCK:
         spares = _SPARES.pop(spool_dir, [])
     for fd in spares:
         os.close(fd)
@@ -350,7 +351,7 @@ def _nameless(spool_dir: Path) -> int:
 
 def _spare(spool_dir: Path) -> int | None:
     """A nameless file ``Streaming.prepare`` opened in ``spool_dir``, if one is left."""
-    with _DURABLE_LOCK:
+    with _SPARES_LOCK:
         spares = _SPARES.get(spool_dir)
         return spares.pop() if spares else None
 
