@@ -22,7 +22,8 @@ instance it writes the data set as received, then, level by level:
 It does none of the listener's other work: no access policy, no association audit, no header
 walk or UID validation, no worklist schema (studies, series), no group commit, no spool layout,
 no metrics. Eight storescu processes (``TCP_NODELAY=1``) send 100 slices each to every level and
-to ``storescp --fork``, taking turns; medians and their ratios to storescp are printed last.
+to ``storescp --fork``, taking turns; each server's CPU time per instance (its children's
+included, see ``listener_throughput``), then the medians' ratios to storescp, are printed last.
 
 It is a measuring stick, not a product path: it answers success to whatever it receives.
 """
@@ -37,7 +38,6 @@ import shutil
 import signal
 import socket
 import sqlite3
-import statistics
 import struct
 import subprocess
 import sys
@@ -49,11 +49,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from listener_throughput import (
     Server,
+    Turn,
     _free_port,
     _fresh,
     _settle,
     _wait_for_port,
     make_series,
+    median_turn,
     send,
     start_storescp,
 )
@@ -171,6 +173,12 @@ def _serve_association(conn: socket.socket, out_dir: Path, level: int) -> None:
             )
 
 
+def _reap_children(_signal: int, _frame: object) -> None:
+    with contextlib.suppress(ChildProcessError):
+        while os.waitpid(-1, os.WNOHANG)[0]:
+            pass
+
+
 def serve(out_dir: Path, port: int, level: int) -> None:
     """Accept associations on ``port`` for ever, one forked process each (``storescp --fork``)."""
     if level >= LEVELS.index("row"):
@@ -178,7 +186,9 @@ def serve(out_dir: Path, port: int, level: int) -> None:
         with contextlib.closing(sqlite3.connect(out_dir / "rows.sqlite")) as rows:
             rows.execute("PRAGMA journal_mode=WAL")
             rows.execute("CREATE TABLE instance (uid TEXT PRIMARY KEY, path TEXT, sha256 TEXT)")
-    signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # children reaped by the kernel
+    # Children reaped here rather than by the kernel (SIG_IGN), so that their CPU time adds up
+    # in this process's, which ``Server.cpu_seconds`` reads.
+    signal.signal(signal.SIGCHLD, _reap_children)
     with socket.socket() as server:
         server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         server.bind(("127.0.0.1", port))
@@ -219,10 +229,10 @@ def main() -> None:
     args.work.mkdir(parents=True, exist_ok=True)
     folders = make_series(args.work, studies=args.senders, slices=args.sender_slices)
     scratch = Path(tempfile.mkdtemp(prefix="bare-", dir=args.work))
-    rates: dict[str, list[float]] = {name: [] for name in (*LEVELS, "storescp")}
+    turns: dict[str, list[Turn]] = {name: [] for name in (*LEVELS, "storescp")}
     try:
         for turn in range(args.repeat):
-            for name in rates:
+            for name in turns:
                 out_dir = _fresh(scratch / f"{name}-{turn}")
                 server = (
                     start_storescp(out_dir, fork=True)
@@ -230,16 +240,18 @@ def main() -> None:
                     else start_receiver(out_dir, name)
                 )
                 try:
-                    rates[name].append(send(server, folders))
+                    turns[name].append(send(server, folders))
                 finally:
                     server.stop()
                     _settle(out_dir)
-            print("  turn", turn + 1, "  ".join(f"{n} {r[-1]:.0f}" for n, r in rates.items()))
-        reference = statistics.median(rates["storescp"])
-        print(f"{args.senders} senders x {args.sender_slices} slices, instances/s (median):")
+            print("  turn", turn + 1, "  ".join(f"{n} {t[-1].rate:.0f}" for n, t in turns.items()))
+        medians = {name: median_turn(measured) for name, measured in turns.items()}
+        print(f"{args.senders} senders x {args.sender_slices} slices, server CPU per instance:")
+        for name, median in medians.items():
+            print(f"  {name:8s} {median.server_cpu_ms:.2f} ms  ({median.rate:.0f} instances/s)")
         for name in LEVELS:
-            rate = statistics.median(rates[name])
-            print(f"ratio bare receiver, {name:5s} / storescp --fork: {rate / reference:.2f}")
+            ratio = medians[name].rate / medians["storescp"].rate
+            print(f"ratio bare receiver, {name:5s} / storescp --fork: {ratio:.2f}")
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
 

@@ -44,12 +44,21 @@ without the ``sync`` after every turn, the kernel wrote them back during the lis
 turn (competing with its fsyncs). After the ``sync`` each turn's files are also dropped from the
 page cache, so every turn writes into pages just freed (``_settle``, not timed): with them kept,
 storescp's rate in one hour ranged from 660 to 1,370 instances/s depending on the turn before.
+
+Each turn also counts CPU time, which tells where a rate's limit lies and moves less than rates
+with the machine's noise: the server's (its processes and their children, from ``/proc``: user
+and system time, live and exited) and the senders' (``getrusage`` of the storescu processes),
+each per instance. With every core busy, as
+with eight senders on a small machine, rates follow from them: the listener reaches a ratio R of
+``storescp --fork`` only if its CPU per instance is at most (storescp's + the senders') / R minus
+the senders'; the script prints that bound beside the listener's own figure.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import resource
 import shutil
 import socket
 import statistics
@@ -149,6 +158,15 @@ def _children(pid: int) -> list[int]:
     return found
 
 
+def _cpu_seconds(pid: int) -> float:
+    """utime + stime + cutime + cstime of one process (0 once it is gone)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return sum(int(value) for value in fields[11:15]) / os.sysconf("SC_CLK_TCK")
+
+
 @dataclass
 class Server:
     process: subprocess.Popen[bytes]
@@ -167,6 +185,11 @@ class Server:
                 if line.startswith("VmHWM:"):
                     peaks.append(int(line.split()[1]))
         return max(peaks)
+
+    def cpu_seconds(self) -> float:
+        """User + system time of the server and of its children so far: those still running or
+        not yet reaped from their own ``/proc`` entries, those reaped through the server's."""
+        return sum(_cpu_seconds(pid) for pid in (self.process.pid, *_children(self.process.pid)))
 
     def stop(self) -> None:
         self.process.terminate()
@@ -207,9 +230,20 @@ def start_storescp(out_dir: Path, *, fork: bool) -> Server:
     return Server(process, port, "STORESCP")
 
 
-def send(server: Server, folders: list[Path]) -> float:
-    """Instances per second for one storescu per folder, all started at once."""
+@dataclass(frozen=True)
+class Turn:
+    """One server's turn: instances per second, and CPU milliseconds per instance."""
+
+    rate: float
+    server_cpu_ms: float
+    senders_cpu_ms: float
+
+
+def send(server: Server, folders: list[Path]) -> Turn:
+    """One storescu per folder, all started at once, to ``server``."""
     count = sum(len(list(folder.glob("*.dcm"))) for folder in folders)
+    server_before = server.cpu_seconds()
+    senders_before = resource.getrusage(resource.RUSAGE_CHILDREN)
     started = time.perf_counter()
     senders = [
         subprocess.Popen(
@@ -224,16 +258,56 @@ def send(server: Server, folders: list[Path]) -> float:
         _, errors = sender.communicate(timeout=900)
         if sender.returncode != 0:
             raise RuntimeError(f"storescu failed: {errors.decode(errors='replace')[-500:]}")
-    return count / (time.perf_counter() - started)
+    elapsed = time.perf_counter() - started
+    senders_after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    server_cpu = server.cpu_seconds() - server_before
+    senders_cpu = (senders_after.ru_utime + senders_after.ru_stime) - (
+        senders_before.ru_utime + senders_before.ru_stime
+    )
+    return Turn(count / elapsed, 1e3 * server_cpu / count, 1e3 * senders_cpu / count)
+
+
+@dataclass(frozen=True)
+class Case:
+    """Medians of a case's turns, listener and reference."""
+
+    ours: Turn
+    theirs: Turn
+    rss_kib: int
+
+    @property
+    def ratio(self) -> float:
+        return self.ours.rate / self.theirs.rate
+
+    def cpu_bound(self, ratio: float) -> float:
+        """The listener's CPU per instance (ms) at which, with every core busy, its rate would
+        be ``ratio`` times the reference's: (reference + senders) / ratio - senders."""
+        senders = self.theirs.senders_cpu_ms
+        return (self.theirs.server_cpu_ms + senders) / ratio - senders
+
+    def cpu_line(self, reference: str) -> str:
+        return (
+            f"CPU per instance: listener {self.ours.server_cpu_ms:.2f} ms, {reference} "
+            f"{self.theirs.server_cpu_ms:.2f} ms, senders {self.ours.senders_cpu_ms:.2f} / "
+            f"{self.theirs.senders_cpu_ms:.2f} ms"
+        )
+
+
+def median_turn(turns: list[Turn]) -> Turn:
+    return Turn(
+        statistics.median(turn.rate for turn in turns),
+        statistics.median(turn.server_cpu_ms for turn in turns),
+        statistics.median(turn.senders_cpu_ms for turn in turns),
+    )
 
 
 def _case(
     scratch: Path, name: str, folders: list[Path], *, fork: bool, repeat: int, processes: int = 1
-) -> tuple[float, float, int]:
-    """Median instances per second of the listener and of storescp, taking turns ``repeat``
-    times (each pair printed, for the spread), and the listener's peak RSS."""
-    ours: list[float] = []
-    theirs: list[float] = []
+) -> Case:
+    """Medians of the listener's and storescp's turns, taking turns ``repeat`` times (each pair
+    printed, for the spread), and the listener's peak RSS."""
+    ours: list[Turn] = []
+    theirs: list[Turn] = []
     rss = 0
     for turn in range(repeat):
         listener = start_listener(_fresh(scratch / f"{name}-listener-{turn}"), processes)
@@ -249,8 +323,12 @@ def _case(
         finally:
             reference.stop()
             _settle(scratch / f"{name}-storescp-{turn}")
-        print(f"  {name} turn {turn + 1}: listener {ours[-1]:.0f}, storescp {theirs[-1]:.0f}")
-    return statistics.median(ours), statistics.median(theirs), rss
+        print(
+            f"  {name} turn {turn + 1}: listener {ours[-1].rate:.0f}, storescp "
+            f"{theirs[-1].rate:.0f} inst/s; CPU ms/instance {ours[-1].server_cpu_ms:.2f} / "
+            f"{theirs[-1].server_cpu_ms:.2f}"
+        )
+    return Case(median_turn(ours), median_turn(theirs), rss)
 
 
 def _settle(folder: Path) -> None:
@@ -334,11 +412,13 @@ def main() -> None:
     try:
         single = make_series(args.work, studies=1, slices=args.slices)
         many = make_series(args.work, studies=args.senders, slices=args.sender_slices)
-        ours1, theirs1, rss1 = _case(scratch, "single", single, fork=False, repeat=args.repeat)
+        one = _case(scratch, "single", single, fork=False, repeat=args.repeat)
         print(
-            f"single association, {args.slices} slices: listener {ours1:7.1f} inst/s  "
-            f"storescp {theirs1:7.1f} inst/s  (listener peak RSS {rss1 / 1024:.0f} MiB)"
+            f"single association, {args.slices} slices: listener {one.ours.rate:7.1f} inst/s  "
+            f"storescp {one.theirs.rate:7.1f} inst/s  (listener peak RSS "
+            f"{one.rss_kib / 1024:.0f} MiB)"
         )
+        print(f"  {one.cpu_line('storescp')}")
         sample = sorted(single[0].glob("*.dcm"))[0]
         ceiling = statistics.median(
             durable_ceiling(scratch / "ceiling", sample, args.slices) for _ in range(args.repeat)
@@ -347,13 +427,18 @@ def main() -> None:
             f"durability ceiling (fsync + committed row per instance, nothing else): "
             f"{ceiling:7.1f} inst/s"
         )
-        ours8, theirs8, rss8 = _case(
+        eight = _case(
             scratch, "concurrent", many, fork=True, repeat=args.repeat, processes=args.processes
         )
         print(
             f"{args.senders} senders x {args.sender_slices} slices, {args.processes} listener "
-            f"process(es): listener {ours8:7.1f} inst/s  storescp --fork {theirs8:7.1f} inst/s  "
-            f"(listener peak RSS {rss8 / 1024:.0f} MiB)"
+            f"process(es): listener {eight.ours.rate:7.1f} inst/s  storescp --fork "
+            f"{eight.theirs.rate:7.1f} inst/s  (listener peak RSS {eight.rss_kib / 1024:.0f} MiB)"
+        )
+        print(f"  {eight.cpu_line('storescp --fork')}")
+        print(
+            f"  with every core busy, 0.6x of storescp --fork needs at most "
+            f"{eight.cpu_bound(0.6):.2f} ms of listener CPU per instance"
         )
         if args.rss:
             for slices in (100, 1000):
@@ -362,9 +447,11 @@ def main() -> None:
                     f"listener peak RSS, one {slices}-slice study: "
                     f"{_peak_rss(scratch, folder) / 1024:.0f} MiB"
                 )
-        print(f"ratio ceiling / storescp, single (bounds the next): {ceiling / theirs1:.2f}")
-        print(f"ratio single     (target >= 0.5): {ours1 / theirs1:.2f}")
-        print(f"ratio {args.senders} senders (target >= 0.6): {ours8 / theirs8:.2f}")
+        print(
+            f"ratio ceiling / storescp, single (bounds the next): {ceiling / one.theirs.rate:.2f}"
+        )
+        print(f"ratio single     (target >= 0.5): {one.ratio:.2f}")
+        print(f"ratio {args.senders} senders (target >= 0.6): {eight.ratio:.2f}")
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
 
