@@ -48,10 +48,11 @@ storescp's rate in one hour ranged from 660 to 1,370 instances/s depending on th
 Each turn also counts CPU time, which tells where a rate's limit lies and moves less than rates
 with the machine's noise: the server's (its processes and their children, from ``/proc``: user
 and system time, live and exited) and the senders' (``getrusage`` of the storescu processes),
-each per instance. With every core busy, as
-with eight senders on a small machine, rates follow from them: the listener reaches a ratio R of
-``storescp --fork`` only if its CPU per instance is at most (storescp's + the senders') / R minus
-the senders'; the script prints that bound beside the listener's own figure.
+each per instance. When every core is busy in both turns, as with eight senders on a small
+machine, rates follow from them, roughly (kernel threads' work is counted nowhere): the listener
+reaches R times the rate of ``storescp --fork`` only if its CPU per instance is at most (storescp's
++ its senders') / R minus the listener's senders'. The script prints that bound for R = 0.6
+beside the listener's own figure.
 """
 
 from __future__ import annotations
@@ -280,16 +281,17 @@ class Case:
         return self.ours.rate / self.theirs.rate
 
     def cpu_bound(self, ratio: float) -> float:
-        """The listener's CPU per instance (ms) at which, with every core busy, its rate would
-        be ``ratio`` times the reference's: (reference + senders) / ratio - senders."""
-        senders = self.theirs.senders_cpu_ms
-        return (self.theirs.server_cpu_ms + senders) / ratio - senders
+        """The listener's CPU per instance (ms) at which, with every core busy in both turns,
+        its rate would be ``ratio`` times the reference's: the reference's turn spent
+        (reference + its senders) per instance, the listener's may spend that / ``ratio``."""
+        reference_turn = self.theirs.server_cpu_ms + self.theirs.senders_cpu_ms
+        return reference_turn / ratio - self.ours.senders_cpu_ms
 
     def cpu_line(self, reference: str) -> str:
         return (
             f"CPU per instance: listener {self.ours.server_cpu_ms:.2f} ms, {reference} "
-            f"{self.theirs.server_cpu_ms:.2f} ms, senders {self.ours.senders_cpu_ms:.2f} / "
-            f"{self.theirs.senders_cpu_ms:.2f} ms"
+            f"{self.theirs.server_cpu_ms:.2f} ms; its senders {self.ours.senders_cpu_ms:.2f} ms, "
+            f"{reference}'s {self.theirs.senders_cpu_ms:.2f} ms"
         )
 
 
