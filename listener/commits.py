@@ -106,9 +106,7 @@ class GroupCommit:
         before the batch is taken, so that rows queued while another process commits join it;
         the turn ends with the transaction. Where this fails, BEGIN takes the turn, or fails."""
         try:
-            if self._connection is None:
-                self._connection = self._engine.connect()
-            dbapi_connection = self._connection.connection.dbapi_connection
+            dbapi_connection = self._connected().connection.dbapi_connection
         except Exception:  # the transaction will meet the same error and report it
             return
         if isinstance(dbapi_connection, TurnTakingConnection):
@@ -133,10 +131,9 @@ class GroupCommit:
 
     def _in_one_transaction(self, batch: list[_Pending]) -> list[Outcome]:
         try:
-            if self._connection is None:
-                self._connection = self._engine.connect()
-            with self._connection.begin():
-                outcomes = [_record_on(self._connection, item) for item in batch]
+            connection = self._connected()
+            with connection.begin():
+                outcomes = [_record_on(connection, item) for item in batch]
                 for item, outcome in zip(batch, outcomes, strict=True):
                     if outcome.recorded is worklist.Recorded.REPLACED and item.durable:
                         item.durable()
@@ -144,6 +141,12 @@ class GroupCommit:
         except Exception:
             self._drop_connection()  # it may be the broken part (a restarted server)
             raise
+
+    def _connected(self) -> Connection:
+        """The connection the group keeps (used only under the commit lock), opened if need be."""
+        if self._connection is None:
+            self._connection = self._engine.connect()
+        return self._connection
 
     def _drop_connection(self) -> None:
         connection, self._connection = self._connection, None
