@@ -17,7 +17,7 @@ instance it writes the data set as received, then, level by level:
 * ``fsync``: fsyncs the file and its folder before the success status;
 * ``hash``: also SHA-256 of the data set (the spool names files by it);
 * ``row``: also one row committed per instance in a SQLite database shared by the processes
-  (WAL, ``synchronous=FULL``, ``BEGIN IMMEDIATE``, as ``db.session`` sets it).
+  (WAL, ``synchronous=FULL``, ``BEGIN IMMEDIATE``, as ``hrct_triage.db.session`` sets it).
 
 It does none of the listener's other work: no access policy, no association audit, no header
 walk or UID validation, no worklist schema (studies, series), no group commit, no spool layout,
@@ -60,7 +60,7 @@ from listener_throughput import (
     start_storescp,
 )
 
-from listener.store_stream import c_store_rsp, fragments, parse_command
+from hrct_triage.listener.store_stream import c_store_rsp, fragments, parse_command
 
 LEVELS = ("bare", "fsync", "hash", "row")
 _APPLICATION_CONTEXT = b"1.2.840.10008.3.1.1.1"

@@ -43,14 +43,14 @@ def main() -> int:
 
     import torch
 
-    from worker.artifacts import build_study_outputs
-    from worker.memory import keep_freed_memory
-    from worker.model import load_model
-    from worker.phantom import write_phantom_studies
-    from worker.pipeline import analyse_study
-    from worker.preprocess import lung_slices, model_input
-    from worker.series import select_series
-    from worker.volume import load_volume
+    from hrct_triage.phantoms.generator import write_phantom_studies
+    from hrct_triage.worker.memory import keep_freed_memory
+    from hrct_triage.worker.method.model import load_model
+    from hrct_triage.worker.method.pipeline import analyse_study
+    from hrct_triage.worker.method.preprocess import lung_slices, model_input
+    from hrct_triage.worker.method.series import select_series
+    from hrct_triage.worker.method.volume import load_volume
+    from hrct_triage.worker.outputs.files import build_study_outputs
 
     model = load_model(
         args.checkpoint, allow_untrained=args.checkpoint is None, compile_features=args.compile

@@ -27,7 +27,7 @@ def upgrade(url: str, revision: str = "head") -> None:
 def current_revision(url: str) -> str | None:
     from alembic.runtime.migration import MigrationContext
 
-    from db.session import make_engine
+    from hrct_triage.db.session import make_engine
 
     engine = make_engine(url)
     try:

@@ -18,9 +18,9 @@ never hidden below the negatives, since nobody else will look at them. Prioritie
 with each study; ``reprioritise`` recomputes them when the listener starts, so a changed order
 applies to the whole worklist.
 
-The urgent queue (``db.queue.URGENT_QUEUE``) is a different question, asked when the dispatcher
-publishes a study: before analysis nothing is known about the result, so urgency comes from
-where the study came from and from the operator. See ``is_urgent``.
+The urgent queue (``common.task_queue.URGENT_QUEUE``) is a different question, asked when the
+dispatcher publishes a study: before analysis nothing is known about the result, so urgency comes
+from where the study came from and from the operator. See ``is_urgent``.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from collections.abc import Collection, Sequence
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from db.models import Study, StudyStatus
+from hrct_triage.db.models import Study, StudyStatus
 
 BANDS = ("positive", "unanswered", "negative")
 # Room for 1000 probability steps inside each band, so bands never overlap.
@@ -49,7 +49,7 @@ def band_of(status: str, positive: bool | None) -> str:
 
 def configured_bands() -> tuple[str, ...]:
     """The band order of this process's settings (``HRCT_PRIORITY_BANDS``)."""
-    from db.settings import get_settings
+    from hrct_triage.common.settings import get_settings
 
     return tuple(get_settings().priority_bands)
 

@@ -13,7 +13,7 @@ from typing import Any
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, selectinload
 
-from db.models import Instance, Output, Study
+from hrct_triage.db.models import Instance, Output, Study
 
 
 def _iso(value: datetime | None) -> str | None:

@@ -3,7 +3,7 @@
 SQLite is shared by the listener, the dispatcher and the workers, each its own process: WAL lets
 readers run beside the writer, a busy timeout waits for the lock instead of failing, and every
 transaction starts with BEGIN IMMEDIATE so two writers never deadlock on a lock upgrade; the
-listener's processes also take turns through a lock file (``db.turns``).
+listener's processes also take turns through a lock file (``hrct_triage.db.sqlite_turns``).
 ``synchronous=FULL`` because a row we acknowledge to a scanner must survive a power cut.
 """
 
@@ -16,7 +16,7 @@ from typing import Any
 from sqlalchemy import Engine, create_engine, event, make_url
 from sqlalchemy.orm import Session, sessionmaker
 
-from db.turns import TurnTakingConnection
+from hrct_triage.db.sqlite_turns import TurnTakingConnection
 
 # How long a SQLite writer waits for another process's transaction before giving up.
 SQLITE_BUSY_TIMEOUT_MS = 30_000
@@ -24,7 +24,7 @@ SQLITE_BUSY_TIMEOUT_MS = 30_000
 
 def make_engine(url: str, *, take_turns: bool = False) -> Engine:
     """An engine for ``url`` with the per-backend settings above. ``take_turns``: its SQLite
-    writers take turns with those of other processes that do too (``db.turns``)."""
+    writers take turns with those of other processes that do too (``db.sqlite_turns``)."""
     if url.startswith("sqlite"):
         connect_args: dict[str, Any] = {"timeout": SQLITE_BUSY_TIMEOUT_MS / 1000}
         database = make_url(url).database

@@ -36,7 +36,7 @@ import numpy as np
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from db.models import Delivery, DeliveryState, Output, Study, StudyStatus
+from hrct_triage.db.models import Delivery, DeliveryState, Output, Study, StudyStatus
 
 log = logging.getLogger(__name__)
 

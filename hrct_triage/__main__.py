@@ -1,3 +1,3 @@
-from hrct_triage.cli import app
+from hrct_triage.cli.app import app
 
 app()

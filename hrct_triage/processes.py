@@ -10,8 +10,8 @@ import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from db.settings import Settings
-from listener.scp import Listener
+from hrct_triage.common.settings import Settings
+from hrct_triage.listener.scp import Listener
 
 log = logging.getLogger("hrct.up")
 

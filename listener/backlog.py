@@ -22,7 +22,7 @@ from collections.abc import Callable
 
 from sqlalchemy.orm import Session, sessionmaker
 
-from db.session import transaction
+from hrct_triage.db.session import transaction
 
 log = logging.getLogger("hrct.listener")
 

@@ -76,7 +76,7 @@ class Header:
     little: bool
 
     def uid(self, tag: int) -> str | None:
-        """A UI value without its padding, unvalidated (``db.storage.validate_uid`` does it)."""
+        """A UI value without its padding, unvalidated (``common.storage.validate_uid`` does it)."""
         element = self.elements.get(tag)
         if element is None or element.value is None:
             return None

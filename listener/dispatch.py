@@ -19,10 +19,10 @@ from datetime import UTC, datetime
 from celery import Celery
 from sqlalchemy.orm import Session, sessionmaker
 
-from db import worklist
-from db.queue import QUEUE, TASK_FOR_OUTBOX, URGENT_QUEUE, celery_config
-from db.session import transaction
-from db.settings import Settings
+from hrct_triage.common.settings import Settings
+from hrct_triage.common.task_queue import QUEUE, TASK_FOR_OUTBOX, URGENT_QUEUE, celery_config
+from hrct_triage.db import worklist
+from hrct_triage.db.session import transaction
 
 log = logging.getLogger("hrct.dispatch")
 

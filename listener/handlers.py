@@ -1,4 +1,4 @@
-"""Event handlers of the Storage SCP, bound to a ``ListenerState`` in ``listener.scp``.
+"""Event handlers of the Storage SCP, bound to a ``ListenerState`` in ``hrct_triage.listener.scp``.
 
 The C-STORE contract (pynetdicom's ``doc_handle_store`` has the rest): the handler returns a
 status; success (0x0000) only once the instance is fsynced in the spool *and* its row is committed
@@ -22,14 +22,13 @@ from typing import Any
 from pynetdicom import events
 from sqlalchemy.orm import Session, sessionmaker
 
-from db import worklist
-from db.session import transaction
-from db.settings import Settings
-from db.storage import InvalidUID, validate_uid
-from listener.access import AccessPolicy
-from listener.backlog import Backlog
-from listener.commits import GroupCommit, Outcome
-from listener.dicom_header import (
+from hrct_triage.common.settings import Settings
+from hrct_triage.common.storage import InvalidUID, validate_uid
+from hrct_triage.db import worklist
+from hrct_triage.db.session import transaction
+from hrct_triage.listener.access import AccessPolicy
+from hrct_triage.listener.backlog import Backlog
+from hrct_triage.listener.dicom_header import (
     ACCESSION_NUMBER,
     MODALITY,
     SERIES_DESCRIPTION,
@@ -42,8 +41,9 @@ from listener.dicom_header import (
     MalformedDataSet,
     read_header,
 )
-from listener.metrics import ListenerMetrics, rejection_kind
-from listener.spool import (
+from hrct_triage.listener.group_commit import GroupCommit, Outcome
+from hrct_triage.listener.metrics import ListenerMetrics, rejection_kind
+from hrct_triage.listener.spool import (
     Streaming,
     Syncing,
     file_meta,
@@ -284,7 +284,7 @@ def record_abort(state: ListenerState, assoc: Any, reason: str) -> None:
 class StoreRequest:
     """One C-STORE as it arrived: the association it came on, its presentation context and the
     SOP Instance UID its command named, whichever path read it (pynetdicom's ``handle_store`` or
-    the data-phase reader of ``listener.store_stream``)."""
+    the data-phase reader of ``hrct_triage.listener.store_stream``)."""
 
     assoc: Any
     abstract_syntax: str
@@ -505,7 +505,7 @@ def _record(
 ) -> Outcome:
     """Commit the instance row (``durable`` waits for its file, before a row that replaces an
     acknowledged version is committed)."""
-    try:  # committed with the rows of other associations' C-STOREs (listener.commits)
+    try:  # committed with the rows of other associations' C-STOREs (listener.group_commit)
         outcome = state.commits.record(facts, association_id, _now(), durable)
     except OSError as error:  # the file of a changed version did not reach the disk
         raise _spool_write_failed(error) from None

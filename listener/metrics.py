@@ -3,9 +3,9 @@
 Counters of what this process sees (associations, instances, bytes, refusals, rejections) live
 in a registry of the ``Listener`` instance rather than prometheus_client's global one, so several
 listeners in one process (the tests) never collide. The same endpoint also serves
-``db.metrics.WorklistCollector``: queue depth and the worker-side figures read from the worklist.
-Label values are bounded sets (outcome names, status codes, reason kinds), never UIDs or AE
-titles, so the series count stays fixed however many scanners and studies there are.
+``listener.worklist_gauges.WorklistCollector``: queue depth and the worker-side figures read from
+the worklist. Label values are bounded sets (outcome names, status codes, reason kinds), never UIDs
+or AE titles, so the series count stays fixed however many scanners and studies there are.
 """
 
 from __future__ import annotations

@@ -10,7 +10,7 @@ name, and each is settled before the listener accepts an association:
   its name, the bytes are whole, so the instance is *adopted*, recorded as if it had just
   arrived. A sender that retries then sends an identical instance, which changes nothing; one
   that does not retry loses nothing. One whose content does not match its name (a power cut
-  before its fsync, see ``listener.spool``) was never acknowledged and is removed;
+  before its fsync, see ``hrct_triage.listener.spool``) was never acknowledged and is removed;
 * a finished file of an instance the worklist knows under another file: either the version a
   committed replacement superseded (its removal was interrupted) or an unacknowledged change;
   removed, since the worklist's version is the one acknowledged last.
@@ -35,11 +35,11 @@ import pydicom
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from db import worklist
-from db.models import Instance
-from db.session import transaction
-from db.storage import validate_uid
-from listener.spool import name_matches_content, remove_partial_files, spooled_files
+from hrct_triage.common.storage import validate_uid
+from hrct_triage.db import worklist
+from hrct_triage.db.models import Instance
+from hrct_triage.db.session import transaction
+from hrct_triage.listener.spool import name_matches_content, remove_partial_files, spooled_files
 
 log = logging.getLogger("hrct.listener")
 

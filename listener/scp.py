@@ -19,18 +19,18 @@ from pynetdicom.presentation import PresentationContext
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from sqlalchemy.orm import Session, sessionmaker
 
-from db.metrics import WorklistCollector
-from db.priority import reprioritise
-from db.session import make_engine, make_sessionmaker, transaction
-from db.settings import Settings
-from listener import handlers, spool
-from listener.access import AccessPolicy
-from listener.dispatch import Dispatcher
-from listener.followers import DataFolderLock, Followers
-from listener.metrics import MetricsServer
-from listener.reconcile import reconcile
-from listener.store_stream import DataPhase, StreamingRequestHandler
-from listener.tls import HandshakeInThreadServer, server_context
+from hrct_triage.common.settings import Settings
+from hrct_triage.db.priority import reprioritise
+from hrct_triage.db.session import make_engine, make_sessionmaker, transaction
+from hrct_triage.listener import handlers, spool
+from hrct_triage.listener.access import AccessPolicy
+from hrct_triage.listener.dispatch import Dispatcher
+from hrct_triage.listener.metrics import MetricsServer
+from hrct_triage.listener.multiprocess import DataFolderLock, Followers
+from hrct_triage.listener.reconcile import reconcile
+from hrct_triage.listener.store_stream import DataPhase, StreamingRequestHandler
+from hrct_triage.listener.tls import HandshakeInThreadServer, server_context
+from hrct_triage.listener.worklist_gauges import WorklistCollector
 
 log = logging.getLogger("hrct.listener")
 
@@ -105,7 +105,7 @@ class SupportedContexts(list[PresentationContext]):
 
 class _SharedPortServer(HandshakeInThreadServer):
     """pynetdicom's threaded server with ``SO_REUSEPORT``, so that the listener's processes
-    (``listener.followers``) all accept on the one port."""
+    (``hrct_triage.listener.multiprocess``) all accept on the one port."""
 
     def server_bind(self) -> None:
         if not hasattr(socket, "SO_REUSEPORT"):
@@ -120,7 +120,7 @@ class Listener:
     on ``HRCT_BIND_ADDRESS``); ``start`` returns once the DICOM port is listening, in every
     process of ``HRCT_LISTENER_PROCESSES``.
 
-    ``follower_index`` > 0 makes this one of the primary's followers (``listener.followers``):
+    ``follower_index`` > 0 makes this one of the primary's followers (``listener.multiprocess``):
     it neither reconciles, reprioritises, dispatches nor starts processes of its own.
     """
 
@@ -159,7 +159,7 @@ class Listener:
             if settings.metrics_port
             else None
         )
-        # Set when a follower process died: the listener must stop (see listener.followers).
+        # Set when a follower process died: the listener must stop (see listener.multiprocess).
         self.failed = threading.Event()
         self._stop = threading.Event()
         self._server: Any = None
@@ -216,7 +216,7 @@ class Listener:
     def _serve(self) -> Any:
         """What ``start_server(block=False)`` does, with our server class (TLS handshakes in the
         connection's thread; ``SO_REUSEPORT`` when the listener runs as several processes) and
-        our request handler (C-STOREs read by ``listener.store_stream``)."""
+        our request handler (C-STOREs read by ``hrct_triage.listener.store_stream``)."""
         ae = build_ae(self.settings)
         server_class: type[HandshakeInThreadServer] = (
             _SharedPortServer if self.shared_port else HandshakeInThreadServer

@@ -23,7 +23,7 @@ before the fsyncs can leave a row whose file is partial or missing; such a row b
 still receiving (its association was open), and start-up reconciliation checks every file of
 those studies against its row's hash (``listener.reconcile``). A changed version of an instance
 is different: its row replaces the acknowledged one, so it is committed only once its file is on
-disk (``listener.commits``).
+disk (``hrct_triage.listener.group_commit``).
 
 A power cut before the fsyncs can leave a final name whose content never reached the disk. Such
 a file was never acknowledged (success comes only after the fsyncs); when the worklist does not
@@ -49,7 +49,7 @@ from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
-from db.storage import TEMP_SUFFIX, validate_uid
+from hrct_triage.common.storage import TEMP_SUFFIX, validate_uid
 
 # Our Implementation Class UID (PS3.7 D.3.3.2) in the File Meta of spooled files; a UUID-derived
 # UID under 2.25 needs no registered root.

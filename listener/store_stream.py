@@ -30,9 +30,9 @@ from typing import Any, cast
 
 from pynetdicom.transport import AssociationSocket, RequestHandler
 
-from listener.handlers import StoreRequest
-from listener.reactors import WakingDUL, make_waking
-from listener.spool import Streaming
+from hrct_triage.listener.handlers import StoreRequest
+from hrct_triage.listener.pynetdicom_patches import WakingDUL, make_waking
+from hrct_triage.listener.spool import Streaming
 
 log = logging.getLogger("hrct.listener")
 
@@ -207,8 +207,8 @@ class _MessageTracker:
 
 
 class StreamingDUL(WakingDUL):
-    """pynetdicom's DUL (with the waking loop of ``listener.reactors``) whose C-STOREs of the
-    established association are read by ``_read_pdu_data`` below; see ``install``."""
+    """pynetdicom's DUL (with the waking loop of ``listener.pynetdicom_patches``) whose C-STOREs of
+    the established association are read by ``_read_pdu_data`` below; see ``install``."""
 
     _data_phase: DataPhase
     _contexts: dict[int, tuple[str, str]] | None
@@ -229,7 +229,7 @@ class StreamingDUL(WakingDUL):
         while pdu is not None:
             self._on_pdu(pdu)
             if self._storing is None or self._kill_thread:
-                return  # the loop of listener.reactors waits for the next PDU
+                return  # the loop of hrct_triage.listener.pynetdicom_patches waits for the next PDU
             pdu = self._receive_pdu()
 
     def _receive_pdu(self) -> memoryview | None:
@@ -430,7 +430,7 @@ def _all_data_of(found: list[Fragment], context_id: int) -> bool:
 
 def install(assoc: Any, data_phase: DataPhase) -> None:
     """Make ``assoc``'s DUL a ``StreamingDUL`` working with ``data_phase``, and its loops the
-    waking ones of ``listener.reactors``; before ``assoc.start``.
+    waking ones of ``hrct_triage.listener.pynetdicom_patches``; before ``assoc.start``.
 
     The DUL keeps every attribute pynetdicom gave it (queues, timers, state machine); only the
     class changes, which adds the reader and its state.
@@ -446,7 +446,7 @@ def install(assoc: Any, data_phase: DataPhase) -> None:
 
 class StreamingRequestHandler(RequestHandler):
     """pynetdicom's request handler whose associations get a ``StreamingDUL``, working with the
-    server's ``data_phase`` (set by ``listener.scp``)."""
+    server's ``data_phase`` (set by ``hrct_triage.listener.scp``)."""
 
     def _create_association(self) -> Any:
         assoc = super()._create_association()

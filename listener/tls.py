@@ -21,7 +21,7 @@ from typing import Any, cast
 
 from pynetdicom.transport import ThreadedAssociationServer
 
-from db.settings import Settings
+from hrct_triage.common.settings import Settings
 
 log = logging.getLogger(__name__)
 

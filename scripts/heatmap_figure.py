@@ -34,10 +34,10 @@ def main() -> int:
     parser.add_argument("--scale", type=float, default=1.0, help="resize the sheet (0.5: half)")
     args = parser.parse_args()
 
-    from worker.artifacts import build_study_outputs
-    from worker.checkpoints import default_checkpoint
-    from worker.model import load_model
-    from worker.pipeline import analyse_study
+    from hrct_triage.worker.method.checkpoints import default_checkpoint
+    from hrct_triage.worker.method.model import load_model
+    from hrct_triage.worker.method.pipeline import analyse_study
+    from hrct_triage.worker.outputs.files import build_study_outputs
 
     checkpoint = args.checkpoint or default_checkpoint()
     model = load_model(checkpoint, allow_untrained=False)

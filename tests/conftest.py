@@ -25,11 +25,11 @@ import pytest
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from db.migrate import upgrade
-from db.models import Association
-from db.session import make_engine, make_sessionmaker, transaction
-from db.settings import Settings
-from listener.scp import Listener
+from hrct_triage.common.settings import Settings
+from hrct_triage.db.migrate import upgrade
+from hrct_triage.db.models import Association
+from hrct_triage.db.session import make_engine, make_sessionmaker, transaction
+from hrct_triage.listener.scp import Listener
 
 PG_ADMIN = os.environ.get("HRCT_TEST_PG", "postgresql://postgres@127.0.0.1:5432/test")
 REDIS_URL = os.environ.get("HRCT_TEST_REDIS", "redis://127.0.0.1:6379")
@@ -67,7 +67,7 @@ def database_url(request: pytest.FixtureRequest) -> str:
 
 @pytest.fixture
 def sessions(database_url: str) -> Iterator[sessionmaker[Session]]:
-    """As the listener opens it (its SQLite writers take turns, ``db.turns``)."""
+    """As the listener opens it (its SQLite writers take turns, ``hrct_triage.db.sqlite_turns``)."""
     engine = make_engine(database_url, take_turns=True)
     yield make_sessionmaker(engine)
     engine.dispose()
@@ -76,7 +76,7 @@ def sessions(database_url: str) -> Iterator[sessionmaker[Session]]:
 @pytest.fixture(scope="session")
 def phantom_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """One COVID-like and one healthy phantom study, 60 thin slices each, plus a non-CT study."""
-    from worker.phantom import write_non_ct_study, write_phantom_studies
+    from hrct_triage.phantoms.generator import write_non_ct_study, write_phantom_studies
 
     out = tmp_path_factory.mktemp("phantoms")
     write_phantom_studies(out / "studies", covid=1, healthy=1, slices=60, seed=7)
@@ -85,10 +85,10 @@ def phantom_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def shipped_model_version() -> str:
-    """The version the shipped demo checkpoint (worker/weights) states in its metadata."""
+    """The version the shipped demo checkpoint (worker/method/weights) states in its metadata."""
     from safetensors import safe_open
 
-    from worker.checkpoints import DEMO_CHECKPOINT
+    from hrct_triage.worker.method.checkpoints import DEMO_CHECKPOINT
 
     with safe_open(str(DEMO_CHECKPOINT), framework="np") as handle:
         return str((handle.metadata() or {})["version"])

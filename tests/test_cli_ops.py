@@ -16,11 +16,20 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 from typer.testing import CliRunner, Result
 
-from db.models import Delivery, DeliveryState, Event, Instance, Output, Series, Study, StudyStatus
-from db.priority import priority_for
-from db.session import transaction
-from db.settings import get_settings
-from hrct_triage.cli import app
+from hrct_triage.cli.app import app
+from hrct_triage.common.settings import get_settings
+from hrct_triage.db.models import (
+    Delivery,
+    DeliveryState,
+    Event,
+    Instance,
+    Output,
+    Series,
+    Study,
+    StudyStatus,
+)
+from hrct_triage.db.priority import priority_for
+from hrct_triage.db.session import transaction
 from tests.conftest import free_port, shipped_model_version
 
 NOW = datetime.now(UTC)

@@ -1,4 +1,4 @@
-"""``db.compiled.Prepared`` runs a Core statement on the DBAPI cursor with SQLAlchemy's own
+"""``db.raw_statements.Prepared`` runs a Core statement on the DBAPI cursor with SQLAlchemy's own
 parameter handling: the type processors apply, a missing parameter is refused. (The listener's
 ingest statements, the users of it, are covered on both backends by tests/test_worklist.py.)"""
 
@@ -10,10 +10,10 @@ import pytest
 from sqlalchemy import bindparam, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from db import worklist
-from db.compiled import Prepared
-from db.models import Study, UTCDateTime
-from db.session import transaction
+from hrct_triage.db import worklist
+from hrct_triage.db.models import Study, UTCDateTime
+from hrct_triage.db.raw_statements import Prepared
+from hrct_triage.db.session import transaction
 from tests.test_worklist import T0, facts
 
 

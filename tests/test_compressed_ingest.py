@@ -14,9 +14,9 @@ from pydicom import Dataset, FileMetaDataset, uid
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from db.models import Instance
-from db.session import transaction
-from listener.scp import Listener
+from hrct_triage.db.models import Instance
+from hrct_triage.db.session import transaction
+from hrct_triage.listener.scp import Listener
 from tests.conftest import require_tool, storescu
 
 # (compressor: a DCMTK tool with its options, or "pydicom" for the encoders pydicom has (JPEG
@@ -82,7 +82,7 @@ def _compress(tool: tuple[str, ...], syntax: str, source: Path, target: Path) ->
 @pytest.fixture(scope="module")
 def small_study(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
     """The thin lung series of one 24-slice phantom: small enough to analyse on a CPU quickly."""
-    from worker.phantom import write_phantom_studies
+    from hrct_triage.phantoms.generator import write_phantom_studies
 
     out = tmp_path_factory.mktemp("small")
     (study,) = write_phantom_studies(out, covid=1, healthy=0, slices=24, seed=5)
@@ -100,8 +100,8 @@ def test_lossless_transfer_syntaxes_analyse_like_the_uncompressed_study(
     sqlite_sessions: sessionmaker[Session],
     tmp_path: Path,
 ) -> None:
-    from worker.model import load_model
-    from worker.pipeline import analyse_study
+    from hrct_triage.worker.method.model import load_model
+    from hrct_triage.worker.method.pipeline import analyse_study
 
     listener, sessions = sqlite_listener, sqlite_sessions
     model = load_model(None, allow_untrained=True)

@@ -8,9 +8,9 @@ import threading
 import numpy as np
 import pytest
 
-from worker import cpu_pool
-from worker.cpu_pool import ENV_THREADS, cpu_map, cpu_threads
-from worker.preprocess import lung_slices
+from hrct_triage.worker.method import cpu_pool
+from hrct_triage.worker.method.cpu_pool import ENV_THREADS, cpu_map, cpu_threads
+from hrct_triage.worker.method.preprocess import lung_slices
 
 
 def test_results_in_order_on_pool_threads(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -27,15 +27,21 @@ from pynetdicom import AE, AllStoragePresentationContexts, evt
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from db import worklist
-from db.migrate import upgrade
-from db.models import Delivery, OutboxRow, Output, Study, StudyStatus
-from db.session import make_engine, make_sessionmaker, transaction
-from db.settings import Settings
+from hrct_triage.common.settings import Settings
+from hrct_triage.db import worklist
+from hrct_triage.db.migrate import upgrade
+from hrct_triage.db.models import Delivery, OutboxRow, Output, Study, StudyStatus
+from hrct_triage.db.session import make_engine, make_sessionmaker, transaction
+from hrct_triage.worker.jobs import (
+    DELIVERY_JITTER,
+    WorkerContext,
+    delivery_backoff,
+    run_delivery,
+    run_triage,
+)
+from hrct_triage.worker.outputs.files import build_study_outputs
 from tests.conftest import Orthanc, StoreSCP, dciodvfy_errors, free_port
 from tests.test_outputs import WHEN, ct_series, make_analysis
-from worker.artifacts import build_study_outputs
-from worker.jobs import DELIVERY_JITTER, WorkerContext, delivery_backoff, run_delivery, run_triage
 
 SR_CLASS = "1.2.840.10008.5.1.4.1.1.88.34"
 T0 = datetime(2026, 1, 1, 12, 0, tzinfo=UTC)
@@ -228,7 +234,7 @@ class WarningSCP:
 @pytest.fixture(scope="module")
 def phantom_study(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
     """A small COVID-like phantom (24 thin slices): enough for a real analysis, quick to make."""
-    from worker.phantom import write_phantom_studies
+    from hrct_triage.phantoms.generator import write_phantom_studies
 
     out = tmp_path_factory.mktemp("delivery-phantom")
     (study,) = write_phantom_studies(out, covid=1, healthy=0, slices=24, seed=11)
@@ -237,7 +243,7 @@ def phantom_study(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
 
 @cache
 def _model() -> Any:
-    from worker.model import load_model
+    from hrct_triage.worker.method.model import load_model
 
     return load_model(None, allow_untrained=True, device="cpu")
 
@@ -281,7 +287,7 @@ def test_not_analysed_sr_is_delivered_and_the_study_stays_not_applicable(
     tmp_path: Path, pacs: StoreSCP
 ) -> None:
     # given a study with no CT at all, and a site that wants not-analysed SRs
-    from worker.phantom import write_non_ct_study
+    from hrct_triage.phantoms.generator import write_non_ct_study
 
     folder = write_non_ct_study(tmp_path / "non_ct", seed=3)
     url = f"sqlite:///{tmp_path / 'worklist.sqlite'}"
@@ -306,7 +312,7 @@ def test_not_analysed_sr_is_delivered_and_the_study_stays_not_applicable(
 
 def test_not_applicable_study_gets_no_sr_unless_asked(tmp_path: Path) -> None:
     # given the default settings (no not-analysed SR) and a study with no CT
-    from worker.phantom import write_non_ct_study
+    from hrct_triage.phantoms.generator import write_non_ct_study
 
     folder = write_non_ct_study(tmp_path / "non_ct", seed=3)
     url = f"sqlite:///{tmp_path / 'worklist.sqlite'}"

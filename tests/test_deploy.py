@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 import yaml
 
-from db.settings import Settings
+from hrct_triage.common.settings import Settings
 
 DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
 SPEC_SETTINGS = {

@@ -19,7 +19,7 @@ from pydicom.uid import (
     ImplicitVRLittleEndian,
 )
 
-from listener.dicom_header import (
+from hrct_triage.listener.dicom_header import (
     ACCESSION_NUMBER,
     MODALITY,
     SERIES_DESCRIPTION,

@@ -24,11 +24,11 @@ from pydicom.uid import generate_uid
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from db.models import Event, Output, Study, StudyStatus
-from db.queue import TRIAGE_TASK
-from db.session import make_engine, make_sessionmaker, transaction
-from db.settings import Settings
-from listener.dispatch import publisher_app
+from hrct_triage.common.settings import Settings
+from hrct_triage.common.task_queue import TRIAGE_TASK
+from hrct_triage.db.models import Event, Output, Study, StudyStatus
+from hrct_triage.db.session import make_engine, make_sessionmaker, transaction
+from hrct_triage.listener.dispatch import publisher_app
 from tests.conftest import (
     REDIS_URL,
     StoreSCP,

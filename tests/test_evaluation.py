@@ -20,25 +20,25 @@ from sklearn.metrics import (
 )
 from typer.testing import CliRunner
 
-from hrct_triage.cli import app
-from tests.training_fixtures import (  # noqa: F401 (fixtures)
-    TrainedRun,
-    tiny_phantoms,
-    trained_run,
-)
-from worker.model import load_model
-from worker.pipeline import analyse_study
-from worker.training.dataset import study_paths
-from worker.training.evaluate import read_reader, reader_fourfold, score_study
-from worker.training.labels import read_labels
-from worker.training.metrics import (
+from hrct_triage.cli.app import app
+from hrct_triage.worker.method.model import load_model
+from hrct_triage.worker.method.pipeline import analyse_study
+from hrct_triage.worker.training.dataset import study_paths
+from hrct_triage.worker.training.evaluate import read_reader, reader_fourfold, score_study
+from hrct_triage.worker.training.labels import read_labels
+from hrct_triage.worker.training.metrics import (
     at_threshold,
     auc_interval,
     delong_variance,
     fourfold,
     threshold_sweep,
 )
-from worker.training.report import markdown_report, percent
+from hrct_triage.worker.training.report import markdown_report, percent
+from tests.training_fixtures import (  # noqa: F401 (fixtures)
+    TrainedRun,
+    tiny_phantoms,
+    trained_run,
+)
 
 
 def _scores(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:

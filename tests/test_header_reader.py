@@ -1,4 +1,5 @@
-"""worker.header_reader gives pydicom's datasets, and series selection decides as with pydicom.
+"""worker.method.header_reader gives pydicom's datasets, and series selection decides as with
+pydicom.
 
 Phantom studies of several transfer syntaxes (and Enhanced CT, localizers, several series) are
 read both ways; every raw element (tag, VR, length, value bytes, file offset, encoding) must be
@@ -17,10 +18,10 @@ from pydicom import Dataset
 from pydicom.dataset import FileDataset
 from pydicom.uid import ImplicitVRLittleEndian
 
-from worker.header_reader import read_header
-from worker.phantom import write_phantom_studies
-from worker.results import NotApplicable
-from worker.series import (
+from hrct_triage.phantoms.generator import write_phantom_studies
+from hrct_triage.worker.method.header_reader import read_header
+from hrct_triage.worker.method.results import NotApplicable
+from hrct_triage.worker.method.series import (
     DEFERRED_VALUE_BYTES,
     SelectedSeries,
     read_headers,

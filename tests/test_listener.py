@@ -14,9 +14,9 @@ from pynetdicom import AE
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from db.models import Association, Instance, Study, StudyStatus
-from db.session import transaction
-from listener.scp import Listener, SupportedContexts
+from hrct_triage.db.models import Association, Instance, Study, StudyStatus
+from hrct_triage.db.session import transaction
+from hrct_triage.listener.scp import Listener, SupportedContexts
 from tests.conftest import (
     dcmtk_env,
     require_tool,

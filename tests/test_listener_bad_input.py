@@ -21,10 +21,10 @@ from pynetdicom.association import Association as ClientAssociation
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from db.models import Association, Instance, InstanceReplacement, Refusal
-from db.session import transaction
-from listener import spool
-from listener.scp import Listener
+from hrct_triage.db.models import Association, Instance, InstanceReplacement, Refusal
+from hrct_triage.db.session import transaction
+from hrct_triage.listener import spool
+from hrct_triage.listener.scp import Listener
 from tests.conftest import listener_settings, thin_series, wait_until_no_open_association
 
 MAX_INSTANCE_BYTES = 2_000_000  # a 512x512 CT slice (~0.5 MB) fits, a 3 MB private element not

@@ -15,11 +15,11 @@ from pydicom import uid
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from db import worklist
-from db.models import Association, Instance, Study
-from db.session import transaction
-from listener.scp import Listener
-from listener.spool import content_hash
+from hrct_triage.db import worklist
+from hrct_triage.db.models import Association, Instance, Study
+from hrct_triage.db.session import transaction
+from hrct_triage.listener.scp import Listener
+from hrct_triage.listener.spool import content_hash
 from tests.conftest import (
     listener_settings,
     require_tool,

@@ -22,14 +22,14 @@ from pynetdicom import AE
 from sqlalchemy import Connection, event, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from db import worklist
-from db.models import Association, Instance
-from db.session import make_engine, transaction
-from db.storage import TEMP_SUFFIX
-from db.turns import TurnTakingConnection
-from listener import commits
-from listener.commits import GroupCommit
-from listener.scp import Listener
+from hrct_triage.common.storage import TEMP_SUFFIX
+from hrct_triage.db import worklist
+from hrct_triage.db.models import Association, Instance
+from hrct_triage.db.session import make_engine, transaction
+from hrct_triage.db.sqlite_turns import TurnTakingConnection
+from hrct_triage.listener import group_commit as commits
+from hrct_triage.listener.group_commit import GroupCommit
+from hrct_triage.listener.scp import Listener
 from tests.conftest import (
     free_port,
     listener_settings,

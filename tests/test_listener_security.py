@@ -17,10 +17,10 @@ from pynetdicom import AE
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from db.models import Association
-from db.session import transaction
-from db.settings import Settings
-from listener.scp import Listener
+from hrct_triage.common.settings import Settings
+from hrct_triage.db.models import Association
+from hrct_triage.db.session import transaction
+from hrct_triage.listener.scp import Listener
 from tests.conftest import listener_settings, require_tool, wait_until_no_open_association
 
 VERIFICATION = "1.2.840.10008.1.1"

@@ -28,10 +28,15 @@ from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from db.models import Association, Instance
-from db.session import transaction
-from listener.scp import Listener
-from listener.store_stream import ProtocolViolation, c_store_rsp, fragments, parse_command
+from hrct_triage.db.models import Association, Instance
+from hrct_triage.db.session import transaction
+from hrct_triage.listener.scp import Listener
+from hrct_triage.listener.store_stream import (
+    ProtocolViolation,
+    c_store_rsp,
+    fragments,
+    parse_command,
+)
 from tests.conftest import thin_series, wait_until_no_open_association
 from tests.test_spool import nameless_files_open
 

@@ -16,9 +16,9 @@ import pytest
 from pynetdicom import AE
 from sqlalchemy.orm import Session, sessionmaker
 
-from db.logs import JsonFormatter, configure_logging, make_formatter
-from db.settings import Settings
-from listener.scp import Listener
+from hrct_triage.common.logs import JsonFormatter, configure_logging, make_formatter
+from hrct_triage.common.settings import Settings
+from hrct_triage.listener.scp import Listener
 from tests.conftest import listener_settings, thin_series, wait_until_no_open_association
 
 PATIENT_NAME = "Zzyzx^Philomena^Quintessa"

@@ -13,10 +13,10 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy.orm import Session, sessionmaker
 
-from db.metrics import WorklistCollector
-from db.models import Delivery, DeliveryState, Output, Study, StudyStatus
-from db.session import transaction
-from listener.scp import Listener
+from hrct_triage.db.models import Delivery, DeliveryState, Output, Study, StudyStatus
+from hrct_triage.db.session import transaction
+from hrct_triage.listener.scp import Listener
+from hrct_triage.listener.worklist_gauges import WorklistCollector
 from tests.conftest import (
     free_port,
     listener_settings,
@@ -188,7 +188,7 @@ def test_worklist_collector_reads_queue_depth_durations_and_failures(
 
 def test_worklist_collector_reports_an_unreachable_database(tmp_path: Path) -> None:
     # given a worklist URL where no database was ever created (no tables)
-    from db.session import make_engine, make_sessionmaker
+    from hrct_triage.db.session import make_engine, make_sessionmaker
 
     engine = make_engine(f"sqlite:///{tmp_path / 'empty.sqlite'}")
     registry = CollectorRegistry()

@@ -22,8 +22,8 @@ from pydicom.uid import (
     generate_uid,
 )
 
-from worker.native_pixels import read_native_pixels
-from worker.series import DEFERRED_VALUE_BYTES
+from hrct_triage.worker.method.native_pixels import read_native_pixels
+from hrct_triage.worker.method.series import DEFERRED_VALUE_BYTES
 
 
 def _write(

@@ -21,8 +21,8 @@ import pydicom
 import pytest
 from sqlalchemy import select
 
-from db.models import Study, StudyStatus
-from db.session import make_engine, make_sessionmaker, transaction
+from hrct_triage.db.models import Study, StudyStatus
+from hrct_triage.db.session import make_engine, make_sessionmaker, transaction
 from tests.conftest import Orthanc, _wait_for_port, free_port
 
 GATEWAY_AE = "HRCT_TRIAGE"
@@ -206,7 +206,7 @@ def test_study_uploaded_to_orthanc_comes_back_with_our_sr_and_heat_maps(
     tmp_path: Path, orthanc: Orthanc, gateway: Gateway
 ) -> None:
     # given a COVID-like phantom study (localizer, 40 thin slices, soft-tissue series)
-    from worker.phantom import write_phantom_studies
+    from hrct_triage.phantoms.generator import write_phantom_studies
 
     write_phantom_studies(tmp_path / "phantom", covid=1, healthy=0, slices=40, seed=11)
     files = sorted((tmp_path / "phantom").rglob("*.dcm"))

@@ -1,4 +1,5 @@
-"""The DICOM outputs: TID 1500 SR and heat-map SCs (worker.outputs, worker.sr, worker.sc).
+"""The DICOM outputs: TID 1500 SR and heat-map SCs (worker.outputs.objects, worker.outputs.sr,
+worker.outputs.sc).
 
 No torch, no model: a small fake CT series and a hand-made StudyAnalysis. The DICOM validators
 (dciodvfy from dicom3tools, dsrdump from DCMTK) are run where installed; tests that need them
@@ -25,10 +26,10 @@ from pydicom.dataset import FileMetaDataset
 from pydicom.sr.codedict import codes
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
-from db.settings import Settings
-from worker.outputs import SeriesLabels, build_outputs, encode, write_output
-from worker.results import HeatMap, ModelInfo, SliceResult, StudyAnalysis
-from worker.sc import (
+from hrct_triage.common.settings import Settings
+from hrct_triage.worker.method.results import HeatMap, ModelInfo, SliceResult, StudyAnalysis
+from hrct_triage.worker.outputs.objects import SeriesLabels, build_outputs, encode, write_output
+from hrct_triage.worker.outputs.sc import (
     _demo_note,
     _draw_legend,
     _fixed_legend,
@@ -36,7 +37,7 @@ from worker.sc import (
     build_heatmap_scs,
     render_heatmap,
 )
-from worker.sr import (
+from hrct_triage.worker.outputs.sr import (
     ABSENT,
     COVID_19,
     LUNG,
@@ -46,7 +47,7 @@ from worker.sr import (
     build_not_analysed_sr,
     build_sr,
 )
-from worker.uids import OutputKey, derive_uid
+from hrct_triage.worker.outputs.uids import OutputKey, derive_uid
 
 WHEN = datetime(2024, 3, 4, 11, 12, 13, 141516)
 SLICES = 25

@@ -1,4 +1,4 @@
-"""Tests of the synthetic chest CT phantoms (worker/phantom.py).
+"""Tests of the synthetic chest CT phantoms (phantoms/generator.py).
 
 The demo, the pipeline tests and the training of the demo weights all stand on these studies, so
 they must be valid DICOM as a scanner sends it, realistic in Hounsfield units, honest in their
@@ -21,9 +21,8 @@ from numpy.typing import NDArray
 from scipy import ndimage
 from typer.testing import CliRunner
 
-from hrct_triage.cli import app
-from tests.conftest import dciodvfy_errors
-from worker.phantom import (
+from hrct_triage.cli.app import app
+from hrct_triage.phantoms.generator import (
     LABELS_NAME,
     LESION_MASKS_NAME,
     SEVERITY_MIX,
@@ -33,8 +32,9 @@ from worker.phantom import (
     write_non_ct_study,
     write_phantom_studies,
 )
-from worker.series import select_series
-from worker.volume import CTVolume, load_volume
+from hrct_triage.worker.method.series import select_series
+from hrct_triage.worker.method.volume import CTVolume, load_volume
+from tests.conftest import dciodvfy_errors
 
 SLICES = 24
 SEED = 0

@@ -30,9 +30,15 @@ from pydicom.uid import (
     SecondaryCaptureImageStorage,
 )
 
-from tests.conftest import dciodvfy_errors
-from worker.inference import cam_image, forward, study_probability, top_slices, trim_count
-from worker.model import (
+from hrct_triage.phantoms.generator import LESION_MASKS_NAME, PhantomStudy, write_phantom_studies
+from hrct_triage.worker.method.inference import (
+    cam_image,
+    forward,
+    study_probability,
+    top_slices,
+    trim_count,
+)
+from hrct_triage.worker.method.model import (
     CheckpointError,
     CheckpointMetadata,
     LoadedModel,
@@ -44,12 +50,16 @@ from worker.model import (
     load_model,
     save_checkpoint,
 )
-from worker.phantom import LESION_MASKS_NAME, PhantomStudy, write_phantom_studies
-from worker.pipeline import analyse_study
-from worker.preprocess import lung_field, lung_slices, lung_window, model_input
-from worker.results import NotApplicable, StudyAnalysis
-from worker.series import CT_IMAGE_STORAGE, ENHANCED_CT_IMAGE_STORAGE, select_series
-from worker.volume import load_volume
+from hrct_triage.worker.method.pipeline import analyse_study
+from hrct_triage.worker.method.preprocess import lung_field, lung_slices, lung_window, model_input
+from hrct_triage.worker.method.results import NotApplicable, StudyAnalysis
+from hrct_triage.worker.method.series import (
+    CT_IMAGE_STORAGE,
+    ENHANCED_CT_IMAGE_STORAGE,
+    select_series,
+)
+from hrct_triage.worker.method.volume import load_volume
+from tests.conftest import dciodvfy_errors
 
 torch.set_num_threads(2)
 
@@ -622,7 +632,8 @@ def _dcmcjpeg(paths: Sequence[Path], folder: Path) -> list[Path]:
     return copies
 
 
-# --- phantom studies from worker.phantom -------------------------------------------------------
+# --- phantom studies from phantoms.generator
+# -------------------------------------------------------
 
 
 @pytest.fixture(scope="module")

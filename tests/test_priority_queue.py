@@ -13,12 +13,12 @@ import redis
 from kombu import Connection, Queue
 from sqlalchemy.orm import Session, sessionmaker
 
-from db import worklist
-from db.priority import URGENT_MARK
-from db.queue import CONSUME_ORDER, QUEUE, URGENT_QUEUE, celery_config
-from db.session import transaction
-from db.settings import Settings
-from listener.dispatch import Dispatcher
+from hrct_triage.common.settings import Settings
+from hrct_triage.common.task_queue import CONSUME_ORDER, QUEUE, URGENT_QUEUE, celery_config
+from hrct_triage.db import worklist
+from hrct_triage.db.priority import URGENT_MARK
+from hrct_triage.db.session import transaction
+from hrct_triage.listener.dispatch import Dispatcher
 from tests.conftest import REDIS_URL
 
 T0 = datetime(2026, 1, 1, 12, 0, tzinfo=UTC)
@@ -95,7 +95,7 @@ def test_dispatcher_routes_urgent_scanner_and_operator_requeue(
 
 
 def worklist_study(session: Session, uid: str) -> Any:
-    from db.queries import find_study
+    from hrct_triage.db.queries import find_study
 
     study = find_study(session, uid)
     assert study is not None

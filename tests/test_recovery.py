@@ -14,14 +14,14 @@ import pytest
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from db import worklist
-from db.models import Association, Event, OutboxRow, Refusal, StudyStatus
-from db.queue import celery_config
-from db.session import transaction
-from db.settings import Settings
-from listener.backlog import Backlog
+from hrct_triage.common.settings import Settings
+from hrct_triage.common.task_queue import celery_config
+from hrct_triage.db import worklist
+from hrct_triage.db.models import Association, Event, OutboxRow, Refusal, StudyStatus
+from hrct_triage.db.session import transaction
+from hrct_triage.listener.backlog import Backlog
+from hrct_triage.worker.jobs import holder_is_gone, process_identity
 from tests.test_worklist import T0, _queued, facts, study_row
-from worker.jobs import holder_is_gone, process_identity
 
 
 def _identity(pid: int) -> str:

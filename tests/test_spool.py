@@ -19,13 +19,13 @@ import pytest
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from db import worklist
-from db.models import Instance
-from db.session import transaction
-from db.storage import TEMP_SUFFIX, InvalidUID
-from listener import spool
-from listener.commits import GroupCommit
-from listener.reconcile import reconcile
+from hrct_triage.common.storage import TEMP_SUFFIX, InvalidUID
+from hrct_triage.db import worklist
+from hrct_triage.db.models import Instance
+from hrct_triage.db.session import transaction
+from hrct_triage.listener import spool
+from hrct_triage.listener.group_commit import GroupCommit
+from hrct_triage.listener.reconcile import reconcile
 from tests.conftest import thin_series
 from tests.test_worklist import T0
 from tests.test_worklist import facts as _facts

@@ -1,8 +1,8 @@
 """The SR written with pre-encoded content sequences is the SR written from plain datasets.
 
-``worker.sr_encoded`` hands the image library and the source images to pydicom already encoded;
-these tests build the same SR both ways (``build_sr(pre_encoded=...)``) and compare the files
-byte for byte, and check that the fast way was taken where it should be, so a test cannot pass
+``worker.outputs.sr_encoded`` hands the image library and the source images to pydicom already
+encoded; these tests build the same SR both ways (``build_sr(pre_encoded=...)``) and compare the
+files byte for byte, and check that the fast way was taken where it should be, so a test cannot pass
 by both ways being the slow one.
 """
 
@@ -16,12 +16,12 @@ import pytest
 from pydicom import Dataset
 from pydicom.uid import ImplicitVRLittleEndian
 
+from hrct_triage.worker.method.results import StudyAnalysis
+from hrct_triage.worker.outputs.objects import encode
+from hrct_triage.worker.outputs.sc import build_heatmap_scs
+from hrct_triage.worker.outputs.sr import build_sr
+from hrct_triage.worker.outputs.sr_encoded import content_sequence, is_pre_encoded
 from tests.test_outputs import WHEN, by_uid, ct_series, make_analysis, make_model
-from worker.outputs import encode
-from worker.results import StudyAnalysis
-from worker.sc import build_heatmap_scs
-from worker.sr import build_sr
-from worker.sr_encoded import content_sequence, is_pre_encoded
 
 
 def _srs(headers: list[Dataset], analysis: StudyAnalysis) -> tuple[Dataset, Dataset]:

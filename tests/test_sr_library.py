@@ -1,6 +1,6 @@
 """The SR's hand-assembled content items encode exactly as highdicom's own classes would.
 
-``worker.sr_library`` builds image library entries and measurement-group source images from
+``worker.outputs.sr_library`` builds image library entries and measurement-group source images from
 pydicom elements for speed; if highdicom ever encoded these items differently, these tests say
 so before an SR changes.
 """
@@ -15,7 +15,7 @@ from pydicom.filewriter import write_dataset
 from pydicom.sr.codedict import codes
 from pydicom.uid import generate_uid
 
-from worker.sr_library import (
+from hrct_triage.worker.outputs.sr_library import (
     SOURCE,
     SOURCE_OF_MEASUREMENT,
     add_content,
@@ -40,7 +40,7 @@ def _encoded(item: Dataset) -> bytes:
 
 
 def _highdicom_entry(ds: Dataset) -> hd.sr.ImageContentItem:
-    """What worker.sr built with highdicom before the entries were assembled by hand."""
+    """What worker.outputs.sr built with highdicom before the entries were assembled by hand."""
     entry = hd.sr.ImageContentItem(
         name=SOURCE,
         referenced_sop_class_uid=ds.SOPClassUID,

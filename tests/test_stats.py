@@ -17,11 +17,11 @@ import typer
 from sqlalchemy.orm import Session, sessionmaker
 from typer.testing import CliRunner
 
-from db import stats
-from db.models import Delivery, DeliveryState, Output, Study, StudyStatus
-from db.session import transaction
-from db.settings import get_settings
-from hrct_triage import ops_cli
+from hrct_triage.cli import operations as ops_cli
+from hrct_triage.common.settings import get_settings
+from hrct_triage.db import stats
+from hrct_triage.db.models import Delivery, DeliveryState, Output, Study, StudyStatus
+from hrct_triage.db.session import transaction
 
 T0 = datetime(2026, 3, 2, 8, 0, tzinfo=UTC)
 SR_CLASS = "1.2.840.10008.5.1.4.1.1.88.34"
@@ -198,7 +198,7 @@ def test_alarms_name_slow_and_still_waiting_studies_only(
     # when the alarms against a 900 s target are listed and logged
     with transaction(sessions) as session:
         found = stats.alarms(stats.load_timelines(session), target_seconds=900, now=now)
-    with caplog.at_level(logging.WARNING, logger="db.stats"):
+    with caplog.at_level(logging.WARNING, logger="hrct_triage.db.stats"):
         logged = stats.log_alarms(found, target_seconds=900)
     # then the still-waiting study leads, the slow one follows, nothing else is named
     assert [(a.study_uid, a.seconds, a.notified) for a in found] == [
@@ -233,7 +233,7 @@ def cli_database(database_url: str, monkeypatch: pytest.MonkeyPatch) -> Iterator
 
 
 def _cli() -> typer.Typer:
-    """A CLI with the command registered as the lead registers it in hrct_triage.cli."""
+    """A CLI with the command registered as the lead registers it in hrct_triage.cli.app."""
     app = typer.Typer()
     app.command("stats")(ops_cli.stats_command)
     app.command("noop")(lambda: None)  # two commands, so typer keeps the sub-command name

@@ -10,13 +10,13 @@ from pathlib import Path
 import pytest
 from pydicom import Dataset
 
-from db.models import StudyStatus
-from db.settings import Destination, Settings
+from hrct_triage.common.settings import Destination, Settings
+from hrct_triage.db.models import StudyStatus
+from hrct_triage.worker.delivery.dimse import echo
+from hrct_triage.worker.delivery.stow import _per_instance
+from hrct_triage.worker.jobs import run_delivery
 from tests.conftest import Orthanc
 from tests.test_delivery import _analysed_study, _context, _deliveries, _sessions, _settings
-from worker.delivery import echo
-from worker.jobs import run_delivery
-from worker.stow import _per_instance
 
 PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
 

@@ -17,6 +17,27 @@ import pytest
 import torch
 from torchvision.models import densenet121
 
+from hrct_triage.worker.method.model import (
+    CheckpointError,
+    build_densenet121,
+    load_model,
+    sidecar_path,
+)
+from hrct_triage.worker.training.dataset import (
+    CachedStudy,
+    PreprocessSettings,
+    SliceDataset,
+    cache_study,
+    random_flips,
+)
+from hrct_triage.worker.training.labels import (
+    LabelledStudy,
+    assign_splits,
+    read_labels,
+    split_patients,
+    write_labels,
+)
+from hrct_triage.worker.training.train import load_pretrained, train
 from tests.training_fixtures import (  # noqa: F401 (fixtures)
     SMALL_INPUT,
     TrainedRun,
@@ -24,22 +45,6 @@ from tests.training_fixtures import (  # noqa: F401 (fixtures)
     tiny_phantoms,
     trained_run,
 )
-from worker.model import CheckpointError, build_densenet121, load_model, sidecar_path
-from worker.training.dataset import (
-    CachedStudy,
-    PreprocessSettings,
-    SliceDataset,
-    cache_study,
-    random_flips,
-)
-from worker.training.labels import (
-    LabelledStudy,
-    assign_splits,
-    read_labels,
-    split_patients,
-    write_labels,
-)
-from worker.training.train import load_pretrained, train
 
 
 def _studies(patients: int, *, studies_per_patient: int = 1) -> list[LabelledStudy]:

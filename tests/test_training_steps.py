@@ -16,8 +16,8 @@ import pytest
 import torch
 from torch import nn
 
-from worker.training.steps import EagerStep, GraphedStep
-from worker.training.train import TrainConfig, train
+from hrct_triage.worker.training.steps import EagerStep, GraphedStep
+from hrct_triage.worker.training.train import TrainConfig, train
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 

@@ -1,6 +1,6 @@
-"""Writers of one SQLite database take turns through its lock file (``db.turns``): a writer waits
-in the kernel while another holds a turn and goes on once that one's transaction ends however it
-ends, a thread never waits for its own turn, and the listener's engine takes turns while other
+"""Writers of one SQLite database take turns through its lock file (``db.sqlite_turns``): a writer
+waits in the kernel while another holds a turn and goes on once that one's transaction ends however
+it ends, a thread never waits for its own turn, and the listener's engine takes turns while other
 engines do not."""
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 from sqlalchemy import text
 
-from db.session import make_engine, make_sessionmaker, transaction
-from db.turns import TurnTakingConnection, lock_path
+from hrct_triage.db.session import make_engine, make_sessionmaker, transaction
+from hrct_triage.db.sqlite_turns import TurnTakingConnection, lock_path
 
 
 def _connect(database: Path, *, timeout: float = 30) -> TurnTakingConnection:

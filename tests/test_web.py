@@ -1,4 +1,4 @@
-"""The web worklist (hrct_triage.web) served by uvicorn on a free port, over a real SQLite worklist
+"""The web worklist (web.app) served by uvicorn on a free port, over a real SQLite worklist
 filled through the worklist's own transitions, with real SR and heat-map SC files; the pages are
 driven in headless Chromium (Debian's ``chromium``) with Playwright.
 """
@@ -23,13 +23,13 @@ from playwright.sync_api import ViewportSize, sync_playwright
 from pydicom import Dataset
 from sqlalchemy.orm import Session, sessionmaker
 
-from db import worklist
-from db.migrate import upgrade
-from db.session import make_engine, make_sessionmaker, transaction
-from hrct_triage.web import COOKIE, create_app, slice_plot_svg, token_from_environment
+from hrct_triage.db import worklist
+from hrct_triage.db.migrate import upgrade
+from hrct_triage.db.session import make_engine, make_sessionmaker, transaction
+from hrct_triage.web.app import COOKIE, create_app, slice_plot_svg, token_from_environment
+from hrct_triage.worker.outputs.files import build_study_outputs
 from tests.conftest import _wait_for_port, free_port
 from tests.test_outputs import ct_series, make_analysis
-from worker.artifacts import build_study_outputs
 
 TOKEN = "test-token-0123456789abcdef"
 PACS = "PACS@127.0.0.1:104"
@@ -93,7 +93,7 @@ def _complete(sessions: sessionmaker[Session], at: datetime) -> None:
 
 
 def _claim(sessions: sessionmaker[Session], uid: str, at: datetime) -> worklist.Claim:
-    from db.queries import find_study
+    from hrct_triage.db.queries import find_study
 
     with transaction(sessions) as session:
         study = find_study(session, uid)
@@ -154,7 +154,7 @@ def _analyse(
 
 def _deliver(sessions: sessionmaker[Session], uid: str, at: datetime) -> None:
     """The delivery round: every object acknowledged by the PACS, the study settles done."""
-    from db.queries import find_study
+    from hrct_triage.db.queries import find_study
 
     with transaction(sessions) as session:
         study = find_study(session, uid)

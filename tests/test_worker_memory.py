@@ -9,7 +9,7 @@ import sys
 
 _PROBE = """
 import resource, sys
-from worker.memory import keep_freed_memory
+from hrct_triage.worker.memory import keep_freed_memory
 applied = keep_freed_memory() if sys.argv[1] == "kept" else None
 def touched(size):
     block = bytearray(size)  # zero-filled: every page is written

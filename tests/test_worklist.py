@@ -10,11 +10,11 @@ from pydantic import ValidationError
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from db import queries, worklist
-from db.models import Event, Instance, OutboxRow, Study, StudyStatus
-from db.priority import reprioritise
-from db.session import transaction
-from db.settings import Settings
+from hrct_triage.common.settings import Settings
+from hrct_triage.db import queries, worklist
+from hrct_triage.db.models import Event, Instance, OutboxRow, Study, StudyStatus
+from hrct_triage.db.priority import reprioritise
+from hrct_triage.db.session import transaction
 
 T0 = datetime(2026, 1, 1, 12, 0, tzinfo=UTC)
 

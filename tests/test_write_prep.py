@@ -12,7 +12,7 @@ from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_dataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
-from worker.write_prep import settle_encoding
+from hrct_triage.worker.outputs.write_prep import settle_encoding
 
 
 def _document() -> Dataset:

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from worker.training.train import TrainConfig, TrainResult, train
+from hrct_triage.worker.training.train import TrainConfig, TrainResult, train
 
 torch.set_num_threads(2)
 
@@ -34,7 +34,7 @@ class TrainedRun:
 
 @functools.cache
 def _phantoms(base: Path) -> Path:
-    from worker.phantom import write_phantom_studies
+    from hrct_triage.phantoms.generator import write_phantom_studies
 
     out = base / "training-phantoms"
     write_phantom_studies(out, covid=2, healthy=2, slices=SLICES, seed=11)

@@ -25,15 +25,15 @@ from sqlalchemy import select
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
-from db import stats, worklist
-from db.models import Output, Study, StudyStatus
-from db.session import transaction
-from db.settings import Destination, Settings
-from worker.delivery import send_files
-from worker.results import NotApplicable
+from hrct_triage.common.settings import Destination, Settings
+from hrct_triage.db import stats, worklist
+from hrct_triage.db.models import Output, Study, StudyStatus
+from hrct_triage.db.session import transaction
+from hrct_triage.worker.delivery.dimse import send_files
+from hrct_triage.worker.method.results import NotApplicable
 
 if TYPE_CHECKING:
-    from worker.model import LoadedModel
+    from hrct_triage.worker.method.model import LoadedModel
 
 log = logging.getLogger("hrct.worker")
 
@@ -107,7 +107,7 @@ def _now() -> datetime:
 
 @contextmanager
 def _transaction(ctx: WorkerContext) -> Iterator[Session]:
-    """``db.session.transaction`` that first waits for the database to answer.
+    """``hrct_triage.db.session.transaction`` that first waits for the database to answer.
 
     A worker whose database restarted under it used to fail the step at hand: a result it could
     not record left the study ``processing`` under its claim until the lease lapsed (15 minutes
@@ -174,7 +174,7 @@ def release_gone_holders(sessions: sessionmaker[Session]) -> list[int]:
 
 
 def _context(claim: worklist.Claim) -> dict[str, object]:
-    """``extra=`` fields of a log line about a claimed study (see ``db.logs``)."""
+    """``extra=`` fields of a log line about a claimed study (see ``hrct_triage.common.logs``)."""
     return {"study_id": claim.study_id, "study_uid": claim.study_uid}
 
 
@@ -231,9 +231,9 @@ def _claim(ctx: WorkerContext, study_id: int) -> worklist.Claim | None:
 
 
 def _analyse_and_record(ctx: WorkerContext, claim: worklist.Claim) -> str:
-    from worker.artifacts import build_study_outputs
-    from worker.outputs import SeriesLabels
-    from worker.pipeline import analyse_study
+    from hrct_triage.worker.method.pipeline import analyse_study
+    from hrct_triage.worker.outputs.files import build_study_outputs
+    from hrct_triage.worker.outputs.objects import SeriesLabels
 
     settings = ctx.settings
     with _transaction(ctx) as session:
@@ -353,8 +353,8 @@ def _not_analysed_outputs(
     ctx: WorkerContext, claim: worklist.Claim, reason: str
 ) -> list[worklist.OutputRecord]:
     """Build and file the not-analysed SR, dated like an analysis' outputs (queue time)."""
-    from worker.artifacts import build_not_analysed_output
-    from worker.outputs import SeriesLabels
+    from hrct_triage.worker.outputs.files import build_not_analysed_output
+    from hrct_triage.worker.outputs.objects import SeriesLabels
 
     with _transaction(ctx) as session:
         inputs = worklist.analysis_inputs(session, claim.study_id)

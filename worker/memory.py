@@ -10,7 +10,7 @@ per forward pass at 32 slices per batch.
 What: ``keep_freed_memory`` tells glibc (``mallopt``) to serve large allocations from the heap
 and never to trim it, so freed blocks are reused. The process then keeps its high-water mark of
 memory, which is what a worker analysing one study after another wants. Elsewhere than glibc it
-does nothing. Only the worker calls it (``worker.tasks``); the listener and the CLI keep
+does nothing. Only the worker calls it (``hrct_triage.worker.tasks``); the listener and the CLI keep
 glibc's defaults.
 """
 

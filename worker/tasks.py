@@ -1,4 +1,4 @@
-"""Celery tasks: an id in, the work in ``worker.jobs``, the outcome in the worklist.
+"""Celery tasks: an id in, the work in ``hrct_triage.worker.jobs``, the outcome in the worklist.
 
 Retries are not Celery's: a failed attempt is recorded and re-queued through the worklist outbox,
 so the attempt count survives worker restarts and a poison study ends ``failed``.
@@ -14,15 +14,15 @@ from typing import TYPE_CHECKING
 
 from celery.signals import setup_logging, worker_process_init, worker_ready
 
-from db.logs import configure_logging
-from db.queue import DELIVER_TASK, TRIAGE_TASK
-from db.session import make_engine, make_sessionmaker
-from db.settings import get_settings
-from worker.celery_app import app
-from worker.jobs import WorkerContext, release_gone_holders, run_delivery, run_triage
+from hrct_triage.common.logs import configure_logging
+from hrct_triage.common.settings import get_settings
+from hrct_triage.common.task_queue import DELIVER_TASK, TRIAGE_TASK
+from hrct_triage.db.session import make_engine, make_sessionmaker
+from hrct_triage.worker.celery_app import app
+from hrct_triage.worker.jobs import WorkerContext, release_gone_holders, run_delivery, run_triage
 
 if TYPE_CHECKING:
-    from worker.model import LoadedModel
+    from hrct_triage.worker.method.model import LoadedModel
 
 log = logging.getLogger("hrct.worker")
 _model_lock = threading.Lock()
@@ -31,9 +31,9 @@ _model_lock = threading.Lock()
 @lru_cache(maxsize=1)
 def _loaded_model() -> LoadedModel:
     """The model, loaded once per worker process (on the GPU when there is one)."""
-    from worker.checkpoints import default_checkpoint
-    from worker.memory import keep_freed_memory
-    from worker.model import load_model
+    from hrct_triage.worker.memory import keep_freed_memory
+    from hrct_triage.worker.method.checkpoints import default_checkpoint
+    from hrct_triage.worker.method.model import load_model
 
     keep_freed_memory()  # a worker process analyses study after study: see worker.memory
     settings = get_settings()

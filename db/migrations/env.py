@@ -5,9 +5,9 @@ from __future__ import annotations
 from alembic import context
 from sqlalchemy import Connection
 
-from db.models import Base
-from db.session import make_engine
-from db.settings import get_settings
+from hrct_triage.common.settings import get_settings
+from hrct_triage.db.models import Base
+from hrct_triage.db.session import make_engine
 
 config = context.config
 target_metadata = Base.metadata

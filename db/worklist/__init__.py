@@ -21,7 +21,7 @@ One module per stage, all re-exported here, so callers keep writing ``worklist.c
 
 from __future__ import annotations
 
-from db.worklist.analysis import (
+from hrct_triage.db.worklist.analysis import (
     analysis_inputs,
     claim,
     fail_analysis,
@@ -32,7 +32,7 @@ from db.worklist.analysis import (
     mark_not_applicable,
     release_holds,
 )
-from db.worklist.associations import (
+from hrct_triage.db.worklist.associations import (
     AssociationTally,
     close_association,
     close_orphaned_associations,
@@ -42,20 +42,20 @@ from db.worklist.associations import (
     replaced_path,
     spooled_paths,
 )
-from db.worklist.delivery import (
+from hrct_triage.db.worklist.delivery import (
     claim_delivery,
     pending_deliveries,
     record_delivery,
     release_delivery,
     settle_delivery,
 )
-from db.worklist.ingest import (
+from hrct_triage.db.worklist.ingest import (
     complete_ready_studies,
     forget_instance,
     record_instance,
     record_instance_quickly,
 )
-from db.worklist.operator import (
+from hrct_triage.db.worklist.operator import (
     CANCELLED_REASON,
     PURGEABLE,
     PurgeCandidate,
@@ -66,8 +66,8 @@ from db.worklist.operator import (
     resend,
     urgent_publications,
 )
-from db.worklist.outbox import Publication, due_publications, mark_published
-from db.worklist.states import (
+from hrct_triage.db.worklist.outbox import Publication, due_publications, mark_published
+from hrct_triage.db.worklist.states import (
     DELIVER,
     TRIAGE,
     AnalysisRecord,

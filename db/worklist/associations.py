@@ -9,7 +9,7 @@ from typing import Any
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
-from db.models import (
+from hrct_triage.db.models import (
     Association,
     Instance,
     InstanceReplacement,

@@ -9,7 +9,7 @@ from datetime import datetime, timedelta
 from sqlalchemy import or_, select, update
 from sqlalchemy.orm import Session
 
-from db.models import (
+from hrct_triage.db.models import (
     Delivery,
     DeliveryState,
     OutboxRow,
@@ -17,8 +17,8 @@ from db.models import (
     Study,
     StudyStatus,
 )
-from db.worklist.outbox import _retire_outbox
-from db.worklist.states import _DELIVERABLE, DELIVER, _transition
+from hrct_triage.db.worklist.outbox import _retire_outbox
+from hrct_triage.db.worklist.states import _DELIVERABLE, DELIVER, _transition
 
 
 def claim_delivery(

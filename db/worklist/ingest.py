@@ -11,8 +11,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import Session
 
-from db.compiled import Prepared
-from db.models import (
+from hrct_triage.db.models import (
     Association,
     Instance,
     InstanceReplacement,
@@ -22,9 +21,10 @@ from db.models import (
     StudyStatus,
     UTCDateTime,
 )
-from db.priority import priority_for
-from db.worklist.outbox import _queue
-from db.worklist.states import InstanceFacts, Recorded, _insert_ignore, _transition
+from hrct_triage.db.priority import priority_for
+from hrct_triage.db.raw_statements import Prepared
+from hrct_triage.db.worklist.outbox import _queue
+from hrct_triage.db.worklist.states import InstanceFacts, Recorded, _insert_ignore, _transition
 
 
 def record_instance(
@@ -82,7 +82,7 @@ def _upsert(session: Session, model: type[Any]) -> Any:
 
 @dataclass(frozen=True)
 class _IngestStatements:
-    """The hot path's statements, built and compiled once per dialect (``db.compiled``):
+    """The hot path's statements, built and compiled once per dialect (``db.raw_statements``):
     building an upsert cost more than running it, and so did SQLAlchemy's per-execution work."""
 
     existing_sha: Prepared

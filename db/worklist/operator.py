@@ -9,7 +9,7 @@ from datetime import datetime
 from sqlalchemy import exists, or_, select
 from sqlalchemy.orm import Session
 
-from db.models import (
+from hrct_triage.db.models import (
     Delivery,
     DeliveryState,
     Event,
@@ -19,9 +19,9 @@ from db.models import (
     Study,
     StudyStatus,
 )
-from db.priority import URGENT_MARK, is_urgent
-from db.worklist.outbox import Publication, _queue, _retire_outbox
-from db.worklist.states import DELIVER, _note, _transition
+from hrct_triage.db.priority import URGENT_MARK, is_urgent
+from hrct_triage.db.worklist.outbox import Publication, _queue, _retire_outbox
+from hrct_triage.db.worklist.states import DELIVER, _note, _transition
 
 
 def requeue(session: Session, study: Study, *, now: datetime, detail: str) -> bool:

@@ -9,12 +9,12 @@ from datetime import datetime, timedelta
 from sqlalchemy import or_, select, update
 from sqlalchemy.orm import Session
 
-from db.models import (
+from hrct_triage.db.models import (
     OutboxRow,
     Study,
     StudyStatus,
 )
-from db.worklist.states import _DELIVERABLE, DELIVER, TRIAGE, _transition
+from hrct_triage.db.worklist.states import _DELIVERABLE, DELIVER, TRIAGE, _transition
 
 
 @dataclass(frozen=True)

@@ -11,12 +11,12 @@ from typing import Any
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
-from db.models import (
+from hrct_triage.db.models import (
     Event,
     Study,
     StudyStatus,
 )
-from db.priority import priority_for
+from hrct_triage.db.priority import priority_for
 
 TRIAGE = "triage"
 DELIVER = "deliver"

@@ -41,7 +41,8 @@ import redis
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from db.models import (
+from hrct_triage.common.storage import TEMP_SUFFIX
+from hrct_triage.db.models import (
     Association,
     Event,
     Instance,
@@ -51,8 +52,7 @@ from db.models import (
     Study,
     StudyStatus,
 )
-from db.session import make_engine, make_sessionmaker, transaction
-from db.storage import TEMP_SUFFIX
+from hrct_triage.db.session import make_engine, make_sessionmaker, transaction
 from tests.conftest import StoreSCP, _wait_for_port, dcmtk_env, free_port, require_tool
 
 TERMINAL = (StudyStatus.DONE, StudyStatus.FAILED, StudyStatus.NOT_APPLICABLE)

@@ -28,8 +28,8 @@ from pathlib import Path
 import pytest
 from sqlalchemy import select
 
-from db.models import Delivery, Event, Output, Study, StudyStatus
-from db.session import transaction
+from hrct_triage.db.models import Delivery, Event, Output, Study, StudyStatus
+from hrct_triage.db.session import transaction
 from tests.faults.harness import (
     FIGURES,
     PACS_DOWN_SECONDS,

@@ -17,10 +17,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from worker.inference import forward
-from worker.model import build_densenet121, native_bf16
-from worker.training.dataset import random_flips
-from worker.training.train import TrainConfig, _as_loaded
+from hrct_triage.worker.method.inference import forward
+from hrct_triage.worker.method.model import build_densenet121, native_bf16
+from hrct_triage.worker.training.dataset import random_flips
+from hrct_triage.worker.training.train import TrainConfig, _as_loaded
 
 __all__ = ["time_training_step", "time_validation_slice"]
 

@@ -1,11 +1,12 @@
 """DICOM studies -> cached network inputs -> the paper's training slices.
 
-Training sees exactly what inference sees: the series is picked by ``worker.series``, the volume
-is built by ``worker.volume``, lung slices come from ``worker.preprocess.lung_slices`` and the
-pixels from ``worker.preprocess.model_input``. Decoding a DICOM study costs far more than a
-training step on a GPU, so each study is preprocessed once and kept as a ``.npy`` of its lung and
-lesion slices (float16, one channel: the lung window maps to [0, 1], where float16 is exact to
-2^-11, about 0.6 HU, far below CT noise) that later epochs memory-map.
+Training sees exactly what inference sees: the series is picked by ``worker.method.series``, the
+volume is built by ``worker.method.volume``, lung slices come from
+``worker.method.preprocess.lung_slices`` and the pixels from
+``worker.method.preprocess.model_input``. Decoding a DICOM study costs far more than a training step
+on a GPU, so each study is preprocessed once and kept as a ``.npy`` of its lung and lesion slices
+(float16, one channel: the lung window maps to [0, 1], where float16 is exact to 2^-11, about 0.6
+HU, far below CT noise) that later epochs memory-map.
 
 Slice sampling follows the paper: a COVID-19 study contributes the slices that show a lesion,
 a healthy study every third lung slice.
@@ -27,7 +28,7 @@ import numpy.typing as npt
 import torch
 from torch.utils.data import Dataset
 
-from worker.preprocess import (
+from hrct_triage.worker.method.preprocess import (
     DEFAULT_INPUT_SIZE,
     DEFAULT_WINDOW_LEVEL,
     DEFAULT_WINDOW_WIDTH,
@@ -35,9 +36,9 @@ from worker.preprocess import (
     lung_slices,
     model_input,
 )
-from worker.series import select_series
-from worker.training.labels import LabelledStudy
-from worker.volume import CTVolume, load_volume
+from hrct_triage.worker.method.series import select_series
+from hrct_triage.worker.method.volume import CTVolume, load_volume
+from hrct_triage.worker.training.labels import LabelledStudy
 
 __all__ = [
     "DEFAULT_NEGATIVE_STRIDE",
@@ -54,7 +55,9 @@ log = logging.getLogger(__name__)
 
 DEFAULT_NEGATIVE_STRIDE = 3  # the paper: healthy studies give every third lung slice
 _CACHE_FORMAT = 1  # bump when the cached content changes meaning
-PHANTOM_MANUFACTURER = "hrct-triage phantom"  # what worker.phantom writes in Manufacturer
+PHANTOM_MANUFACTURER = (
+    "hrct-triage phantom"  # what hrct_triage.phantoms.generator writes in Manufacturer
+)
 
 
 @dataclass(frozen=True)
@@ -81,7 +84,7 @@ class CachedStudy:
     numbers: npt.NDArray[np.int64]  # InstanceNumber (frame number for Enhanced CT) of each row
     lung: npt.NDArray[np.bool_]
     lesion: npt.NDArray[np.bool_]
-    phantom: bool  # written by worker.phantom: the model card must say so
+    phantom: bool  # written by hrct_triage.phantoms.generator: the model card must say so
 
     def lung_rows(self) -> npt.NDArray[np.intp]:
         """Rows of the lung slices in table order: what inference averages over."""

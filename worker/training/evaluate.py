@@ -28,15 +28,21 @@ import numpy.typing as npt
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from worker.inference import DEFAULT_BATCH_SIZE, cam_image, forward, study_probability
-from worker.memory import keep_freed_memory
-from worker.model import LoadedModel, load_model
-from worker.preprocess import lung_field, lung_slices, model_input
-from worker.results import NotApplicable
-from worker.series import select_series
-from worker.training.dataset import study_paths
-from worker.training.labels import LabelledStudy, parse_label, read_labels
-from worker.training.metrics import (
+from hrct_triage.worker.memory import keep_freed_memory
+from hrct_triage.worker.method.inference import (
+    DEFAULT_BATCH_SIZE,
+    cam_image,
+    forward,
+    study_probability,
+)
+from hrct_triage.worker.method.model import LoadedModel, load_model
+from hrct_triage.worker.method.preprocess import lung_field, lung_slices, model_input
+from hrct_triage.worker.method.results import NotApplicable
+from hrct_triage.worker.method.series import select_series
+from hrct_triage.worker.method.volume import CTVolume, load_volume
+from hrct_triage.worker.training.dataset import study_paths
+from hrct_triage.worker.training.labels import LabelledStudy, parse_label, read_labels
+from hrct_triage.worker.training.metrics import (
     DEFAULT_BOOTSTRAP,
     CiMethod,
     Fourfold,
@@ -45,9 +51,8 @@ from worker.training.metrics import (
     fourfold,
     threshold_sweep,
 )
-from worker.training.plots import roc_plot, threshold_plot
-from worker.training.report import markdown_report
-from worker.volume import CTVolume, load_volume
+from hrct_triage.worker.training.plots import roc_plot, threshold_plot
+from hrct_triage.worker.training.report import markdown_report
 
 __all__ = [
     "DEFAULT_POINTING_TOLERANCE_MM",
@@ -61,7 +66,9 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-LESION_MASKS_NAME = "lesion_masks.npz"  # as worker.phantom writes it next to the DICOM files
+LESION_MASKS_NAME = (
+    "lesion_masks.npz"  # as hrct_triage.phantoms.generator writes it next to the DICOM files
+)
 # The CAM is 7 x 7 for a 224 input: one cell spans ~45 mm of a 320 mm field of view, so its
 # upsampled peak cannot be placed closer than a few millimetres; 10 mm (about a pulmonary
 # segment's small lesion radius) separates "points at the lesion" from "points elsewhere".

@@ -14,7 +14,7 @@ import numpy.typing as npt
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from worker.training.metrics import at_threshold, roc_points
+from hrct_triage.worker.training.metrics import at_threshold, roc_points
 
 __all__ = ["roc_plot", "threshold_plot"]
 

@@ -54,8 +54,8 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 
-from worker.inference import DEFAULT_BATCH_SIZE, forward, study_probability
-from worker.model import (
+from hrct_triage.worker.method.inference import DEFAULT_BATCH_SIZE, forward, study_probability
+from hrct_triage.worker.method.model import (
     MODEL_NAME,
     CheckpointMetadata,
     LoadedModel,
@@ -63,9 +63,13 @@ from worker.model import (
     native_bf16,
     save_checkpoint,
 )
-from worker.preprocess import DEFAULT_INPUT_SIZE, DEFAULT_WINDOW_LEVEL, DEFAULT_WINDOW_WIDTH
-from worker.results import ModelInfo
-from worker.training.dataset import (
+from hrct_triage.worker.method.preprocess import (
+    DEFAULT_INPUT_SIZE,
+    DEFAULT_WINDOW_LEVEL,
+    DEFAULT_WINDOW_WIDTH,
+)
+from hrct_triage.worker.method.results import ModelInfo
+from hrct_triage.worker.training.dataset import (
     DEFAULT_NEGATIVE_STRIDE,
     CachedStudy,
     PreprocessSettings,
@@ -73,7 +77,7 @@ from worker.training.dataset import (
     cache_study,
     random_flips,
 )
-from worker.training.labels import (
+from hrct_triage.worker.training.labels import (
     PAPER_TEST_FRACTION,
     PAPER_VALIDATION_FRACTION,
     LabelledStudy,
@@ -81,8 +85,8 @@ from worker.training.labels import (
     read_labels,
     write_labels,
 )
-from worker.training.metrics import auc_interval
-from worker.training.steps import EagerStep, GraphedStep, StepOutput
+from hrct_triage.worker.training.metrics import auc_interval
+from hrct_triage.worker.training.steps import EagerStep, GraphedStep, StepOutput
 
 __all__ = ["EpochLog", "TrainConfig", "TrainResult", "load_pretrained", "train"]
 

@@ -10,7 +10,7 @@ from collections.abc import Sequence
 import sqlalchemy as sa
 from alembic import op
 
-import db.models
+from hrct_triage.db import models
 
 revision: str = "0001"
 down_revision: str | None = None
@@ -28,8 +28,8 @@ def upgrade() -> None:
         sa.Column("peer_address", sa.String(length=64), nullable=True),
         sa.Column("peer_port", sa.Integer(), nullable=True),
         sa.Column("state", sa.String(length=16), nullable=False),
-        sa.Column("started_at", db.models.UTCDateTime(timezone=True), nullable=False),
-        sa.Column("ended_at", db.models.UTCDateTime(timezone=True), nullable=True),
+        sa.Column("started_at", models.UTCDateTime(timezone=True), nullable=False),
+        sa.Column("ended_at", models.UTCDateTime(timezone=True), nullable=True),
         sa.Column("instances", sa.Integer(), nullable=False),
         sa.Column("bytes", sa.BigInteger(), nullable=False),
         sa.Column("failures", sa.Integer(), nullable=False),
@@ -52,7 +52,7 @@ def upgrade() -> None:
         sa.Column("attempts", sa.Integer(), nullable=False),
         sa.Column("claim_token", sa.String(length=36), nullable=True),
         sa.Column("claimed_by", sa.String(length=200), nullable=True),
-        sa.Column("lease_until", db.models.UTCDateTime(timezone=True), nullable=True),
+        sa.Column("lease_until", models.UTCDateTime(timezone=True), nullable=True),
         sa.Column("probability", sa.Float(), nullable=True),
         sa.Column("positive", sa.Boolean(), nullable=True),
         sa.Column("threshold", sa.Float(), nullable=True),
@@ -60,14 +60,14 @@ def upgrade() -> None:
         sa.Column("analysed_series_uid", sa.String(length=64), nullable=True),
         sa.Column("slice_probabilities", sa.JSON(), nullable=True),
         sa.Column("timings", sa.JSON(), nullable=True),
-        sa.Column("first_instance_at", db.models.UTCDateTime(timezone=True), nullable=True),
-        sa.Column("last_instance_at", db.models.UTCDateTime(timezone=True), nullable=True),
-        sa.Column("completed_at", db.models.UTCDateTime(timezone=True), nullable=True),
-        sa.Column("queued_at", db.models.UTCDateTime(timezone=True), nullable=True),
-        sa.Column("analysis_started_at", db.models.UTCDateTime(timezone=True), nullable=True),
-        sa.Column("analysed_at", db.models.UTCDateTime(timezone=True), nullable=True),
-        sa.Column("delivered_at", db.models.UTCDateTime(timezone=True), nullable=True),
-        sa.Column("updated_at", db.models.UTCDateTime(timezone=True), nullable=False),
+        sa.Column("first_instance_at", models.UTCDateTime(timezone=True), nullable=True),
+        sa.Column("last_instance_at", models.UTCDateTime(timezone=True), nullable=True),
+        sa.Column("completed_at", models.UTCDateTime(timezone=True), nullable=True),
+        sa.Column("queued_at", models.UTCDateTime(timezone=True), nullable=True),
+        sa.Column("analysis_started_at", models.UTCDateTime(timezone=True), nullable=True),
+        sa.Column("analysed_at", models.UTCDateTime(timezone=True), nullable=True),
+        sa.Column("delivered_at", models.UTCDateTime(timezone=True), nullable=True),
+        sa.Column("updated_at", models.UTCDateTime(timezone=True), nullable=False),
         sa.PrimaryKeyConstraint("id"),
         sa.UniqueConstraint("study_uid"),
     )
@@ -79,7 +79,7 @@ def upgrade() -> None:
         "events",
         sa.Column("id", sa.Integer(), nullable=False),
         sa.Column("study_id", sa.Integer(), nullable=False),
-        sa.Column("at", db.models.UTCDateTime(timezone=True), nullable=False),
+        sa.Column("at", models.UTCDateTime(timezone=True), nullable=False),
         sa.Column("from_status", sa.String(length=20), nullable=True),
         sa.Column("to_status", sa.String(length=20), nullable=False),
         sa.Column("detail", sa.Text(), nullable=True),
@@ -98,11 +98,11 @@ def upgrade() -> None:
         sa.Column("study_id", sa.Integer(), nullable=False),
         sa.Column("task", sa.String(length=32), nullable=False),
         sa.Column("generation", sa.Integer(), nullable=False),
-        sa.Column("created_at", db.models.UTCDateTime(timezone=True), nullable=False),
-        sa.Column("not_before", db.models.UTCDateTime(timezone=True), nullable=True),
-        sa.Column("published_at", db.models.UTCDateTime(timezone=True), nullable=True),
+        sa.Column("created_at", models.UTCDateTime(timezone=True), nullable=False),
+        sa.Column("not_before", models.UTCDateTime(timezone=True), nullable=True),
+        sa.Column("published_at", models.UTCDateTime(timezone=True), nullable=True),
         sa.Column("publish_count", sa.Integer(), nullable=False),
-        sa.Column("done_at", db.models.UTCDateTime(timezone=True), nullable=True),
+        sa.Column("done_at", models.UTCDateTime(timezone=True), nullable=True),
         sa.ForeignKeyConstraint(
             ["study_id"],
             ["studies.id"],
@@ -123,7 +123,7 @@ def upgrade() -> None:
         sa.Column("sop_class_uid", sa.String(length=64), nullable=False),
         sa.Column("series_uid", sa.String(length=64), nullable=False),
         sa.Column("path", sa.Text(), nullable=False),
-        sa.Column("created_at", db.models.UTCDateTime(timezone=True), nullable=False),
+        sa.Column("created_at", models.UTCDateTime(timezone=True), nullable=False),
         sa.ForeignKeyConstraint(
             ["study_id"],
             ["studies.id"],
@@ -160,8 +160,8 @@ def upgrade() -> None:
         sa.Column("state", sa.String(length=16), nullable=False),
         sa.Column("status_code", sa.Integer(), nullable=True),
         sa.Column("attempts", sa.Integer(), nullable=False),
-        sa.Column("last_attempt_at", db.models.UTCDateTime(timezone=True), nullable=True),
-        sa.Column("acknowledged_at", db.models.UTCDateTime(timezone=True), nullable=True),
+        sa.Column("last_attempt_at", models.UTCDateTime(timezone=True), nullable=True),
+        sa.Column("acknowledged_at", models.UTCDateTime(timezone=True), nullable=True),
         sa.Column("error", sa.Text(), nullable=True),
         sa.ForeignKeyConstraint(
             ["output_id"],
@@ -185,7 +185,7 @@ def upgrade() -> None:
         sa.Column("path", sa.Text(), nullable=False),
         sa.Column("size_bytes", sa.BigInteger(), nullable=False),
         sa.Column("sha256", sa.String(length=64), nullable=False),
-        sa.Column("received_at", db.models.UTCDateTime(timezone=True), nullable=False),
+        sa.Column("received_at", models.UTCDateTime(timezone=True), nullable=False),
         sa.ForeignKeyConstraint(
             ["association_id"],
             ["associations.id"],

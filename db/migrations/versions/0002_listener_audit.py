@@ -10,7 +10,7 @@ from collections.abc import Sequence
 import sqlalchemy as sa
 from alembic import op
 
-import db.models
+from hrct_triage.db import models
 
 revision: str = "0002"
 down_revision: str | None = "0001"
@@ -28,11 +28,11 @@ def upgrade() -> None:
         sa.Column("old_sha256", sa.String(length=64), nullable=False),
         sa.Column("old_size_bytes", sa.BigInteger(), nullable=False),
         sa.Column("old_association_id", sa.Integer(), nullable=True),
-        sa.Column("old_received_at", db.models.UTCDateTime(timezone=True), nullable=False),
+        sa.Column("old_received_at", models.UTCDateTime(timezone=True), nullable=False),
         sa.Column("old_path", sa.Text(), nullable=False),
         sa.Column("new_sha256", sa.String(length=64), nullable=False),
         sa.Column("new_association_id", sa.Integer(), nullable=True),
-        sa.Column("replaced_at", db.models.UTCDateTime(timezone=True), nullable=False),
+        sa.Column("replaced_at", models.UTCDateTime(timezone=True), nullable=False),
         sa.ForeignKeyConstraint(
             ["new_association_id"],
             ["associations.id"],
@@ -66,7 +66,7 @@ def upgrade() -> None:
         sa.Column("status", sa.Integer(), nullable=False),
         sa.Column("transient", sa.Boolean(), nullable=False),
         sa.Column("reason", sa.Text(), nullable=False),
-        sa.Column("at", db.models.UTCDateTime(timezone=True), nullable=False),
+        sa.Column("at", models.UTCDateTime(timezone=True), nullable=False),
         sa.ForeignKeyConstraint(
             ["association_id"],
             ["associations.id"],

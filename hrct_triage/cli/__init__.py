@@ -1,0 +1,1 @@
+"""The ``hrct-triage`` command: a thin composition root over the listener, worker and db."""
