@@ -61,9 +61,10 @@ from pydicom.uid import (
     JPEGLSNearLossless,
     RLELossless,
     SecondaryCaptureImageStorage,
-    generate_uid,
 )
 from scipy import ndimage
+
+from hrct_triage.common.uids import derive_uid
 
 __all__ = [
     "KERNELS",
@@ -1493,7 +1494,7 @@ class _Identity:
         )
 
     def uid(self, *parts: object) -> str:
-        return str(generate_uid(entropy_srcs=[_UID_NAMESPACE, *self.key, *map(str, parts)]))
+        return derive_uid(_UID_NAMESPACE, *map(str, self.key), *map(str, parts))
 
     @property
     def study_uid(self) -> str:

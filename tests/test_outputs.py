@@ -27,6 +27,7 @@ from pydicom.sr.codedict import codes
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
 from hrct_triage.common.settings import Settings
+from hrct_triage.common.uids import derive_uid
 from hrct_triage.worker.method.results import HeatMap, ModelInfo, SliceResult, StudyAnalysis
 from hrct_triage.worker.outputs.objects import SeriesLabels, build_outputs, encode, write_output
 from hrct_triage.worker.outputs.sc import (
@@ -47,7 +48,7 @@ from hrct_triage.worker.outputs.sr import (
     build_not_analysed_sr,
     build_sr,
 )
-from hrct_triage.worker.outputs.uids import OutputKey, derive_uid
+from hrct_triage.worker.outputs.uids import OutputKey
 
 WHEN = datetime(2024, 3, 4, 11, 12, 13, 141516)
 SLICES = 25

@@ -29,6 +29,7 @@ from pydicom.uid import UID
 
 from hrct_triage.common.settings import Settings, check_series_description
 from hrct_triage.common.storage import write_durably
+from hrct_triage.common.uids import derive_uid
 from hrct_triage.worker.method.results import StudyAnalysis
 from hrct_triage.worker.outputs.sc import (
     DEFAULT_SC_SERIES_DESCRIPTION,
@@ -40,7 +41,7 @@ from hrct_triage.worker.outputs.sr import (
     build_not_analysed_sr,
     build_sr,
 )
-from hrct_triage.worker.outputs.uids import OutputKey, derive_uid
+from hrct_triage.worker.outputs.uids import OutputKey
 from hrct_triage.worker.outputs.write_prep import settle_encoding
 
 __all__ = [
