@@ -85,6 +85,34 @@ def _comma_list(value: object) -> list[str]:
     raise TypeError(f"expected a comma list, got {type(value).__name__}")
 
 
+def parse_quiet_by_aet(value: object) -> dict[str, float]:
+    """``HRCT_QUIET_SECONDS_BY_AET``: "AE=seconds" pairs, comma separated (or a mapping)."""
+    if isinstance(value, dict):
+        pairs = [(str(ae), seconds) for ae, seconds in value.items()]
+    else:
+        pairs = []
+        for entry in _comma_list(value):
+            ae, separator, seconds = entry.partition("=")
+            if not separator:
+                raise ValueError(f"HRCT_QUIET_SECONDS_BY_AET entry {entry!r} is not AE=seconds")
+            pairs.append((ae, seconds))
+    parsed: dict[str, float] = {}
+    for ae, seconds in pairs:
+        title = ae.strip()
+        if not 0 < len(title) <= 16:
+            raise ValueError(f"HRCT_QUIET_SECONDS_BY_AET: {ae!r} is not an AE title")
+        try:
+            number = float(seconds)
+        except (TypeError, ValueError):
+            raise ValueError(
+                f"HRCT_QUIET_SECONDS_BY_AET: {title}={seconds!r} is not a number of seconds"
+            ) from None
+        if not number >= 0:
+            raise ValueError(f"HRCT_QUIET_SECONDS_BY_AET: {title}={seconds!r} is below 0")
+        parsed[title] = number
+    return parsed
+
+
 class Settings(BaseSettings):
     """Every knob of the gateway; names are the contract in SPEC.md."""
 
@@ -139,6 +167,11 @@ class Settings(BaseSettings):
     # A study is complete this long after its last instance, once no association feeding it is
     # open. Ten seconds covers the pause between series on the scanners we know of.
     quiet_seconds: float = Field(10.0, ge=0)
+    # A longer (or shorter) quiet period per calling AE title, "CT1=60,CT2=120": for a scanner
+    # that sends its thin reconstruction minutes after the first series, so that its studies
+    # are analysed once, on the thin series, at the cost of that much more time to notification
+    # (docs/operations.md weighs the two). Scanners not named use HRCT_QUIET_SECONDS.
+    quiet_seconds_by_aet: Annotated[dict[str, float], NoDecode] = Field(default_factory=dict)
     # How often the listener looks for complete studies and unpublished outbox rows.
     poll_seconds: float = Field(1.0, gt=0)
     # An outbox row published this long ago whose study is still queued is published again: the
@@ -224,6 +257,15 @@ class Settings(BaseSettings):
     # association when known) for a log shipper. Text is the default because `demo` and `up` are
     # run by hand first.
     log_format: Literal["text", "json"] = "text"
+
+    @field_validator("quiet_seconds_by_aet", mode="before")
+    @classmethod
+    def _parse_quiet_by_aet(cls, value: object) -> dict[str, float]:
+        return parse_quiet_by_aet(value)
+
+    def quiet_seconds_for(self, calling_ae: str | None) -> float:
+        """The quiet period of a study sent by ``calling_ae`` (its scanner's, or the default)."""
+        return self.quiet_seconds_by_aet.get(calling_ae or "", self.quiet_seconds)
 
     @field_validator("sr_series_description", "sc_series_description")
     @classmethod
