@@ -83,7 +83,8 @@ class Study(Base):
     calling_ae: Mapped[str | None] = mapped_column(String(16))
     accession_number: Mapped[str | None] = mapped_column(String(16))
 
-    # Each completion of the study starts a new analysis generation; outputs carry it.
+    # Each completion of the study starts a new analysis generation; outputs carry it. A late
+    # wave that leaves the analysed input as it was is checked within the generation it found.
     generation: Mapped[int] = mapped_column(Integer, default=0)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     claim_token: Mapped[str | None] = mapped_column(String(36))
@@ -95,11 +96,22 @@ class Study(Base):
     threshold: Mapped[float | None] = mapped_column(Float)
     model_version: Mapped[str | None] = mapped_column(String(200))
     analysed_series_uid: Mapped[str | None] = mapped_column(UID)
+    # Digest of what the current generation's verdict was computed on: the series selection
+    # chose and the SOP Instance UID and content hash of each of its instances (or that no
+    # series fit). None until the generation has a verdict: the next completion analyses.
+    analysed_input: Mapped[str | None] = mapped_column(String(64))
+    # A late wave re-opened a study that had a verdict: the state to go back to when the wave
+    # changes nothing, and when the wave began (its instances are those received since).
+    reopened_from: Mapped[str | None] = mapped_column(String(20))
+    reopened_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     slice_probabilities: Mapped[list[Any] | None] = mapped_column(JSON)
     timings: Mapped[dict[str, Any] | None] = mapped_column(JSON)
 
     first_instance_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     last_instance_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    # The last instance of the input the current generation analyses (``last_instance_at`` when
+    # it was queued): where its time to notification starts, whatever arrived later unanalysed.
+    input_received_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     completed_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     queued_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     analysis_started_at: Mapped[datetime | None] = mapped_column(UTCDateTime)

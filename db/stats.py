@@ -1,9 +1,9 @@
 """Turnaround statistics of the worklist: time to notification and per-stage durations.
 
 *Time to notification* is the clock a radiologist cares about: from the moment the listener
-acknowledged the study's last instance (``last_instance_at``) to the moment the PACS acknowledged
-the study's AI result, i.e. the ``acknowledged_at`` of the SR of the study's latest analysis
-generation. With several destinations the notification counts when the last of them
+acknowledged the last instance of what the study's latest analysis generation analysed
+(``input_received_at``; ``last_instance_at`` before the study completes) to the moment the PACS
+acknowledged the study's AI result, i.e. the ``acknowledged_at`` of that generation's SR. With several destinations the notification counts when the last of them
 acknowledged it: a PACS that has not got the SR has not notified anyone.
 
 The per-stage durations split that clock where the worklist stamps a study:
@@ -209,7 +209,9 @@ def _timeline(
         calling_ae=study.calling_ae,
         accession_number=study.accession_number,
         first_instance_at=study.first_instance_at,
-        last_instance_at=study.last_instance_at,
+        # The clock starts at the last instance of what was analysed: a late wave that changed
+        # nothing (a dose report, a reformat) neither re-analyses the study nor restarts it.
+        last_instance_at=study.input_received_at or study.last_instance_at,
         completed_at=study.completed_at,
         queued_at=study.queued_at,
         analysis_started_at=study.analysis_started_at,

@@ -48,7 +48,10 @@ class Dispatcher:
         now = now or datetime.now(UTC)
         with transaction(self.sessions) as session:
             completed = worklist.complete_ready_studies(
-                session, quiet_seconds=self.settings.quiet_seconds, now=now
+                session,
+                quiet_seconds=self.settings.quiet_seconds,
+                quiet_seconds_by_aet=self.settings.quiet_seconds_by_aet,
+                now=now,
             )
         for study_id in completed:
             log.info("study %d complete, queued for analysis", study_id)

@@ -448,7 +448,16 @@ def _store(
         raise
     if outcome.superseded is not None and outcome.superseded != str(path):
         _remove_superseded(Path(outcome.superseded))
+    if outcome.recorded is worklist.Recorded.IDENTICAL:
+        _tally_resend(state, request.assoc, study_uid)
     return SUCCESS
+
+
+def _tally_resend(state: ListenerState, assoc: Any, study_uid: str) -> None:
+    """Count an identical resend; the association's close records it as the study's event."""
+    opened = state.opened(assoc)
+    if opened is not None:
+        opened.tally.resend(study_uid)
 
 
 def _spool_write_failed(error: OSError) -> _Refused:

@@ -128,7 +128,8 @@ class WorklistCollector(Collector):
                 "hrct_time_to_notification_seconds",
                 "Last instance received to every output acknowledged by every destination, "
                 "per study delivered (state done).",
-                Study.last_instance_at,
+                # The last instance analysed: a late wave that changed nothing restarts nothing.
+                func.coalesce(Study.input_received_at, Study.last_instance_at),
                 Study.delivered_at,
                 NOTIFICATION_BUCKETS,
                 Study.status == StudyStatus.DONE,

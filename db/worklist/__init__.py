@@ -13,6 +13,13 @@ The contract each transition keeps:
 * ``claim``: at most one worker holds a study at a time; a lease that lapses (worker killed) lets
   another take it. Everything a worker records afterwards is checked against its claim token, so
   a superseded analysis records nothing.
+* Late waves: a new or changed instance of a study that has a verdict re-opens it, and its
+  completion queues a check within the same generation (``Claim.analysed_input``). The worker
+  keeps the verdict (``keep_verdict``) when series selection would analyse exactly what it was
+  computed on, and otherwise analyses a new generation (``start_generation``). An instance that
+  arrives during an analysis leaves the claim alone: the worker reads the instances again in
+  the transaction that records its result (``held_input_rows``) and, if what it would analyse
+  changed, records nothing and lets the study complete again (``reopen``).
 
 One module per stage, all re-exported here, so callers keep writing ``worklist.claim(...)``:
 ``states`` (task names, status groups, records, the state-change helpers), ``associations``,
@@ -27,10 +34,17 @@ from hrct_triage.db.worklist.analysis import (
     fail_analysis,
     finish_analysis,
     give_up,
+    held_input_rows,
+    input_rows,
+    instance_set_digest,
+    keep_verdict,
+    late_arrivals,
     live_holder,
     live_holders,
     mark_not_applicable,
     release_holds,
+    reopen,
+    start_generation,
 )
 from hrct_triage.db.worklist.associations import (
     AssociationTally,
@@ -54,6 +68,7 @@ from hrct_triage.db.worklist.ingest import (
     forget_instance,
     record_instance,
     record_instance_quickly,
+    wave_settled,
 )
 from hrct_triage.db.worklist.operator import (
     CANCELLED_REASON,
@@ -72,7 +87,9 @@ from hrct_triage.db.worklist.states import (
     TRIAGE,
     AnalysisRecord,
     Claim,
+    InputRow,
     InstanceFacts,
+    LateSeries,
     OutputRecord,
     Recorded,
 )
@@ -85,7 +102,9 @@ __all__ = [
     "AnalysisRecord",
     "AssociationTally",
     "Claim",
+    "InputRow",
     "InstanceFacts",
+    "LateSeries",
     "OutputRecord",
     "Publication",
     "PurgeCandidate",
@@ -102,6 +121,11 @@ __all__ = [
     "finish_analysis",
     "forget_instance",
     "give_up",
+    "held_input_rows",
+    "input_rows",
+    "instance_set_digest",
+    "keep_verdict",
+    "late_arrivals",
     "live_holder",
     "live_holders",
     "mark_not_applicable",
@@ -117,10 +141,13 @@ __all__ = [
     "record_refusal",
     "release_delivery",
     "release_holds",
+    "reopen",
     "replaced_path",
     "requeue",
     "resend",
     "settle_delivery",
     "spooled_paths",
+    "start_generation",
     "urgent_publications",
+    "wave_settled",
 ]

@@ -2,21 +2,26 @@
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import uuid
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from datetime import datetime, timedelta
 
-from sqlalchemy import and_, or_, select, update
+from sqlalchemy import and_, case, literal, or_, select, update
 from sqlalchemy.orm import Session
 
 from hrct_triage.db.models import (
     Delivery,
     DeliveryState,
     Instance,
+    InstanceReplacement,
     OutboxRow,
     Output,
+    Series,
     Study,
     StudyStatus,
+    UTCDateTime,
 )
 from hrct_triage.db.worklist.outbox import _retire_outbox
 from hrct_triage.db.worklist.states import (
@@ -25,6 +30,8 @@ from hrct_triage.db.worklist.states import (
     TRIAGE,
     AnalysisRecord,
     Claim,
+    InputRow,
+    LateSeries,
     OutputRecord,
     _insert_ignore,
     _note,
@@ -51,7 +58,11 @@ def claim(
             claimed_by=worker[:200],
             lease_until=now + timedelta(seconds=lease_seconds),
             attempts=Study.attempts + 1,
-            analysis_started_at=now,
+            # A late wave's check keeps the verdict's stamps; ``start_generation`` sets them.
+            analysis_started_at=case(
+                (Study.analysed_input.is_(None), literal(now, UTCDateTime())),
+                else_=Study.analysis_started_at,
+            ),
         )
         .execution_options(synchronize_session=False)
     )
@@ -65,9 +76,13 @@ def claim(
         study,
         StudyStatus.PROCESSING,
         now,
-        f"{'lease lapsed; ' if retaken else ''}attempt {study.attempts} by {worker}",
+        f"{'lease lapsed; ' if retaken else ''}"
+        f"{'checking the late wave, ' if study.analysed_input else ''}"
+        f"attempt {study.attempts} by {worker}",
     )
-    return Claim(study.id, study.study_uid, token, study.generation, study.attempts)
+    return Claim(
+        study.id, study.study_uid, token, study.generation, study.attempts, study.analysed_input
+    )
 
 
 def _held(session: Session, claim: Claim) -> Study | None:
@@ -147,6 +162,147 @@ def release_holds(
     return ids
 
 
+def input_rows(session: Session, study_id: int) -> list[InputRow]:
+    """Every instance of the study, for the worker to decide what to analyse."""
+    rows = session.execute(
+        select(Instance.path, Instance.sop_class_uid, Instance.sop_instance_uid, Instance.sha256)
+        .where(Instance.study_id == study_id)
+        .order_by(Instance.id)
+    ).all()
+    return [InputRow(*row) for row in rows]
+
+
+def held_input_rows(session: Session, claim: Claim) -> list[InputRow] | None:
+    """``input_rows`` with the study locked, in the transaction that records the claim's
+    outcome, so no instance is recorded between this read and that outcome; None when the
+    claim was overtaken."""
+    if _held(session, claim) is None:
+        return None
+    return input_rows(session, claim.study_id)
+
+
+def instance_set_digest(rows: Iterable[InputRow]) -> str:
+    """SHA-256 of a set of instances (SOP Instance UID and content hash each), in any order."""
+    lines = sorted(f"{row.sop_instance_uid}:{row.sha256}" for row in rows)
+    return hashlib.sha256("\n".join(lines).encode("ascii")).hexdigest()
+
+
+def late_arrivals(session: Session, study_id: int, *, since: datetime) -> list[LateSeries]:
+    """What was stored for the study at or after ``since`` (a late wave), series by series."""
+    rows = session.execute(
+        select(Series, Instance.sop_class_uid, Instance.sop_instance_uid)
+        .join(Instance, Instance.series_id == Series.id)
+        .where(Instance.study_id == study_id, Instance.received_at >= since)
+        .order_by(Series.id, Instance.id)
+    ).all()
+    replaced = set(
+        session.scalars(
+            select(InstanceReplacement.sop_instance_uid).where(
+                InstanceReplacement.study_id == study_id, InstanceReplacement.replaced_at >= since
+            )
+        ).all()
+    )
+    found: dict[int, tuple[Series, list[str], list[str]]] = {}
+    for series, sop_class, sop_uid in rows:
+        _, classes, uids = found.setdefault(series.id, (series, [], []))
+        if sop_class not in classes:
+            classes.append(sop_class)
+        uids.append(sop_uid)
+    return [
+        LateSeries(
+            series_uid=series.series_uid,
+            series_number=series.series_number,
+            description=series.description,
+            modality=series.modality,
+            sop_classes=tuple(classes),
+            new=sum(uid not in replaced for uid in uids),
+            replaced=sum(uid in replaced for uid in uids),
+        )
+        for series, classes, uids in found.values()
+    ]
+
+
+def keep_verdict(session: Session, claim: Claim, *, detail: str, now: datetime) -> bool:
+    """A late wave's check found nothing new to analyse: the study goes back to the state the
+    wave found it in, with its generation, result and outputs. Deliveries still owed resume.
+    False if the claim was overtaken."""
+    study = _held(session, claim)
+    if study is None:
+        return False
+    target = study.reopened_from or StudyStatus.DONE
+    study.claim_token = None
+    study.lease_until = None
+    study.reopened_from = None
+    study.reopened_at = None
+    _retire_outbox(session, study.id, TRIAGE)
+    if target in _DELIVERABLE and (target == StudyStatus.DELIVERING or _owes(session, study)):
+        session.add(
+            OutboxRow(study_id=study.id, task=DELIVER, generation=study.generation, created_at=now)
+        )
+    _transition(session, study, target, now, detail)
+    return True
+
+
+def _owes(session: Session, study: Study) -> bool:
+    pending = session.scalar(
+        select(Delivery.id)
+        .join(Output, Output.id == Delivery.output_id)
+        .where(
+            Output.study_id == study.id,
+            Output.generation == study.generation,
+            Delivery.state == DeliveryState.PENDING,
+        )
+        .limit(1)
+    )
+    return pending is not None
+
+
+def start_generation(session: Session, claim: Claim, *, detail: str, now: datetime) -> Claim | None:
+    """A late wave's check found a new input: the claim goes on as the analysis of a new
+    generation (its outputs supersede the verdict's). None if the claim was overtaken."""
+    study = _held(session, claim)
+    if study is None:
+        return None
+    study.generation += 1
+    study.analysed_input = None
+    study.reopened_from = None
+    study.reopened_at = None
+    study.reason = None
+    study.input_received_at = study.last_instance_at
+    study.completed_at = study.queued_at = study.analysis_started_at = now
+    # The claim's message now announces the new generation (a lapsed lease republishes it).
+    session.execute(
+        update(OutboxRow)
+        .where(
+            OutboxRow.study_id == study.id,
+            OutboxRow.task == TRIAGE,
+            OutboxRow.done_at.is_(None),
+        )
+        .values(generation=study.generation)
+    )
+    _note(session, study, now, detail)
+    return dataclasses.replace(claim, generation=study.generation, analysed_input=None)
+
+
+def reopen(session: Session, claim: Claim, *, detail: str, now: datetime) -> bool:
+    """Give the study back to receiving without recording an outcome: instances that arrived
+    while the claim was held change what would be analysed (or may, and still arrive). It
+    completes again after its quiet period: for a check again when the claim is a late wave's
+    check, for one analysis otherwise. False if the claim was overtaken."""
+    study = _held(session, claim)
+    if study is None:
+        return False
+    study.claim_token = None
+    study.lease_until = None
+    if claim.analysed_input is None:
+        study.analysed_input = None
+        study.reopened_from = None
+        study.reopened_at = None
+    _retire_outbox(session, study.id, TRIAGE)
+    _transition(session, study, StudyStatus.RECEIVING, now, detail)
+    return True
+
+
 def analysis_inputs(session: Session, study_id: int) -> list[tuple[str, str]]:
     """(path, SOP Class UID) of every instance of the study, for series selection."""
     rows = session.execute(
@@ -181,6 +337,7 @@ def finish_analysis(
     study.analysed_at = now
     study.lease_until = None
     study.reason = None
+    _settle_input(study, analysis.input_digest)
     _record_outputs(session, study, claim.generation, outputs, destinations, now)
     _retire_outbox(session, study.id, TRIAGE)
     if destinations:
@@ -202,6 +359,14 @@ def finish_analysis(
             f"p={analysis.probability:.3f}; no destinations configured",
         )
     return True
+
+
+def _settle_input(study: Study, input_digest: str | None) -> None:
+    """The generation has its verdict, on ``input_digest``; a late wave is checked against it
+    (None: a late wave starts a new analysis, as for a verdict recorded without a digest)."""
+    study.analysed_input = input_digest
+    study.reopened_from = None
+    study.reopened_at = None
 
 
 def _record_outputs(
@@ -272,9 +437,11 @@ def mark_not_applicable(
     outputs: Sequence[OutputRecord] = (),
     destinations: Sequence[str] = (),
     delivery_grace_seconds: float = 60.0,
+    input_digest: str | None = None,
 ) -> bool:
     """End the analysis ``not_applicable`` with ``reason``; False if the claim was overtaken.
 
+    ``input_digest`` is what the verdict was reached on, as for ``finish_analysis``.
     ``outputs`` (a not-analysed SR) are recorded and owed to ``destinations`` like an
     analysis' outputs, but the study stays ``not_applicable`` while they travel: that is the
     verdict the reading worklist needs at once. Delivery shows in the outputs' states and in
@@ -286,6 +453,7 @@ def mark_not_applicable(
     study.reason = reason
     study.lease_until = None
     study.analysed_at = now
+    _settle_input(study, input_digest)
     _retire_outbox(session, study.id, TRIAGE)
     if outputs and destinations:
         study.delivered_at = None

@@ -17,6 +17,7 @@ from hrct_triage.db.models import (
     Study,
     StudyStatus,
 )
+from hrct_triage.db.worklist.states import _note
 
 
 def open_association(
@@ -56,6 +57,8 @@ class AssociationTally:
     bytes: int = 0
     failures: int = 0
     statuses: dict[str, int] = field(default_factory=dict)
+    # Study Instance UID -> instances stored before that this association sent again unchanged.
+    resent: dict[str, int] = field(default_factory=dict)
 
     def count(self, status: int, size: int) -> None:
         key = f"0x{status:04X}"
@@ -65,6 +68,10 @@ class AssociationTally:
             self.bytes += size
         else:
             self.failures += 1
+
+    def resend(self, study_uid: str) -> None:
+        """An identical resend: it changes nothing, and the close says so in the study's events."""
+        self.resent[study_uid] = self.resent.get(study_uid, 0) + 1
 
 
 def close_association(
@@ -87,11 +94,36 @@ def close_association(
             failures=tally.failures,
             statuses=dict(tally.statuses),
         )
-    session.execute(
+    closed = session.execute(
         update(Association)
         .where(Association.id == association_id, Association.state == "open")
         .values(**values)
     )
+    if tally is not None and tally.resent and getattr(closed, "rowcount", 0) == 1:
+        _note_resends(session, association_id, tally.resent, now)
+
+
+def _note_resends(
+    session: Session, association_id: int, resent: dict[str, int], now: datetime
+) -> None:
+    """One event per study past its first reception that this association sent instances of
+    again, unchanged: the late wave that re-opened nothing."""
+    calling_ae = session.scalar(
+        select(Association.calling_ae).where(Association.id == association_id)
+    )
+    studies = session.scalars(select(Study).where(Study.study_uid.in_(list(resent)))).all()
+    for study in studies:
+        if study.status == StudyStatus.RECEIVING and study.reopened_from is None:
+            continue  # still its first reception: a sender's retry, not a late wave
+        count = resent[study.study_uid]
+        _note(
+            session,
+            study,
+            now,
+            f"late wave: {count} instance{'s' if count != 1 else ''} sent again unchanged by "
+            f"{calling_ae or 'an unnamed AE'} (association {association_id}); nothing to "
+            "analyse, not re-opened",
+        )
 
 
 def close_orphaned_associations(session: Session, *, now: datetime) -> int:

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Connection, bindparam, exists, func, insert, select
+from sqlalchemy import Connection, and_, bindparam, exists, func, insert, or_, select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import Session
@@ -23,8 +24,15 @@ from hrct_triage.db.models import (
 )
 from hrct_triage.db.priority import priority_for
 from hrct_triage.db.raw_statements import Prepared
-from hrct_triage.db.worklist.outbox import _queue
-from hrct_triage.db.worklist.states import InstanceFacts, Recorded, _insert_ignore, _transition
+from hrct_triage.db.worklist.outbox import _queue, _queue_check
+from hrct_triage.db.worklist.states import (
+    _ANSWERED,
+    InstanceFacts,
+    Recorded,
+    _insert_ignore,
+    _note,
+    _transition,
+)
 
 
 def record_instance(
@@ -311,19 +319,112 @@ def _record_instance_in_full(
     study.calling_ae = facts.calling_ae or study.calling_ae
     study.accession_number = facts.accession_number or study.accession_number
     if study.status != StudyStatus.RECEIVING:
-        detail = (
-            "instance replaced with different content"
-            if outcome is Recorded.REPLACED
-            else "instance arrived after completion"
-        )
-        study.claim_token = None
-        _transition(session, study, StudyStatus.RECEIVING, now, f"{detail}; will analyse again")
+        _late(session, study, series, outcome, now)
     session.flush()
     return outcome
 
 
-def complete_ready_studies(session: Session, *, quiet_seconds: float, now: datetime) -> list[int]:
-    """Queue every study whose quiet period has passed and that no open association feeds."""
+def _late(session: Session, study: Study, series: Series, outcome: Recorded, now: datetime) -> None:
+    """A new or changed instance of a study past receiving: the start of a late wave.
+
+    A study with a verdict is re-opened to be checked once the wave is quiet: the worker then
+    analyses again only if series selection would now analyse something else (its decision is
+    an event of its own). A study being analysed keeps its claim: the worker compares the
+    instances before it records its result. Any other study is analysed again, as it has no
+    verdict to keep.
+    """
+    what = "changed instance" if outcome is Recorded.REPLACED else "new instance"
+    where = f"series {series.series_number if series.series_number is not None else '?'}"
+    if study.status == StudyStatus.PROCESSING:
+        if study.reopened_at is None:
+            study.reopened_at = now
+            _note(
+                session,
+                study,
+                now,
+                f"{what} of {where} during the analysis; compared with "
+                "what is analysed before the result is recorded",
+            )
+        return
+    if study.status in (*_ANSWERED, StudyStatus.DELIVERING) and study.analysed_input:
+        study.reopened_from = study.status
+        study.reopened_at = now
+        detail = f"late {what} of {where}; re-opened to check whether it changes what is analysed"
+    elif study.reopened_from is not None:
+        detail = f"{what} of {where} while the late wave was being checked; checked again"
+    else:
+        detail = (
+            "instance replaced with different content"
+            if outcome is Recorded.REPLACED
+            else "instance arrived after completion"
+        ) + "; will analyse again"
+    study.claim_token = None
+    _transition(session, study, StudyStatus.RECEIVING, now, detail)
+
+
+def complete_ready_studies(
+    session: Session,
+    *,
+    quiet_seconds: float,
+    now: datetime,
+    quiet_seconds_by_aet: Mapping[str, float] | None = None,
+) -> list[int]:
+    """Queue every study whose quiet period has passed and that no open association feeds.
+
+    ``quiet_seconds_by_aet`` overrides the quiet period for the studies of the calling AE
+    titles it names. A study re-opened by a late wave, whose generation has a verdict, is
+    queued within that generation to have the wave checked (``_queue_check``); any other starts
+    a new generation.
+    """
+    by_aet = dict(quiet_seconds_by_aet or {})
+    ready = session.scalars(
+        select(Study)
+        .where(
+            Study.status == StudyStatus.RECEIVING,
+            _quiet_passed(now, quiet_seconds, by_aet),
+            *_nothing_pending(),
+        )
+        .with_for_update(skip_locked=True)
+    ).all()
+    for study in ready:
+        quiet = f"quiet for {by_aet.get(study.calling_ae or '', quiet_seconds):g} s"
+        if study.analysed_input is not None and study.reopened_from is not None:
+            _queue_check(session, study, now, f"{quiet}; checking the late wave")
+        else:
+            _queue(session, study, now, quiet)
+            study.completed_at = now
+    return [study.id for study in ready]
+
+
+def wave_settled(session: Session, study_id: int, *, quiet_seconds: float, now: datetime) -> bool:
+    """Whether the study's instances would count as complete now (``complete_ready_studies``'
+    rules, whatever the study's state): for a worker that saw instances arrive during its
+    analysis and must know whether more of them may follow."""
+    found = session.scalar(
+        select(Study.id).where(
+            Study.id == study_id,
+            Study.last_instance_at <= now - timedelta(seconds=quiet_seconds),
+            *_nothing_pending(),
+        )
+    )
+    return found is not None
+
+
+def _quiet_passed(now: datetime, quiet_seconds: float, by_aet: dict[str, float]) -> Any:
+    default = Study.last_instance_at <= now - timedelta(seconds=quiet_seconds)
+    if not by_aet:
+        return default
+    named = [
+        and_(Study.calling_ae == ae, Study.last_instance_at <= now - timedelta(seconds=seconds))
+        for ae, seconds in by_aet.items()
+    ]
+    unnamed = or_(Study.calling_ae.is_(None), Study.calling_ae.not_in(list(by_aet)))
+    return or_(*named, and_(unnamed, default))
+
+
+def _nothing_pending() -> tuple[Any, ...]:
+    """No open association feeds the study, and no transient refusal of one of its instances
+    waits for the sender's retry."""
     fed_by_open_association = exists().where(
         Instance.study_id == Study.id,
         Instance.association_id == Association.id,
@@ -335,17 +436,4 @@ def complete_ready_studies(session: Session, *, quiet_seconds: float, now: datet
     awaits_a_refused_instance = exists().where(
         Refusal.study_uid == Study.study_uid, Refusal.transient.is_(True), ~stored_since_refusal
     )
-    ready = session.scalars(
-        select(Study)
-        .where(
-            Study.status == StudyStatus.RECEIVING,
-            Study.last_instance_at <= now - timedelta(seconds=quiet_seconds),
-            ~fed_by_open_association,
-            ~awaits_a_refused_instance,
-        )
-        .with_for_update(skip_locked=True)
-    ).all()
-    for study in ready:
-        _queue(session, study, now, f"quiet for {quiet_seconds:g} s")
-        study.completed_at = now
-    return [study.id for study in ready]
+    return (~fed_by_open_association, ~awaits_a_refused_instance)

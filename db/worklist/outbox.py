@@ -68,12 +68,28 @@ def mark_published(session: Session, outbox_ids: Iterable[int], *, now: datetime
 
 
 def _queue(session: Session, study: Study, now: datetime, detail: str) -> None:
+    """Start a new analysis generation: the worker analyses whatever the study holds."""
     study.generation += 1
+    study.analysed_input = None
+    study.reopened_from = None
+    study.reopened_at = None
+    study.input_received_at = study.last_instance_at
+    study.reason = None
+    study.queued_at = now
+    _queue_within_generation(session, study, now, detail)
+
+
+def _queue_check(session: Session, study: Study, now: datetime, detail: str) -> None:
+    """Queue a late wave's check within the study's generation: the worker compares what
+    series selection would analyse now with what the verdict was computed on. The verdict's
+    reason and stamps stay; they are the study's until the check decides to analyse again."""
+    _queue_within_generation(session, study, now, detail)
+
+
+def _queue_within_generation(session: Session, study: Study, now: datetime, detail: str) -> None:
     study.attempts = 0
     study.claim_token = None
     study.lease_until = None
-    study.reason = None
-    study.queued_at = now
     _retire_outbox(session, study.id)
     session.add(
         OutboxRow(study_id=study.id, task=TRIAGE, generation=study.generation, created_at=now)

@@ -54,13 +54,19 @@ class InstanceFacts:
 
 @dataclass(frozen=True)
 class Claim:
-    """A worker's hold on one analysis of a study."""
+    """A worker's hold on one analysis of a study.
+
+    ``analysed_input`` is set when the claim is a late wave's check: the digest of what the
+    generation's verdict was computed on, for the worker to compare with what it would
+    analyse now (None: analyse).
+    """
 
     study_id: int
     study_uid: str
     token: str
     generation: int
     attempts: int
+    analysed_input: str | None = None
 
 
 @dataclass(frozen=True)
@@ -81,6 +87,30 @@ class AnalysisRecord:
     series_uid: str
     slice_probabilities: list[Any]
     timings: dict[str, float]
+    input_digest: str | None = None  # what was analysed (see ``Study.analysed_input``)
+
+
+@dataclass(frozen=True)
+class InputRow:
+    """One instance of a study as the worker reads it to decide what to analyse."""
+
+    path: str
+    sop_class_uid: str
+    sop_instance_uid: str
+    sha256: str
+
+
+@dataclass(frozen=True)
+class LateSeries:
+    """What a late wave brought to one series: for the event that records the decision."""
+
+    series_uid: str
+    series_number: int | None
+    description: str | None
+    modality: str | None
+    sop_classes: tuple[str, ...]
+    new: int
+    replaced: int
 
 
 def _transition(
