@@ -7,6 +7,7 @@ claim, so a redelivered or overtaken message records nothing.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import random
@@ -17,6 +18,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -29,11 +31,13 @@ from hrct_triage.common.settings import Destination, Settings
 from hrct_triage.db import stats, worklist
 from hrct_triage.db.models import Output, Study, StudyStatus
 from hrct_triage.db.session import transaction
+from hrct_triage.worker import input_check
 from hrct_triage.worker.delivery.dimse import send_files
 from hrct_triage.worker.method.results import NotApplicable
 
 if TYPE_CHECKING:
     from hrct_triage.worker.method.model import LoadedModel
+    from hrct_triage.worker.method.series import SelectedSeries
 
 log = logging.getLogger("hrct.worker")
 
@@ -200,11 +204,7 @@ def run_triage(ctx: WorkerContext, study_id: int) -> str:
     try:
         status = _analyse_and_record(ctx, claim)
     except NotApplicable as verdict:
-        owes_sr = _record_not_applicable(ctx, claim, verdict.reason)
-        log.info("study %d not applicable: %s", study_id, verdict.reason, extra=_context(claim))
-        if owes_sr:
-            run_delivery(ctx, study_id)
-        return "not_applicable"
+        return _record_not_applicable(ctx, claim, verdict.reason)
     except Exception as error:
         reason = f"{type(error).__name__}: {error}"[:500]
         log.exception("analysis of study %d failed", study_id, extra=_context(claim))
@@ -231,13 +231,71 @@ def _claim(ctx: WorkerContext, study_id: int) -> worklist.Claim | None:
 
 
 def _analyse_and_record(ctx: WorkerContext, claim: worklist.Claim) -> str:
+    """Decide what to analyse (``worker.input_check``: a late wave's check may keep the
+    verdict), analyse it, and record the result unless the input changed meanwhile."""
+    settings = ctx.settings
+    tx = partial(_transaction, ctx)
+    started = time.perf_counter()
+    view = input_check.read_input(tx, claim.study_id, min_slices=settings.min_slices)
+    if claim.analysed_input is not None:
+        checked = input_check.check_late_wave(
+            tx, claim, view, min_slices=settings.min_slices, now=_now
+        )
+        if isinstance(checked, str):
+            return checked
+        claim, view = checked
+    if view.selected is None:
+        return _record_not_applicable(ctx, claim, view.reason or "no series fits", view)
+    try:
+        record, outputs = _analyse(ctx, claim, view.selected, time.perf_counter() - started)
+    except NotApplicable as verdict:
+        return _record_not_applicable(ctx, claim, verdict.reason, view)
+    record = dataclasses.replace(record, input_digest=view.digest)
+
+    def record_result(session: Session) -> str:
+        recorded = worklist.finish_analysis(
+            session,
+            claim,
+            analysis=record,
+            outputs=outputs,
+            destinations=[str(d) for d in settings.destination_list],
+            now=_now(),
+            delivery_grace_seconds=DELIVERY_GRACE_SECONDS,
+        )
+        if not recorded:
+            log.info(
+                "study %d changed during analysis; result discarded",
+                claim.study_id,
+                extra=_context(claim),
+            )
+            return "ignored"
+        status = session.get(Study, claim.study_id)
+        assert status is not None
+        log.info(
+            "study %d analysed: p=%.3f %s",
+            claim.study_id,
+            record.probability,
+            "POSITIVE" if record.positive else "negative",
+            extra=_context(claim),
+        )
+        return status.status
+
+    return input_check.record_if_unchanged(
+        tx, claim, view, record_result, settings=settings, now=_now
+    )
+
+
+def _analyse(
+    ctx: WorkerContext, claim: worklist.Claim, series: SelectedSeries, looked: float
+) -> tuple[worklist.AnalysisRecord, list[worklist.OutputRecord]]:
+    """The method on the chosen series' files (selection chooses it again, the same), and the
+    outputs built from its result; ``looked`` is the time the input check took."""
     from hrct_triage.worker.method.pipeline import analyse_study
     from hrct_triage.worker.outputs.files import build_study_outputs
     from hrct_triage.worker.outputs.objects import SeriesLabels
 
     settings = ctx.settings
     with _transaction(ctx) as session:
-        inputs = worklist.analysis_inputs(session, claim.study_id)
         study = session.get(Study, claim.study_id)
         assert study is not None
         content_datetime = study.queued_at or _now()
@@ -245,7 +303,7 @@ def _analyse_and_record(ctx: WorkerContext, claim: worklist.Claim) -> str:
     model = ctx.model()
     analysis, headers = analyse_study(
         claim.study_uid,
-        [Path(path) for path, _ in inputs],
+        list(series.paths),
         model,
         threshold=settings.threshold,
         trim_fraction=settings.trim_fraction,
@@ -271,35 +329,12 @@ def _analyse_and_record(ctx: WorkerContext, claim: worklist.Claim) -> str:
         slice_probabilities=[
             [s.sop_instance_uid, round(s.probability, 6)] for s in analysis.slices
         ],
-        timings={k: round(v, 4) for k, v in analysis.timings.items()},
+        timings={
+            "input": round(looked, 4),
+            **{k: round(v, 4) for k, v in analysis.timings.items()},
+        },
     )
-    with _transaction(ctx) as session:
-        recorded = worklist.finish_analysis(
-            session,
-            claim,
-            analysis=record,
-            outputs=records,
-            destinations=[str(d) for d in settings.destination_list],
-            now=_now(),
-            delivery_grace_seconds=DELIVERY_GRACE_SECONDS,
-        )
-        if not recorded:
-            log.info(
-                "study %d changed during analysis; result discarded",
-                claim.study_id,
-                extra=_context(claim),
-            )
-            return "ignored"
-        status = session.get(Study, claim.study_id)
-        assert status is not None
-        log.info(
-            "study %d analysed: p=%.3f %s",
-            claim.study_id,
-            analysis.probability,
-            "POSITIVE" if analysis.positive else "negative",
-            extra=_context(claim),
-        )
-        return status.status
+    return record, records
 
 
 def _previous_sr_path(session: Session, claim: worklist.Claim) -> Path | None:
@@ -317,12 +352,18 @@ def _previous_sr_path(session: Session, claim: worklist.Claim) -> Path | None:
     return Path(path) if path and Path(path).exists() else None
 
 
-def _record_not_applicable(ctx: WorkerContext, claim: worklist.Claim, reason: str) -> bool:
+def _record_not_applicable(
+    ctx: WorkerContext,
+    claim: worklist.Claim,
+    reason: str,
+    view: input_check.InputView | None = None,
+) -> str:
     """End the study not_applicable, with its not-analysed SR when ``HRCT_NOT_ANALYSED_SR``
-    asks for one; True when that SR is owed to the destinations.
+    asks for one (and deliver it); returns the study's state.
 
     The SR is a courtesy to the reader: if it cannot be built, the verdict is recorded without
-    it rather than turning a clear "not applicable" into a failed analysis.
+    it rather than turning a clear "not applicable" into a failed analysis. ``view`` is the
+    input the verdict was reached on, recorded unless instances arrived that change it.
     """
     settings = ctx.settings
     destinations = [str(d) for d in settings.destination_list]
@@ -336,7 +377,8 @@ def _record_not_applicable(ctx: WorkerContext, claim: worklist.Claim, reason: st
                 claim.study_id,
                 extra=_context(claim),
             )
-    with _transaction(ctx) as session:
+
+    def record(session: Session) -> str:
         recorded = worklist.mark_not_applicable(
             session,
             claim,
@@ -345,8 +387,22 @@ def _record_not_applicable(ctx: WorkerContext, claim: worklist.Claim, reason: st
             outputs=outputs,
             destinations=destinations,
             delivery_grace_seconds=DELIVERY_GRACE_SECONDS,
+            input_digest=view.digest if view is not None else None,
         )
-    return recorded and bool(outputs)
+        return StudyStatus.NOT_APPLICABLE if recorded else "ignored"
+
+    if view is None:
+        with _transaction(ctx) as session:
+            status = record(session)
+    else:
+        status = input_check.record_if_unchanged(
+            partial(_transaction, ctx), claim, view, record, settings=settings, now=_now
+        )
+    if status == StudyStatus.NOT_APPLICABLE:
+        log.info("study %d not applicable: %s", claim.study_id, reason, extra=_context(claim))
+        if outputs:
+            run_delivery(ctx, claim.study_id)
+    return status
 
 
 def _not_analysed_outputs(
