@@ -3,8 +3,9 @@
 *Time to notification* is the clock a radiologist cares about: from the moment the listener
 acknowledged the last instance of what the study's latest analysis generation analysed
 (``input_received_at``; ``last_instance_at`` before the study completes) to the moment the PACS
-acknowledged the study's AI result, i.e. the ``acknowledged_at`` of that generation's SR. With several destinations the notification counts when the last of them
-acknowledged it: a PACS that has not got the SR has not notified anyone.
+acknowledged the study's AI result, i.e. the ``acknowledged_at`` of that generation's SR. With
+several destinations the notification counts when the last of them acknowledged it: a PACS that
+has not got the SR has not notified anyone.
 
 The per-stage durations split that clock where the worklist stamps a study:
 

@@ -25,6 +25,8 @@ def settings_env(settings: Settings) -> dict[str, str]:
             env.pop(key, None)
         elif isinstance(value, list):
             env[key] = ",".join(str(v) for v in value)
+        elif isinstance(value, dict):  # "KEY=value" pairs, as HRCT_QUIET_SECONDS_BY_AET reads
+            env[key] = ",".join(f"{k}={v}" for k, v in value.items())
         else:
             env[key] = str(value)
     env["HRCT_DATABASE_URL"] = settings.resolved_database_url

@@ -92,6 +92,7 @@ def _held(session: Session, claim: Claim) -> Study | None:
             Study.id == claim.study_id,
             Study.claim_token == claim.token,
             Study.status == StudyStatus.PROCESSING,
+            Study.generation == claim.generation,  # ``start_generation`` moved it on
         )
         .with_for_update()
     ).one_or_none()
