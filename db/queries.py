@@ -151,21 +151,25 @@ def study_detail(session: Session, study_uid: str) -> dict[str, Any] | None:
     )
     if study is None:
         return None
-    counts = dict(
-        session.execute(
-            select(Instance.series_id, func.count())
+    per_series = {
+        series_id: (count, last)
+        for series_id, count, last in session.execute(
+            select(Instance.series_id, func.count(), func.max(Instance.received_at))
             .where(Instance.study_id == study.id)
             .group_by(Instance.series_id)
         ).all()
-    )
-    detail = _row(study, sum(counts.values()))
+    }
+    detail = _row(study, sum(count for count, _ in per_series.values()))
     detail["series"] = [
         {
             "series_uid": s.series_uid,
             "modality": s.modality,
             "series_number": s.series_number,
             "description": s.description,
-            "instances": counts.get(s.id, 0),
+            "instances": per_series.get(s.id, (0, None))[0],
+            # When its last instance arrived: a series sent after the study was answered shows
+            # as such (the events say whether it was analysed again, and why).
+            "last_received_at": _iso(per_series.get(s.id, (0, None))[1]),
             "analysed": s.series_uid == study.analysed_series_uid,
         }
         for s in study.series

@@ -324,6 +324,7 @@ def test_late_waves_reopen_the_analysis_only_when_the_input_changes(
     detail = json.loads(shown.stdout)
     by_number = {s["series_number"]: s for s in detail["series"]}
     assert by_number[997]["modality"] == "SR" and by_number[997]["instances"] == 1
+    assert by_number[997]["last_received_at"] > by_number[3]["last_received_at"]
     assert by_number[301]["instances"] == 24 and by_number[1]["instances"] == len(localizer)
     assert by_number[2]["analysed"] and by_number[2]["instances"] == len(thin) + 1
     for e in detail["events"]:
