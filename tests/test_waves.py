@@ -303,6 +303,47 @@ def test_a_check_given_back_is_checked_again(sessions: sessionmaker[Session]) ->
     assert study_row(sessions).generation == 1
 
 
+def test_a_check_that_keeps_failing_leaves_the_verdict_as_it_was(
+    sessions: sessionmaker[Session],
+) -> None:
+    # given a not-applicable study whose late wave's check fails (an unreadable spool, say)
+    record(sessions, facts("1.2.3.3.1"), T0)
+    (study_id,) = complete(sessions, T0 + timedelta(seconds=10))
+    with transaction(sessions) as session:
+        taken = worklist.claim(session, study_id, worker="w", lease_seconds=60, now=T0)
+        assert taken is not None
+        worklist.mark_not_applicable(
+            session, taken, reason="too few slices", now=T0, input_digest="none"
+        )
+    record(sessions, facts("1.2.3.1.1", series=1), LATE)
+    complete(sessions, LATE + timedelta(seconds=10))
+    for attempt in (1, 2):
+        check = claim(sessions, study_id, LATE + timedelta(seconds=10 + attempt))
+        with transaction(sessions) as session:
+            outcome = worklist.fail_analysis(
+                session,
+                check,
+                reason="OSError: spool unreadable",
+                max_attempts=2,
+                retry_after_seconds=0,
+                now=LATE + timedelta(seconds=10 + attempt),
+            )
+        # then it is tried again, keeping the verdict's reason, and after the last attempt
+        # the study is back where the wave found it
+        study = study_row(sessions)
+        assert study.reason == "too few slices"
+        assert (outcome, study.status) == (
+            (StudyStatus.QUEUED, StudyStatus.QUEUED)
+            if attempt == 1
+            else (StudyStatus.NOT_APPLICABLE, StudyStatus.NOT_APPLICABLE)
+        )
+    assert (study.generation, study.analysed_input, study.reopened_from) == (1, "none", None)
+    assert events(sessions, study_id)[-1] == (
+        "the late wave could not be checked in 2 attempts: OSError: spool unreadable; "
+        "the verdict stands"
+    )
+
+
 def test_requeue_analyses_again_whatever_the_input(sessions: sessionmaker[Session]) -> None:
     study_id = analysed(sessions)
     with transaction(sessions) as session:

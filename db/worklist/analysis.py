@@ -230,6 +230,12 @@ def keep_verdict(session: Session, claim: Claim, *, detail: str, now: datetime) 
     study = _held(session, claim)
     if study is None:
         return False
+    _restore_verdict(session, study, detail=detail, now=now)
+    return True
+
+
+def _restore_verdict(session: Session, study: Study, *, detail: str, now: datetime) -> str:
+    """Back to the state a late wave found the study in; deliveries still owed resume."""
     target = study.reopened_from or StudyStatus.DONE
     study.claim_token = None
     study.lease_until = None
@@ -241,7 +247,7 @@ def keep_verdict(session: Session, claim: Claim, *, detail: str, now: datetime) 
             OutboxRow(study_id=study.id, task=DELIVER, generation=study.generation, created_at=now)
         )
     _transition(session, study, target, now, detail)
-    return True
+    return target
 
 
 def _owes(session: Session, study: Study) -> bool:
@@ -473,13 +479,21 @@ def fail_analysis(
     retry_after_seconds: float,
     now: datetime,
 ) -> str | None:
-    """Record a failed attempt: queue it again, or end ``failed`` after the last attempt."""
+    """Record a failed attempt: queue it again, or end ``failed`` after the last attempt.
+
+    A late wave's check that fails its last attempt leaves the verdict as it was (its outputs
+    were delivered; a wave it could not check must not take them back), with an event saying so.
+    """
     study = _held(session, claim)
     if study is None:
         return None
+    if claim.analysed_input is not None and study.attempts >= max_attempts:
+        detail = f"the late wave could not be checked in {study.attempts} attempts: {reason}"
+        return _restore_verdict(session, study, detail=f"{detail}; the verdict stands", now=now)
     study.lease_until = None
     study.claim_token = None
-    study.reason = reason
+    if claim.analysed_input is None:  # a check keeps the verdict's reason
+        study.reason = reason
     if study.attempts >= max_attempts:
         _retire_outbox(session, study.id, TRIAGE)
         _transition(
@@ -511,10 +525,14 @@ def fail_analysis(
 
 
 def give_up(session: Session, claim: Claim, *, reason: str, now: datetime) -> bool:
-    """End a study ``failed`` at once (a claim past the attempt limit: a poison study)."""
+    """End a study ``failed`` at once (a claim past the attempt limit: a poison study); a late
+    wave's check past the limit leaves the verdict as it was instead."""
     study = _held(session, claim)
     if study is None:
         return False
+    if claim.analysed_input is not None:
+        _restore_verdict(session, study, detail=f"{reason}; the verdict stands", now=now)
+        return True
     study.lease_until = None
     study.claim_token = None
     study.reason = reason
