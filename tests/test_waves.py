@@ -282,6 +282,22 @@ def test_instance_during_the_analysis_leaves_the_claim_to_the_worker(
     assert (again.generation, again.analysed_input) == (2, None)
 
 
+def test_changed_instance_during_the_analysis_takes_the_claim_back(
+    sessions: sessionmaker[Session],
+) -> None:
+    # given a study being analysed
+    record(sessions, facts("1.2.3.3.1"), T0)
+    (study_id,) = complete(sessions, T0 + timedelta(seconds=10))
+    taken = claim(sessions, study_id, T0 + timedelta(seconds=11))
+    # when one of its instances arrives again with other bytes (its file is replaced)
+    record(sessions, facts("1.2.3.3.1", sha="b" * 64), T0 + timedelta(seconds=12))
+    # then the analysis records nothing and the study is analysed again once quiet
+    assert study_row(sessions).status == StudyStatus.RECEIVING
+    with transaction(sessions) as session:
+        assert worklist.held_input_rows(session, taken) is None
+    assert "instance replaced with different content" in events(sessions, study_id)[-1]
+
+
 def test_a_check_given_back_is_checked_again(sessions: sessionmaker[Session]) -> None:
     study_id = analysed(sessions)
     record(sessions, facts("1.2.3.1.1", series=1), LATE)

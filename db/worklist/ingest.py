@@ -329,13 +329,14 @@ def _late(session: Session, study: Study, series: Series, outcome: Recorded, now
 
     A study with a verdict is re-opened to be checked once the wave is quiet: the worker then
     analyses again only if series selection would now analyse something else (its decision is
-    an event of its own). A study being analysed keeps its claim: the worker compares the
-    instances before it records its result. Any other study is analysed again, as it has no
-    verdict to keep.
+    an event of its own). A study being analysed keeps its claim for a new instance: the worker
+    compares the instances before it records its result. A changed one takes the claim back, as
+    the file the worker may be reading is replaced. Any other study is analysed again, as it has
+    no verdict to keep.
     """
     what = "changed instance" if outcome is Recorded.REPLACED else "new instance"
     where = f"series {series.series_number if series.series_number is not None else '?'}"
-    if study.status == StudyStatus.PROCESSING:
+    if study.status == StudyStatus.PROCESSING and outcome is Recorded.NEW:
         if study.reopened_at is None:
             study.reopened_at = now
             _note(
