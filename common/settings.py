@@ -11,23 +11,33 @@ from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Literal
-from urllib.parse import urlsplit
+from urllib.parse import parse_qsl, urlsplit
 
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-_DESTINATION = re.compile(r"^(?P<ae>[^@]{1,16})@(?P<host>[^:]+):(?P<port>\d{1,5})$")
+from hrct_triage.common.sop_classes import SR_CLASS_OPTIONS
+
+_DESTINATION = re.compile(
+    r"^(?P<ae>[^@]{1,16})@(?P<host>[^:?]+):(?P<port>\d{1,5})(?:\?(?P<options>.*))?$"
+)
 
 
 @dataclass(frozen=True)
 class Destination:
     """A peer that receives our SR and SC objects: a DICOM AE (``AE@host:port``, C-STORE) or a
-    DICOMweb service (``https://host/dicom-web``, STOW-RS to ``<url>/studies``)."""
+    DICOMweb service (``https://host/dicom-web``, STOW-RS to ``<url>/studies``).
+
+    Either may end in ``?sr=comprehensive3d|comprehensive|enhanced``: that PACS gets the SR in
+    that class only, for one that accepts a class but mishandles it. ``str()`` leaves the option
+    out: it names the peer, which is what delivery rows record.
+    """
 
     ae_title: str
     host: str
     port: int
     url: str | None = None  # set for a DICOMweb destination
+    sr_class: str | None = None  # SOP Class UID the SR is pinned to; None: negotiated
 
     @property
     def is_dicomweb(self) -> bool:
@@ -46,20 +56,43 @@ class Destination:
             raise ValueError(
                 f"HRCT_DESTINATIONS entry {text!r} is not AE@host:port or an http(s):// URL"
             )
-        return cls(match["ae"], match["host"], int(match["port"]))
+        sr_class = _sr_class_option(text, match["options"])
+        return cls(match["ae"], match["host"], int(match["port"]), sr_class=sr_class)
 
     @classmethod
     def _parse_url(cls, text: str) -> Destination:
         parts = urlsplit(text)
-        if not parts.hostname or parts.query or parts.fragment:
+        if not parts.hostname or parts.fragment:
             raise ValueError(f"HRCT_DESTINATIONS entry {text!r} is not a DICOMweb base URL")
         if parts.username or parts.password:
             # The entry is logged and stored with every delivery row: no secrets in it.
             raise ValueError(
                 "a DICOMweb destination must not carry credentials; set HRCT_DICOMWEB_TOKEN"
             )
+        sr_class = _sr_class_option(text, parts.query or None)
         port = parts.port or (443 if parts.scheme.lower() == "https" else 80)
-        return cls("", parts.hostname, port, text.rstrip("/"))
+        url = text.partition("?")[0].rstrip("/")
+        return cls("", parts.hostname, port, url, sr_class=sr_class)
+
+
+def _sr_class_option(entry: str, options: str | None) -> str | None:
+    """The SR class an entry's ``?sr=...`` pins, checked; None when the entry has no option."""
+    if options is None:
+        return None
+    try:
+        pairs = parse_qsl(options, keep_blank_values=True, strict_parsing=True)
+    except ValueError:
+        pairs = []
+    names = ", ".join(SR_CLASS_OPTIONS)
+    if len(pairs) != 1 or pairs[0][0] != "sr":
+        choices = "|".join(SR_CLASS_OPTIONS)
+        raise ValueError(f"HRCT_DESTINATIONS entry {entry!r}: the only option is sr=<{choices}>")
+    value = pairs[0][1].strip().lower()
+    if value not in SR_CLASS_OPTIONS:
+        raise ValueError(
+            f"HRCT_DESTINATIONS entry {entry!r}: sr={pairs[0][1]!r} is not one of {names}"
+        )
+    return SR_CLASS_OPTIONS[value]
 
 
 NOT_FOR_DIAGNOSTIC_USE = "not for diagnostic use"
