@@ -87,6 +87,18 @@ class OutputKey:
         )
 
 
+def sr_uid_for_class(sr_uid: str, sop_class: str) -> str:
+    """UID of the SR ``sr_uid`` written as another SR class (``worker.outputs.sr_classes``).
+
+    Derived from the stored SR's own UID, itself derived from the analysis key, so the
+    rewritten document is as deterministic as the stored one, and one UID never names two
+    classes.
+    """
+    if not sr_uid or not sop_class:
+        raise ValueError("sr_uid and sop_class: both are needed")
+    return derive_uid("sr-as-class", sr_uid, sop_class)
+
+
 def device_observer_uid(model: ModelInfo) -> str:
     """UID of the algorithm as an SR device observer; it changes whenever the weights change."""
     return derive_uid("device", model.name, model.version, model.sha256 or "")
