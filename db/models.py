@@ -266,8 +266,29 @@ class Delivery(Base):
     last_attempt_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     acknowledged_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     error: Mapped[str | None] = mapped_column(Text)
+    # What this destination was sent: the output itself, or an SR rewritten in the class the
+    # destination accepts (its own SOP Instance UID). None until an object went out.
+    sop_class_uid: Mapped[str | None] = mapped_column(UID)
+    sop_instance_uid: Mapped[str | None] = mapped_column(UID)
 
     output: Mapped[Output] = relationship(back_populates="deliveries")
+
+
+class DestinationCapabilities(Base):
+    """What a destination last answered when proposed every class and transfer syntax we may
+    send it: ``hrct-triage echo --capabilities``, and the worker again when a class is refused.
+
+    ``answers`` is a list of ``{"sop_class_uid", "transfer_syntax_uid", "accepted", "detail"}``;
+    ``problem`` says why there was no answer (refused connection, rejected association).
+    """
+
+    __tablename__ = "destination_capabilities"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    destination: Mapped[str] = mapped_column(String(128), unique=True)
+    checked_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    answers: Mapped[list[Any]] = mapped_column(JSON)
+    problem: Mapped[str | None] = mapped_column(Text)
 
 
 class Event(Base):

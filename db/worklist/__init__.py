@@ -16,7 +16,7 @@ The contract each transition keeps:
 
 One module per stage, all re-exported here, so callers keep writing ``worklist.claim(...)``:
 ``states`` (task names, status groups, records, the state-change helpers), ``associations``,
-``ingest``, ``outbox``, ``analysis``, ``delivery`` and ``operator``.
+``ingest``, ``outbox``, ``analysis``, ``delivery``, ``capabilities`` and ``operator``.
 """
 
 from __future__ import annotations
@@ -42,6 +42,7 @@ from hrct_triage.db.worklist.associations import (
     replaced_path,
     spooled_paths,
 )
+from hrct_triage.db.worklist.capabilities import load_capabilities, save_capabilities
 from hrct_triage.db.worklist.delivery import (
     claim_delivery,
     pending_deliveries,
@@ -104,6 +105,7 @@ __all__ = [
     "give_up",
     "live_holder",
     "live_holders",
+    "load_capabilities",
     "mark_not_applicable",
     "mark_published",
     "open_association",
@@ -120,6 +122,7 @@ __all__ = [
     "replaced_path",
     "requeue",
     "resend",
+    "save_capabilities",
     "settle_delivery",
     "spooled_paths",
     "urgent_publications",
