@@ -12,7 +12,6 @@ import os
 import random
 import socket
 import time
-from collections import defaultdict
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -25,11 +24,11 @@ from sqlalchemy import select
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
-from hrct_triage.common.settings import Destination, Settings
+from hrct_triage.common.settings import Settings
 from hrct_triage.db import stats, worklist
 from hrct_triage.db.models import Output, Study, StudyStatus
 from hrct_triage.db.session import transaction
-from hrct_triage.worker.delivery.dimse import send_files
+from hrct_triage.worker.delivery_round import Pending, deliver_round
 from hrct_triage.worker.method.results import NotApplicable
 
 if TYPE_CHECKING:
@@ -389,14 +388,6 @@ def delivery_backoff(
     return delay * (1.0 - DELIVERY_JITTER * (rng or random).random())
 
 
-@dataclass(frozen=True)
-class _Pending:
-    delivery_id: int
-    destination: str
-    attempts: int
-    path: Path
-
-
 def run_delivery(ctx: WorkerContext, study_id: int) -> str:
     """Send every pending output of the study's latest analysis; schedule a retry if needed.
 
@@ -435,7 +426,7 @@ def run_delivery(ctx: WorkerContext, study_id: int) -> str:
     return outcome or "ignored"
 
 
-def _hold_delivery(ctx: WorkerContext, study_id: int) -> tuple[str | None, list[_Pending]]:
+def _hold_delivery(ctx: WorkerContext, study_id: int) -> tuple[str | None, list[Pending]]:
     """The study's delivery hold and what it owes, or (None, []) when it is not ours."""
     with _transaction(ctx) as session:
         token = worklist.claim_delivery(
@@ -448,7 +439,9 @@ def _hold_delivery(ctx: WorkerContext, study_id: int) -> tuple[str | None, list[
         if token is None:
             return None, []
         return token, [
-            _Pending(delivery.id, delivery.destination, delivery.attempts, Path(output.path))
+            Pending(
+                delivery.id, delivery.destination, delivery.attempts, Path(output.path), output.kind
+            )
             for delivery, output in worklist.pending_deliveries(session, study_id)
         ]
 
@@ -465,45 +458,7 @@ def _alarm_if_slow(session: Session, study_id: int, target_seconds: float) -> No
         stats.log_alarms([alarm], target_seconds=target_seconds, logger=log)
 
 
-def _deliver_round(ctx: WorkerContext, study_id: int, pending: list[_Pending]) -> int:
+def _deliver_round(ctx: WorkerContext, study_id: int, pending: list[Pending]) -> int:
     """One association per destination; every answer recorded as it comes. Returns the most
     attempts any still-failing delivery has had (0: all delivered), which sets the backoff."""
-    settings = ctx.settings
-    by_destination: dict[str, list[_Pending]] = defaultdict(list)
-    for item in pending:
-        by_destination[item.destination].append(item)
-    most_attempts = 0
-    for destination, items in by_destination.items():
-        results = send_files(
-            Destination.parse(destination),
-            [item.path for item in items],
-            calling_ae=settings.ae_title,
-            timeout=settings.delivery_timeout_seconds,
-            dicomweb_token=settings.dicomweb_token,
-            dicomweb_ca=settings.dicomweb_ca,
-        )
-        with _transaction(ctx) as session:
-            for item, result in zip(items, results, strict=True):
-                worklist.record_delivery(
-                    session,
-                    item.delivery_id,
-                    status_code=result.status,
-                    error=result.error,
-                    max_attempts=settings.delivery_attempts,
-                    now=_now(),
-                )
-                if result.error:
-                    most_attempts = max(most_attempts, item.attempts + 1)
-        failures = sum(result.error is not None for result in results)
-        if failures:
-            first = next(r.error for r in results if r.error)
-            log.warning(
-                "study %d: %d of %d objects not delivered to %s: %s",
-                study_id,
-                failures,
-                len(results),
-                destination,
-                first,
-                extra={"study_id": study_id},
-            )
-    return most_attempts
+    return deliver_round(ctx.settings, lambda: _transaction(ctx), study_id, pending, _now)
