@@ -325,12 +325,29 @@ def echo(
     timeout: Annotated[
         float | None, typer.Option(help="seconds per peer (default HRCT_DELIVERY_TIMEOUT_SECONDS)")
     ] = None,
+    capabilities: Annotated[
+        bool,
+        typer.Option(
+            "--capabilities",
+            help="propose every SOP class and transfer syntax we send, show what each accepts",
+        ),
+    ] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="with --capabilities: JSON")] = False,
 ) -> None:
-    """C-ECHO every destination in HRCT_DESTINATIONS; exit 1 if any does not answer."""
+    """C-ECHO every destination in HRCT_DESTINATIONS; exit 1 if any does not answer.
+
+    With --capabilities: what each accepts of our SR classes and Secondary Capture, and so
+    which class the SR would go as; exit 1 if a destination would refuse an output.
+    """
     settings = get_settings()
     if not settings.destination_list:
         console.print("no destinations configured (HRCT_DESTINATIONS)")
         raise typer.Exit(NOTHING_MATCHED)
+    if capabilities:
+        from hrct_triage.cli.capabilities import capabilities_command
+
+        code = capabilities_command(settings, timeout, as_json=as_json, console=console)
+        raise typer.Exit(code)
     results = ops_admin.echo_all(settings, timeout)
     table = Table(title=f"C-ECHO from {settings.ae_title}")
     for column in ("destination", "result", "status", "seconds"):
