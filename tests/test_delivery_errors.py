@@ -17,7 +17,12 @@ import pydicom
 import pytest
 
 from hrct_triage.common.settings import Destination
-from hrct_triage.common.sop_classes import COMPREHENSIVE_3D_SR, COMPREHENSIVE_SR
+from hrct_triage.common.sop_classes import (
+    COMPREHENSIVE_3D_SR,
+    COMPREHENSIVE_SR,
+    ENHANCED_SR,
+    SECONDARY_CAPTURE,
+)
 from hrct_triage.db import queries
 from hrct_triage.db.models import StudyStatus
 from hrct_triage.db.session import transaction
@@ -248,14 +253,8 @@ def test_sop_class_refused_by_status_falls_back_on_the_same_association(tmp_path
     assert (sr.state, sr.sop_class_uid) == ("sent", COMPREHENSIVE_SR)
 
 
-def test_pin_the_sr_cannot_honour_fails_it_at_once_with_why(tmp_path: Path) -> None:
-    # given an SR that holds a 3D point (as a future version might) and a destination pinned
-    # to Enhanced SR, which allows none
-    peer = PynetdicomPeer(lambda event: 0x0000)
-    url = f"sqlite:///{tmp_path / 'worklist.sqlite'}"
-    sessions = sessions_for(url)
-    study_id, records = analysed_study(sessions, tmp_path / "out", [peer.destination])
-    sr_path = Path(next(r.path for r in records if r.kind == "sr"))
+def _add_3d_point(sr_path: Path) -> None:
+    """Give the stored SR a 3D point, as a future version of it might hold."""
     sr = pydicom.dcmread(sr_path)
     point = pydicom.Dataset()
     point.RelationshipType, point.ValueType = "CONTAINS", "SCOORD3D"
@@ -264,6 +263,16 @@ def test_pin_the_sr_cannot_honour_fails_it_at_once_with_why(tmp_path: Path) -> N
     point.ReferencedFrameOfReferenceUID = "1.2.3"
     sr.ContentSequence.append(point)
     sr.save_as(sr_path, enforce_file_format=True)
+
+
+def test_pin_the_sr_cannot_honour_fails_it_at_once_with_why(tmp_path: Path) -> None:
+    # given an SR that holds a 3D point and a destination pinned to Enhanced SR, which
+    # allows none
+    peer = PynetdicomPeer(lambda event: 0x0000)
+    url = f"sqlite:///{tmp_path / 'worklist.sqlite'}"
+    sessions = sessions_for(url)
+    study_id, records = analysed_study(sessions, tmp_path / "out", [peer.destination])
+    _add_3d_point(Path(next(r.path for r in records if r.kind == "sr")))
     settings = settings_for(tmp_path, url, destinations=[f"{peer.destination}?sr=enhanced"])
     try:
         outcome = run_delivery(worker_context(settings), study_id)
@@ -304,3 +313,35 @@ def test_echo_names_the_rejection(tmp_path: Path) -> None:
         peer.stop()
     assert not result.ok
     assert "rejected the association transiently" in result.detail
+
+
+def test_sr_whose_content_fits_no_class_the_pacs_takes_fails_at_once_with_why(
+    tmp_path: Path,
+) -> None:
+    # given an SR holding a 3D point (it fits Comprehensive 3D SR only) and a PACS that stores
+    # every class of ours but that one
+    peer = PynetdicomPeer(
+        lambda event: 0x0000, classes=(COMPREHENSIVE_SR, ENHANCED_SR, SECONDARY_CAPTURE)
+    )
+    url = f"sqlite:///{tmp_path / 'worklist.sqlite'}"
+    sessions = sessions_for(url)
+    study_id, records = analysed_study(sessions, tmp_path / "out", [peer.destination])
+    _add_3d_point(Path(next(r.path for r in records if r.kind == "sr")))
+    try:
+        outcome = run_delivery(worker_context(settings_for(tmp_path, url)), study_id)
+    finally:
+        peer.stop()
+    # then the SR fails at once, saying which class was refused and which do not fit, and
+    # the check made after it (which finds Comprehensive SR accepted) does not undo that
+    rows = delivery_rows(sessions, study_id)
+    (sr,) = rows["sr"]
+    assert outcome == StudyStatus.FAILED and (sr.state, sr.attempts) == ("failed", 1)
+    assert sr.error == (
+        f"no class {peer.destination} accepts fits this SR: "
+        "Comprehensive 3D SR (abstract syntax not supported); "
+        "Comprehensive SR (accepted; the SR does not fit it: "
+        "Comprehensive SR has no value type SCOORD3D (item 1.10)); "
+        "Enhanced SR (accepted; the SR does not fit it: "
+        "Enhanced SR has no value type SCOORD3D (item 1.10))"
+    )
+    assert {d.state for d in rows["sc"]} == {"sent"}

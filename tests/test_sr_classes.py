@@ -118,6 +118,9 @@ def test_rewriting_is_deterministic_and_each_class_has_its_own_uid(
     # and its own class is the stored object itself
     assert as_class(sr, COMPREHENSIVE_3D_SR) is sr
     assert write_as_class(stored_sr, COMPREHENSIVE_3D_SR) == stored_sr
+    # and a rewritten SR is never rewritten back up into a more specific class
+    with pytest.raises(ValueError, match="only in less specific classes, not Comprehensive SR"):
+        as_class(first[ENHANCED_SR], COMPREHENSIVE_SR)
 
 
 def _positions(ds: Dataset, path: tuple[int, ...] = (1,)) -> list[tuple[tuple[int, ...], Dataset]]:

@@ -21,7 +21,7 @@ from pydicom import dcmread
 from sqlalchemy.orm import Session
 
 from hrct_triage.common.settings import Destination, Settings
-from hrct_triage.common.sop_classes import sop_class_name
+from hrct_triage.common.sop_classes import SR_CLASSES, sop_class_name
 from hrct_triage.db import worklist
 from hrct_triage.worker.delivery.capabilities import check_capabilities
 from hrct_triage.worker.delivery.dimse import send_files
@@ -42,6 +42,7 @@ class Pending:
     attempts: int
     path: Path
     kind: str = "sc"  # "sr" or "sc", as in the outputs table
+    sop_class_uid: str = ""  # of the stored output
 
 
 def deliver_round(
@@ -94,29 +95,36 @@ def deliver_round(
 
 
 def _offer(item: Pending, destination: Destination) -> Outgoing | SendResult:
-    """What to send for ``item``: an SR in the classes it can go as (the pinned one only, when
-    the destination is pinned), anything else as stored; or, when a pin cannot be honoured,
-    the permanent failure to record instead."""
-    if item.kind != "sr":
-        return Outgoing(item.path)
-    try:
-        sr = dcmread(item.path)
-        classes = writable_classes(sr)
-    except Exception:  # a lost or damaged file: sending it records "cannot read"
+    """What to send for ``item``: an SR in its own class and each less specific one (the
+    pinned one only, when the destination is pinned), anything else as stored; or, when a pin
+    cannot be honoured, the permanent failure to record instead.
+
+    Whether the SR's content fits a less specific class is checked when that class is needed
+    (``write_as_class`` refuses it), not every round: reading a 300-image SR's content tree
+    takes a noticeable part of a second. A pin is checked here, to say exactly why it fails.
+    """
+    if item.kind != "sr" or item.sop_class_uid not in SR_CLASSES:
         return Outgoing(item.path)
     pin = destination.sr_class
-    if pin is not None:
-        if pin not in classes:
-            why = "; ".join(content_problems(sr, pin)[:3]) or "not a class it can be written in"
-            return SendResult(
-                item.path,
-                None,
-                f"{destination} is pinned to {sop_class_name(pin)} (sr= option), which this SR "
-                f"cannot be written as: {why}",
-                permanent=True,
-            )
-        classes = (pin,)
-    return Outgoing(item.path, classes, partial(write_as_class, item.path))
+    if pin is None or pin == item.sop_class_uid:
+        classes = SR_CLASSES[SR_CLASSES.index(item.sop_class_uid) :]
+        return Outgoing(
+            item.path, classes if pin is None else (pin,), partial(write_as_class, item.path)
+        )
+    try:
+        fits = pin in writable_classes(dcmread(item.path))
+        why = "" if fits else "; ".join(content_problems(dcmread(item.path), pin)[:3])
+    except Exception:  # a lost or damaged file: sending it records "cannot read"
+        return Outgoing(item.path)
+    if not fits:
+        return SendResult(
+            item.path,
+            None,
+            f"{destination} is pinned to {sop_class_name(pin)} (sr= option), which this SR "
+            f"cannot be written as: {why or 'a more specific class than it is stored in'}",
+            permanent=True,
+        )
+    return Outgoing(item.path, (pin,), partial(write_as_class, item.path))
 
 
 def _merge(offers: Sequence[Outgoing | SendResult], sent: Sequence[SendResult]) -> list[SendResult]:
@@ -177,6 +185,8 @@ def _confirmed(
     if not isinstance(offer, Outgoing):
         return result  # a pin it cannot honour: no answer changes that
     classes = offer.classes or _stored_class(item.path)
+    if offer.write_as is not None:
+        classes = tuple(c for c in classes if c in _writable(item.path))
     now_accepted = [c for c in classes if fresh.accepts(c)]
     if not now_accepted:
         return result
@@ -185,6 +195,13 @@ def _confirmed(
         "so it is tried again"
     )
     return replace(result, error=words, permanent=False)
+
+
+def _writable(path: Path) -> tuple[str, ...]:
+    try:
+        return writable_classes(dcmread(path))
+    except Exception:
+        return ()
 
 
 def _stored_class(path: Path) -> tuple[str, ...]:

@@ -440,7 +440,12 @@ def _hold_delivery(ctx: WorkerContext, study_id: int) -> tuple[str | None, list[
             return None, []
         return token, [
             Pending(
-                delivery.id, delivery.destination, delivery.attempts, Path(output.path), output.kind
+                delivery.id,
+                delivery.destination,
+                delivery.attempts,
+                Path(output.path),
+                output.kind,
+                output.sop_class_uid,
             )
             for delivery, output in worklist.pending_deliveries(session, study_id)
         ]

@@ -134,7 +134,8 @@ class _Round:
 
     def send(self, item: Outgoing, dataset: Dataset, candidates: Sequence[str]) -> SendResult:
         """Send ``item`` in the first of ``candidates`` the destination takes."""
-        refusals: list[str] = []
+        refusals: list[str] = []  # what the destination refused, and why
+        unfit: list[str] = []  # classes it accepted that the content does not fit
         refused: tuple[str, ...] = ()
         last_status: int | None = None
         for sop_class in candidates:
@@ -147,6 +148,12 @@ class _Round:
                 return SendResult(item.path, None, self.lost.words)
             try:
                 path, ds = _as_class(item, dataset, sop_class)
+            except ValueError as error:  # its content does not fit this class: try the next
+                reason = str(error).removeprefix("sop_class: ")
+                unfit.append(
+                    f"{sop_class_name(sop_class)} (accepted; the SR does not fit it: {reason})"
+                )
+                continue
             except Exception as error:  # our own file could not be rewritten: a retry may do
                 log.exception("%s could not be written as %s", item.path.name, sop_class)
                 words = f"{item.path.name} could not be written as {sop_class_name(sop_class)}"
@@ -173,11 +180,14 @@ class _Round:
             words = f"{self.destination} answered {status_words(code)}"
             permanent = code in PERMANENT_STATUSES
             return SendResult(path, code, words, permanent, sop_class, instance, refused)
-        what = "this SR" if len(candidates) > 1 else "this object"
-        words = (
-            f"{self.destination} accepts none of the classes {what} can be sent as: "
-            + "; ".join(refusals)
-        )
+        what = "this SR" if item.write_as is not None else "this object"
+        if unfit:
+            words = f"no class {self.destination} accepts fits {what}: " + "; ".join(
+                [*refusals, *unfit]
+            )
+        else:
+            words = f"{self.destination} accepts none of the classes {what} can be sent as: "
+            words += "; ".join(refusals)
         return SendResult(item.path, last_status, words, permanent=True, refused_classes=refused)
 
     def _store(self, dataset: Dataset) -> tuple[int | None, Problem | None]:

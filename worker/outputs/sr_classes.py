@@ -156,8 +156,14 @@ def writable_classes(sr: Dataset) -> tuple[str, ...]:
 
 def as_class(sr: Dataset, sop_class: str) -> Dataset:
     """``sr`` written as ``sop_class``: same content, its own class and derived UID."""
-    if str(sr.SOPClassUID) == sop_class:
+    own = str(sr.SOPClassUID)
+    if own == sop_class:
         return sr
+    if own not in SR_CLASSES or sop_class not in SR_CLASSES[SR_CLASSES.index(own) :]:
+        raise ValueError(
+            f"sop_class: an SR stored as {sop_class_name(own)} is written only in less specific "
+            f"classes, not {sop_class_name(sop_class)}"
+        )
     problems = content_problems(sr, sop_class)
     if problems:
         raise ValueError(f"sop_class: {'; '.join(problems[:3])}")
