@@ -195,12 +195,12 @@ def test_pacs_storing_only_enhanced_sr_gets_an_enhanced_sr(tmp_path: Path) -> No
 
 @pytest.mark.dcmtk
 def test_pacs_storing_no_sr_class_fails_the_sr_at_once_and_gets_the_heat_maps(
-    tmp_path: Path,
+    tmp_path: Path, database_url: str
 ) -> None:
     # given a study owed to a PACS that stores Secondary Capture but no SR class at all
     pacs = ConfiguredStoreSCP(tmp_path / "pacs", "NoSR").start()
     try:
-        url = f"sqlite:///{tmp_path / 'worklist.sqlite'}"
+        url = database_url
         sessions = sessions_for(url)
         study_id, _ = analysed_study(sessions, tmp_path / "out", [pacs.destination])
         # when one delivery round runs
@@ -401,3 +401,40 @@ def test_a_refusal_already_known_costs_no_second_check_and_purge_finds_the_rewri
         candidates = worklist.purge_candidates(session, older_than=T0.replace(year=2100))
     (candidate,) = [c for c in candidates if c.study_id == first]
     assert str(rewritten) in candidate.paths and sent.path in candidate.paths
+
+
+def test_dicomweb_destination_pinned_to_comprehensive_gets_a_comprehensive_sr(
+    tmp_path: Path,
+) -> None:
+    # given Orthanc's DICOMweb service as a destination pinned to Comprehensive SR
+    plugin = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
+    assert plugin.exists(), f"{plugin} missing: scripts/bootstrap installs orthanc-dicomweb"
+    orthanc = Orthanc(
+        tmp_path / "orthanc",
+        extra_config={
+            "Plugins": [str(plugin)],
+            "DicomWeb": {"Enable": True, "Root": "/dicom-web/"},
+        },
+    ).start()
+    base = f"http://127.0.0.1:{orthanc.http_port}/dicom-web"
+    try:
+        url = f"sqlite:///{tmp_path / 'worklist.sqlite'}"
+        sessions = sessions_for(url)
+        study_id, records = analysed_study(sessions, tmp_path / "out", [base])
+        settings = settings_for(tmp_path, url, destinations=[f"{base}?sr=comprehensive"])
+        # when a worker delivers by STOW-RS
+        outcome = run_delivery(worker_context(settings), study_id)
+        held = orthanc.sop_instance_uids()
+    finally:
+        orthanc.stop()
+    # then the archive holds the SR rewritten as Comprehensive SR, recorded as such
+    assert outcome == StudyStatus.DONE
+    sr_uid = next(r.sop_instance_uid for r in records if r.kind == "sr")
+    expected = sr_uid_for_class(sr_uid, COMPREHENSIVE_SR)
+    assert expected in held and sr_uid not in held
+    (sr,) = delivery_rows(sessions, study_id)["sr"]
+    assert (sr.destination, sr.sop_class_uid, sr.sop_instance_uid) == (
+        base,
+        COMPREHENSIVE_SR,
+        expected,
+    )

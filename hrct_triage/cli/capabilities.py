@@ -84,6 +84,9 @@ def _print_table(console: Console, reports: list[Capabilities]) -> None:
         table.add_column(column, overflow="fold")
     for report in reports:
         name = str(report.destination)
+        if report.destination.is_dicomweb:
+            table.add_row(name, "-", "-", "not negotiated (DICOMweb, STOW-RS)")
+            continue
         if report.problem is not None:
             table.add_row(name, "-", "-", f"[red]{report.problem}[/]")
             continue
@@ -103,7 +106,7 @@ def _print_table(console: Console, reports: list[Capabilities]) -> None:
 
 def _summary(destination: Destination, plan: dict[str, Any], problem: str | None) -> str:
     if problem is not None and not destination.is_dicomweb:
-        return f"{destination}: [red]not checked[/]"
+        return f"{destination}: [red]could not be asked[/]"
     pin = " (pinned by sr=)" if destination.sr_class else ""
     sr = (
         f"SR as {sop_class_name(plan['sr_class'])}{pin}"
