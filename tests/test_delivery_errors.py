@@ -15,6 +15,7 @@ from typing import Any
 
 import pydicom
 import pytest
+from pynetdicom.presentation import build_context
 
 from hrct_triage.common.settings import Destination
 from hrct_triage.common.sop_classes import (
@@ -345,3 +346,34 @@ def test_sr_whose_content_fits_no_class_the_pacs_takes_fails_at_once_with_why(
         "Enhanced SR has no value type SCOORD3D (item 1.10))"
     )
     assert {d.state for d in rows["sc"]} == {"sent"}
+
+
+def test_refusal_the_check_after_it_contradicts_is_retried_not_final(tmp_path: Path) -> None:
+    # given a PACS that stores no SR class until, while our round runs, it is configured to
+    # store Enhanced SR (as an administrator fixing it would)
+    def store_and_reconfigure(event: Any) -> int:
+        if not any(cx.abstract_syntax == ENHANCED_SR for cx in peer.server.contexts):
+            peer.server.contexts.append(build_context(ENHANCED_SR))
+        return 0x0000
+
+    peer = PynetdicomPeer(store_and_reconfigure, classes=(SECONDARY_CAPTURE,))
+    url = f"sqlite:///{tmp_path / 'worklist.sqlite'}"
+    sessions = sessions_for(url)
+    study_id, _ = analysed_study(sessions, tmp_path / "out", [peer.destination])
+    settings = settings_for(tmp_path, url)
+    try:
+        # when the round finds no SR class accepted, and the check after it finds one
+        first = run_delivery(worker_context(settings), study_id)
+        (sr,) = delivery_rows(sessions, study_id)["sr"]
+        # then the SR waits for the next round instead of failing, saying why
+        assert first == StudyStatus.DELIVERING and sr.state == "pending"
+        assert sr.error is not None and sr.error.endswith(
+            "; a check just after accepted Enhanced SR, so it is tried again"
+        )
+        assert sr.error.startswith(f"{peer.destination} accepts none of the classes this SR")
+        # and the next round sends it as Enhanced SR
+        assert run_delivery(worker_context(settings), study_id) == StudyStatus.DONE
+    finally:
+        peer.stop()
+    (sr,) = delivery_rows(sessions, study_id)["sr"]
+    assert (sr.state, sr.attempts, sr.sop_class_uid) == ("sent", 2, ENHANCED_SR)
