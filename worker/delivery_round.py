@@ -112,8 +112,9 @@ def _offer(item: Pending, destination: Destination) -> Outgoing | SendResult:
             item.path, classes if pin is None else (pin,), partial(write_as_class, item.path)
         )
     try:
-        fits = pin in writable_classes(dcmread(item.path))
-        why = "" if fits else "; ".join(content_problems(dcmread(item.path), pin)[:3])
+        sr = dcmread(item.path)
+        fits = pin in writable_classes(sr)
+        why = "" if fits else "; ".join(content_problems(sr, pin)[:3])
     except Exception:  # a lost or damaged file: sending it records "cannot read"
         return Outgoing(item.path)
     if not fits:
