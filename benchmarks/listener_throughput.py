@@ -1,6 +1,6 @@
 """Listener throughput against DCMTK's storescp, and the listener's peak memory.
 
-Run from the repository root (needs DCMTK; makes phantoms with ``hrct_triage.phantoms.generator``):
+Run from the repository root (needs DCMTK; makes phantoms with ``hrct_triage.phantoms``):
 
     .venv/bin/python benchmarks/listener_throughput.py            # single + 8 senders
     .venv/bin/python benchmarks/listener_throughput.py --rss      # also peak RSS, 100/1000 slices
@@ -121,7 +121,7 @@ def _listening_sockets(port: int) -> int:
 
 def make_series(folder: Path, *, studies: int, slices: int) -> list[Path]:
     """``studies`` folders, each holding only the thin CT series of one phantom study."""
-    from hrct_triage.phantoms.generator import write_phantom_studies
+    from hrct_triage.phantoms import write_phantom_studies
 
     out = folder / f"{studies}x{slices}"
     series_dirs = sorted(p for p in out.glob("series_*") if p.is_dir())

@@ -43,7 +43,7 @@ def main() -> int:
 
     import torch
 
-    from hrct_triage.phantoms.generator import write_phantom_studies
+    from hrct_triage.phantoms import write_phantom_studies
     from hrct_triage.worker.memory import keep_freed_memory
     from hrct_triage.worker.method.model import load_model
     from hrct_triage.worker.method.pipeline import analyse_study

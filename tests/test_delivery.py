@@ -234,7 +234,7 @@ class WarningSCP:
 @pytest.fixture(scope="module")
 def phantom_study(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
     """A small COVID-like phantom (24 thin slices): enough for a real analysis, quick to make."""
-    from hrct_triage.phantoms.generator import write_phantom_studies
+    from hrct_triage.phantoms import write_phantom_studies
 
     out = tmp_path_factory.mktemp("delivery-phantom")
     (study,) = write_phantom_studies(out, covid=1, healthy=0, slices=24, seed=11)
@@ -287,7 +287,7 @@ def test_not_analysed_sr_is_delivered_and_the_study_stays_not_applicable(
     tmp_path: Path, pacs: StoreSCP
 ) -> None:
     # given a study with no CT at all, and a site that wants not-analysed SRs
-    from hrct_triage.phantoms.generator import write_non_ct_study
+    from hrct_triage.phantoms import write_non_ct_study
 
     folder = write_non_ct_study(tmp_path / "non_ct", seed=3)
     url = f"sqlite:///{tmp_path / 'worklist.sqlite'}"
@@ -312,7 +312,7 @@ def test_not_analysed_sr_is_delivered_and_the_study_stays_not_applicable(
 
 def test_not_applicable_study_gets_no_sr_unless_asked(tmp_path: Path) -> None:
     # given the default settings (no not-analysed SR) and a study with no CT
-    from hrct_triage.phantoms.generator import write_non_ct_study
+    from hrct_triage.phantoms import write_non_ct_study
 
     folder = write_non_ct_study(tmp_path / "non_ct", seed=3)
     url = f"sqlite:///{tmp_path / 'worklist.sqlite'}"

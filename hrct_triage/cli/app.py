@@ -384,7 +384,7 @@ def phantom(
     """Write synthetic chest CT studies, one folder each, and labels.csv."""
     from rich.progress import Progress
 
-    from hrct_triage.phantoms.generator import parse_severity_mix, write_phantom_studies
+    from hrct_triage.phantoms import parse_severity_mix, write_phantom_studies
 
     try:
         mix = None if severity_mix is None else parse_severity_mix(severity_mix)

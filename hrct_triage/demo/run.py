@@ -37,7 +37,7 @@ def free_port() -> int:
 def run_demo(
     console: Console, *, out_dir: Path, covid: int, healthy: int, slices: int, timeout: float
 ) -> int:
-    from hrct_triage.phantoms.generator import write_phantom_studies
+    from hrct_triage.phantoms import write_phantom_studies
     from hrct_triage.worker.method.checkpoints import default_checkpoint
 
     started = time.monotonic()
