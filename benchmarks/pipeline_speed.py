@@ -50,7 +50,7 @@ def main() -> int:
     from hrct_triage.worker.method.preprocess import lung_slices, model_input
     from hrct_triage.worker.method.series import select_series
     from hrct_triage.worker.method.volume import load_volume
-    from hrct_triage.worker.outputs.files import build_study_outputs
+    from hrct_triage.worker.outputs import Analysed, write_outputs
 
     model = load_model(
         args.checkpoint, allow_untrained=args.checkpoint is None, compile_features=args.compile
@@ -112,9 +112,8 @@ def main() -> int:
             analysis, headers = analyse_study(
                 study.study_uid, paths, model, batch_size=args.batch_size
             )
-            build_study_outputs(
-                analysis,
-                headers,
+            write_outputs(
+                Analysed(analysis, headers),
                 generation=run,
                 content_datetime=datetime(2026, 1, 1, tzinfo=UTC),
                 predecessor=None,

@@ -32,14 +32,9 @@ from hrct_triage.db import worklist
 from hrct_triage.db.migrate import upgrade
 from hrct_triage.db.models import Delivery, OutboxRow, Output, Study, StudyStatus
 from hrct_triage.db.session import make_engine, make_sessionmaker, transaction
-from hrct_triage.worker.jobs import (
-    DELIVERY_JITTER,
-    WorkerContext,
-    delivery_backoff,
-    run_delivery,
-    run_triage,
-)
-from hrct_triage.worker.outputs.files import build_study_outputs
+from hrct_triage.worker.delivery.backoff import DELIVERY_JITTER, delivery_backoff
+from hrct_triage.worker.jobs import WorkerContext, run_delivery, run_triage
+from hrct_triage.worker.outputs import Analysed, write_outputs
 from tests.conftest import Orthanc, StoreSCP, dciodvfy_errors, free_port
 from tests.test_outputs import WHEN, ct_series, make_analysis
 
@@ -112,9 +107,8 @@ def _analysed_study(
     """A study analysed by hand (fake CT, no model) whose SR and SCs are owed to
     ``destinations``; returns its id and its output SOP Instance UIDs."""
     headers = ct_series(20, 32, pixels=False)
-    records = build_study_outputs(
-        make_analysis(headers),
-        headers,
+    records = write_outputs(
+        Analysed(make_analysis(headers), headers),
         generation=1,
         content_datetime=WHEN,
         predecessor=None,
