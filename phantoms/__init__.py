@@ -1,6 +1,6 @@
-"""Synthetic chest CT studies ("phantoms") written as DICOM, for the demo, tests and training.
+"""Synthetic chest CT studies written as DICOM, for demo, tests and training; imports ``common``.
 
-Imports nothing of ``hrct_triage`` but ``common``; the GPU worker image does not install it.
+A distribution of its own (``phantoms/pyproject.toml``): the GPU worker image does not install it.
 
 No real patient data can be had for this project, yet the demo, the tests and the training of the
 shipped demo weights need chest CT that behaves like the real thing; everything is deterministic
