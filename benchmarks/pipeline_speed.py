@@ -1,4 +1,4 @@
-"""Worker path against the bare model, in the same process and run (issue 4's CPU target).
+"""Worker path against the bare model, in the same process and run: what the work around it costs.
 
     .venv/bin/python benchmarks/pipeline_speed.py [--slices 300] [--repeat 2] [--checkpoint PATH]
         [--compile]
@@ -7,7 +7,8 @@ The worker path is what a task does after its claim: series selection, HU volume
 preprocessing, batched forward with CAM, trimmed mean, heat maps, and the SR and SC objects built
 and written ("SR ready"). The baseline is ``model.module(x)`` alone over the same preprocessed
 lung slices, same batch size, memory format and autocast. A second baseline is the plain
-forward the issue compares against on a GPU: fp32, eager, default memory format; it is timed
+forward as PyTorch runs it out of the box (what a GPU figure is judged against): fp32, eager,
+default memory format; it is timed
 where it differs from the bare forward (CUDA, or a CPU with bf16), as on an fp32-only CPU the two
 are the same work. Each round times the bare forward and the worker path back to back, in
 alternating order, so that a drift in the machine's speed (the bare forward took 20.0 to 23.3 s

@@ -59,7 +59,7 @@ class Base(DeclarativeBase):
 
 
 class StudyStatus:
-    """The states of SPEC.md; ``done`` means every destination acknowledged every output."""
+    """A study's states (README.md lists them); ``done``: every output acknowledged everywhere."""
 
     RECEIVING = "receiving"
     QUEUED = "queued"

@@ -277,7 +277,7 @@ def test_api_lists_the_worklist_urgent_first_with_spec_keys(served: Worklist) ->
     # when the worklist is asked for with the token
     status, headers, body = get(f"{served.base_url}/api/worklist")
     rows = json.loads(body)
-    # then the positive study leads, the negative one closes, with SPEC's keys and no file paths
+    # then the positive study leads, the negative one closes, with the worklist's keys, no paths
     assert status == 200 and headers["content-type"] == "application/json"
     assert rows[0]["study_uid"] == served.positive_uid and rows[0]["positive"] is True
     assert rows[-1]["study_uid"] == served.negative_uid

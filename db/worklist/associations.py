@@ -114,7 +114,8 @@ def close_orphaned_associations(session: Session, *, now: datetime) -> int:
         # down: the quiet period of a study they fed starts now, not at its last instance before
         # the crash, so a scanner that sends again at once is in before the study completes.
         # It used to complete at the first dispatcher round after the restart, on a partial set,
-        # and again after the resend (found by tests/faults, fault 6).
+        # and again after the resend (tests/faults:
+        # test_listener_killed_mid_association_and_the_scanner_sends_again).
         fed = select(Instance.study_id).where(Instance.association_id.in_(orphans))
         session.execute(
             update(Study)

@@ -429,7 +429,7 @@ def demo(
     )
 
 
-# --- training and evaluation (issue 4) --------------------------------------------------------
+# --- training and evaluation ----------------------------------------------------------------
 # torch is imported inside the commands so that the rest of the CLI stays quick to start.
 # Multi-GPU: `torchrun --nproc-per-node N -m hrct_triage train ...` (one process per GPU).
 

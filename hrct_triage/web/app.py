@@ -285,7 +285,7 @@ def _worklist_view(
     now: datetime,
     target_seconds: float,
 ) -> list[dict[str, Any]]:
-    """Worklist rows plus what the page shows beside the SPEC keys: time waiting, turnaround,
+    """Worklist rows plus what the page shows beside their keys: time waiting, turnaround,
     whether it is over the target."""
     view = []
     for row in rows:
