@@ -35,7 +35,7 @@ from hrct_triage.phantoms.painting import (
     paint_table,
 )
 
-MATRIX = 512
+MATRIX = 512  # rows and columns of every CT image and of the localizer
 
 
 @dataclass(frozen=True)
