@@ -153,6 +153,7 @@ def _no_patient_identifiers(rows: list[Refusal]) -> None:
             assert PATIENT_ID not in (value or "")
 
 
+@pytest.mark.dcmtk
 def test_corpus_files_without_a_study_uid_are_refused_and_audited(
     audited_listener: Listener, tmp_path: Path, sessions: sessionmaker[Session]
 ) -> None:
@@ -347,6 +348,7 @@ def _reconnect(database_url: str) -> None:
         conn.execute(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS true')
 
 
+@pytest.mark.services
 @pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)
 def test_a_refusal_during_a_database_outage_is_written_when_it_answers_again(
     audited_listener: Listener,
@@ -494,6 +496,7 @@ def _cli(database_url: str, *args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
+@pytest.mark.dcmtk
 def test_stats_shows_refusals_per_scanner(
     audited_listener: Listener, tmp_path: Path, database_url: str, sessions: sessionmaker[Session]
 ) -> None:
@@ -574,7 +577,9 @@ def test_web_worklist_says_when_nothing_was_refused(sessions: sessionmaker[Sessi
 # --- the migration --------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+@pytest.mark.parametrize(
+    "backend", ["sqlite", pytest.param("postgresql", marks=pytest.mark.services)]
+)
 def test_migration_keeps_old_refusals_and_gives_them_their_scanner(
     request: pytest.FixtureRequest, backend: str
 ) -> None:
