@@ -88,12 +88,20 @@ def worker(
     ] = ",".join(CONSUME_ORDER),
     pool: Annotated[str, typer.Option(help="Celery pool: prefork or solo")] = "prefork",
     log_level: str = "INFO",
+    parent_pid: Annotated[
+        int | None,
+        typer.Option(hidden=True, help="end when this process ends (set by `up` and `demo`)"),
+    ] = None,
 ) -> None:
     """Run a Celery worker that analyses and delivers studies.
 
     By default it consumes ``hrct.urgent`` before ``hrct``: on Redis strictly (the urgent queue
     is emptied first), on the embedded broker round robin between the two.
     """
+    if parent_pid is not None:  # started by `up` or `demo`: a warm shutdown when they end
+        from hrct_triage.common.parent_death import die_with_parent
+
+        die_with_parent(parent_pid)
     from hrct_triage.worker.celery_app import app as celery_app
 
     celery_app.worker_main(
