@@ -1,4 +1,1 @@
-"""What every process shares: typed settings, logging, durable files, the broker contract.
-
-Imports nothing of ``hrct_triage`` outside this package.
-"""
+"""What every process shares (settings, logs, storage, UIDs, queue); imports no other room."""

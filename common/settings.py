@@ -119,7 +119,7 @@ def _comma_list(value: object) -> list[str]:
 
 
 class Settings(BaseSettings):
-    """Every knob of the gateway; names are the contract in SPEC.md."""
+    """Every knob of the gateway; the ``HRCT_*`` names are what deployments set, so they stay."""
 
     model_config = SettingsConfigDict(
         env_prefix="HRCT_", env_file=".env", extra="ignore", protected_namespaces=()
@@ -181,7 +181,7 @@ class Settings(BaseSettings):
     model_path: Path | None = None
     allow_untrained: bool = False
     # torch.compile the DenseNet features on the worker. Pays off on a GPU after a warm-up of
-    # tens of seconds per batch shape (measured on an H200 by the issue: 9.5k -> 16k slices/s);
+    # tens of seconds per batch shape (measured on an H200: 9.5k -> 16k slices/s);
     # on a CPU the compile takes minutes and gains little, hence off by default.
     compile_model: bool = False
     threshold: float = Field(0.8, ge=0.0, le=1.0)

@@ -59,7 +59,7 @@ class Base(DeclarativeBase):
 
 
 class StudyStatus:
-    """The states of SPEC.md; ``done`` means every destination acknowledged every output."""
+    """A study's states (README.md lists them); ``done``: every output acknowledged everywhere."""
 
     RECEIVING = "receiving"
     QUEUED = "queued"
@@ -192,7 +192,14 @@ class InstanceReplacement(Base):
 
 
 class Refusal(Base):
-    """A C-STORE we answered with a failure status, when the data set named its study.
+    """A C-STORE we answered with a failure status: what of it could be identified, where it came
+    from and why, so that an administrator sees why a scanner's images did not arrive.
+
+    Most refusals happen before the instance's UIDs are known (a missing or invalid UID, a
+    malformed or oversized data set), so each UID column holds a UID only where the data set gave
+    a valid one, and is null otherwise; an invalid value is named in ``reason`` alone. The
+    scanner's AE title and address are kept here as well as through ``association_id``: the
+    association's own row may be missing when the database was down as it opened.
 
     A *transient* refusal (out of disk, database unavailable) is one the scanner will retry: until
     that SOP instance is stored, its study is not complete, so it is never analysed on a partial
@@ -203,12 +210,17 @@ class Refusal(Base):
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     association_id: Mapped[int | None] = mapped_column(ForeignKey("associations.id"), index=True)
-    study_uid: Mapped[str] = mapped_column(UID, index=True)
-    sop_instance_uid: Mapped[str] = mapped_column(UID)
+    calling_ae: Mapped[str | None] = mapped_column(String(16))
+    peer_address: Mapped[str | None] = mapped_column(String(64))
+    study_uid: Mapped[str | None] = mapped_column(UID, index=True)
+    series_uid: Mapped[str | None] = mapped_column(UID)
+    sop_instance_uid: Mapped[str | None] = mapped_column(UID)
     status: Mapped[int] = mapped_column(Integer)
+    # A short fixed name of the reason (``invalid_uid``, ``too_large``, ...), to count by.
+    kind: Mapped[str | None] = mapped_column(String(32))
     transient: Mapped[bool] = mapped_column(Boolean)
     reason: Mapped[str] = mapped_column(Text)
-    at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, index=True)
 
 
 class OutboxRow(Base):

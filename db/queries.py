@@ -1,6 +1,7 @@
 """Read models for the CLI: worklist rows and a study's full record, as plain JSON-ready dicts.
 
-Keys follow SPEC.md (``study_uid``, ``status``, ``reason``, ``probability``, ...). No patient
+Keys are the worklist's public names (``study_uid``, ``status``, ``reason``, ``probability``, ...),
+the same in the CLI's JSON and the web API. No patient
 name, ID or birth date is stored, so none can be shown.
 """
 

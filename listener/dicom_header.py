@@ -15,6 +15,7 @@ set's Specific Character Set.
 
 from __future__ import annotations
 
+import contextlib
 import struct
 import zlib
 from dataclasses import dataclass
@@ -59,6 +60,9 @@ _UNDEFINED = 0xFFFFFFFF
 _ITEM = 0xFFFEE000
 _ITEM_END = 0xFFFEE00D
 _SEQUENCE_END = 0xFFFEE0DD
+# A refused deflated data set is inflated no further than this to name it: its identifying
+# attributes lie near its start, and a small deflated body can inflate without bound.
+_PARTIAL_INFLATE_BYTES = 4 * 1024 * 1024
 # Nesting deeper than this is not a real data set; refuse it rather than recurse without bound.
 _MAX_DEPTH = 32
 
@@ -132,6 +136,23 @@ def read_header(data: bytes | memoryview, transfer_syntax: str) -> Header:
     little = transfer_syntax != uid.ExplicitVRBigEndian
     walker = _Walker(memoryview(data), implicit=implicit, little=little)
     walker.walk(0, depth=0)
+    return Header({int(element.tag): element for element in walker.kept}, implicit, little)
+
+
+def read_partial_header(data: bytes | memoryview, transfer_syntax: str) -> Header:
+    """The ``WANTED`` attributes found before ``data`` ends or breaks, never raising: for naming
+    a refused instance (malformed, cut off, or over the size limit and so only partly kept) in
+    its audit row. Its values are as untrusted as the rest of such a data set."""
+    if transfer_syntax == uid.DeflatedExplicitVRLittleEndian:
+        try:
+            data = zlib.decompressobj(-zlib.MAX_WBITS).decompress(data, _PARTIAL_INFLATE_BYTES)
+        except zlib.error:
+            return Header({}, implicit=False, little=True)
+    implicit = transfer_syntax == uid.ImplicitVRLittleEndian
+    little = transfer_syntax != uid.ExplicitVRBigEndian
+    walker = _Walker(memoryview(data), implicit=implicit, little=little)
+    with contextlib.suppress(MalformedDataSet):  # what was kept before the break is all there is
+        walker.walk(0, depth=0)
     return Header({int(element.tag): element for element in walker.kept}, implicit, little)
 
 

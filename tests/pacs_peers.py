@@ -32,7 +32,7 @@ from hrct_triage.db.migrate import upgrade
 from hrct_triage.db.models import Delivery, Output, Study
 from hrct_triage.db.session import make_engine, make_sessionmaker, transaction
 from hrct_triage.worker.jobs import WorkerContext
-from hrct_triage.worker.outputs.files import build_study_outputs
+from hrct_triage.worker.outputs import Analysed, write_outputs
 from tests.conftest import StoreSCP, _wait_for_port, dcmtk_env, free_port, require_tool
 from tests.test_outputs import WHEN, ct_series, make_analysis
 
@@ -256,9 +256,8 @@ def analysed_study(
     """A study analysed by hand (fake CT, no model) whose SR and SCs are owed to
     ``destinations``; returns its id and its output records."""
     headers = ct_series(20, 32, pixels=False)
-    records = build_study_outputs(
-        make_analysis(headers),
-        headers,
+    records = write_outputs(
+        Analysed(make_analysis(headers), headers),
         generation=1,
         content_datetime=WHEN,
         predecessor=None,

@@ -53,7 +53,7 @@ from tests.pacs_peers import (
 @pytest.fixture(scope="module")
 def phantom_study(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
     """A small COVID-like phantom (24 thin slices): enough for a real analysis, quick to make."""
-    from hrct_triage.phantoms.generator import write_phantom_studies
+    from hrct_triage.phantoms import write_phantom_studies
 
     out = tmp_path_factory.mktemp("fallback-phantom")
     (study,) = write_phantom_studies(out, covid=1, healthy=0, slices=24, seed=11)

@@ -18,7 +18,7 @@ from pydicom import Dataset
 from pydicom.dataset import FileDataset
 from pydicom.uid import ImplicitVRLittleEndian
 
-from hrct_triage.phantoms.generator import write_phantom_studies
+from hrct_triage.phantoms import write_phantom_studies
 from hrct_triage.worker.method.header_reader import read_header
 from hrct_triage.worker.method.results import NotApplicable
 from hrct_triage.worker.method.series import (

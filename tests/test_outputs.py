@@ -29,7 +29,8 @@ from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 from hrct_triage.common.settings import Settings
 from hrct_triage.common.uids import derive_uid
 from hrct_triage.worker.method.results import HeatMap, ModelInfo, SliceResult, StudyAnalysis
-from hrct_triage.worker.outputs.objects import SeriesLabels, build_outputs, encode, write_output
+from hrct_triage.worker.outputs.files import write_output
+from hrct_triage.worker.outputs.objects import SeriesLabels, build_outputs, encode
 from hrct_triage.worker.outputs.sc import (
     _demo_note,
     _draw_legend,

@@ -21,7 +21,8 @@ from hrct_triage.common.sop_classes import (
     ENHANCED_SR,
     SR_CLASSES,
 )
-from hrct_triage.worker.outputs.objects import build_outputs, write_output
+from hrct_triage.worker.outputs.files import write_output
+from hrct_triage.worker.outputs.objects import build_outputs
 from hrct_triage.worker.outputs.sr import build_not_analysed_sr
 from hrct_triage.worker.outputs.sr_classes import (
     as_class,

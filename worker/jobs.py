@@ -1,15 +1,15 @@
 """What a task does, as plain functions: claim the study, analyse, record, deliver.
 
-Tasks take a study id and load everything else from the worklist (STYLE habit 7). They are safe
-to run twice: the claim lets one worker analyse a study at a time, and every recording checks the
-claim, so a redelivered or overtaken message records nothing.
+Tasks take a study id and load everything else from the worklist, so a message never carries
+state that the worklist may since have changed. They are safe to run twice: the claim lets one
+worker analyse a study at a time, and every recording checks the claim, so a redelivered or
+overtaken message records nothing.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import random
 import socket
 import time
 from collections.abc import Callable, Iterator
@@ -28,6 +28,7 @@ from hrct_triage.common.settings import Settings
 from hrct_triage.db import stats, worklist
 from hrct_triage.db.models import Output, Study, StudyStatus
 from hrct_triage.db.session import transaction
+from hrct_triage.worker.delivery.backoff import delivery_backoff
 from hrct_triage.worker.delivery_round import Pending, deliver_round
 from hrct_triage.worker.method.results import NotApplicable
 
@@ -41,9 +42,6 @@ RETRY_AFTER_SECONDS = 5.0
 # If a worker dies after recording a result but before delivering it, another worker delivers
 # once this much time has passed.
 DELIVERY_GRACE_SECONDS = 60.0
-# Delivery waits are shortened by up to this fraction at random, so that the studies held up
-# by one PACS outage do not all retry in the same second once it is back.
-DELIVERY_JITTER = 0.2
 # How long a worker waits for the worklist database to answer again (a restart, a fail-over)
 # before the step fails; longer outages are left to the lease and the outbox.
 DATABASE_WAIT_SECONDS = 120.0
@@ -110,8 +108,9 @@ def _transaction(ctx: WorkerContext) -> Iterator[Session]:
 
     A worker whose database restarted under it used to fail the step at hand: a result it could
     not record left the study ``processing`` under its claim until the lease lapsed (15 minutes
-    by default), and a claim it could not take dropped the message (found by tests/faults,
-    fault 4). The wait is for a connection (``pool_pre_ping`` replaces dead pooled ones), up to
+    by default), and a claim it could not take dropped the message (as
+    ``test_postgresql_restarted_while_studies_arrive_and_results_are_written`` in tests/faults
+    showed). The wait is for a connection (``pool_pre_ping`` replaces dead pooled ones), up to
     ``DATABASE_WAIT_SECONDS``; the body runs once, so a database lost mid-transaction still
     fails the step, which the step's own error handling records.
     """
@@ -231,8 +230,7 @@ def _claim(ctx: WorkerContext, study_id: int) -> worklist.Claim | None:
 
 def _analyse_and_record(ctx: WorkerContext, claim: worklist.Claim) -> str:
     from hrct_triage.worker.method.pipeline import analyse_study
-    from hrct_triage.worker.outputs.files import build_study_outputs
-    from hrct_triage.worker.outputs.objects import SeriesLabels
+    from hrct_triage.worker.outputs import Analysed, SeriesLabels, write_outputs
 
     settings = ctx.settings
     with _transaction(ctx) as session:
@@ -252,9 +250,8 @@ def _analyse_and_record(ctx: WorkerContext, claim: worklist.Claim) -> str:
         min_slices=settings.min_slices,
         batch_size=settings.batch_size,
     )
-    records = build_study_outputs(
-        analysis,
-        headers,
+    records = write_outputs(
+        Analysed(analysis, headers),
         generation=claim.generation,
         content_datetime=content_datetime,
         predecessor=dcmread(predecessor) if predecessor else None,
@@ -352,8 +349,7 @@ def _not_analysed_outputs(
     ctx: WorkerContext, claim: worklist.Claim, reason: str
 ) -> list[worklist.OutputRecord]:
     """Build and file the not-analysed SR, dated like an analysis' outputs (queue time)."""
-    from hrct_triage.worker.outputs.files import build_not_analysed_output
-    from hrct_triage.worker.outputs.objects import SeriesLabels
+    from hrct_triage.worker.outputs import NotAnalysed, SeriesLabels, write_outputs
 
     with _transaction(ctx) as session:
         inputs = worklist.analysis_inputs(session, claim.study_id)
@@ -361,31 +357,14 @@ def _not_analysed_outputs(
         assert study is not None
         content_datetime = study.queued_at or _now()
         predecessor = _previous_sr_path(session, claim)
-    return build_not_analysed_output(
-        [Path(path) for path, _ in inputs],
-        reason,
-        ctx.model().info,
+    return write_outputs(
+        NotAnalysed([Path(path) for path, _ in inputs], reason, ctx.model().info),
         generation=claim.generation,
         content_datetime=content_datetime,
         predecessor=dcmread(predecessor) if predecessor else None,
         out_dir=ctx.settings.outputs_dir / claim.study_uid,
         labels=SeriesLabels.from_settings(ctx.settings),
     )
-
-
-def delivery_backoff(
-    failed_attempts: int, *, base: float, maximum: float, rng: random.Random | None = None
-) -> float:
-    """Seconds to wait after the ``failed_attempts``-th failed round: ``base`` doubled each
-    round, capped at ``maximum``, then shortened by up to ``DELIVERY_JITTER`` at random.
-
-    Jitter only shortens, so the cap is a promise: a recovered PACS waits at most ``maximum``.
-    """
-    if failed_attempts < 1:
-        return 0.0
-    exponent = min(failed_attempts - 1, 62)  # 2**62 x base is past any cap; avoids overflow
-    delay = min(maximum, base * 2.0**exponent)
-    return delay * (1.0 - DELIVERY_JITTER * (rng or random).random())
 
 
 def run_delivery(ctx: WorkerContext, study_id: int) -> str:

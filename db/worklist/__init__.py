@@ -1,4 +1,4 @@
-"""The named state transitions of a study.
+"""The named state transitions of a study; imports the rest of ``db`` and ``common`` only.
 
 Every function here runs inside the caller's transaction (``db.session.transaction``) and never
 commits by itself, so a state change and the outbox row announcing it land together or not at all.

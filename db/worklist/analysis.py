@@ -119,8 +119,10 @@ def release_holds(
     ``HRCT_LEASE_SECONDS`` (15 minutes by default, the triage target itself). A worker that
     *knows* the holder is dead (a pool process of its own host that is gone, see
     ``worker.jobs.holder_is_gone``) lapses the hold now, so the study is claimed again at once
-    instead of sitting in ``processing`` (found by tests/faults, faults 1, 2 and 8). The next
-    claim counts as a new attempt, so a study that kills every process ends ``failed``.
+    instead of sitting in ``processing`` (tests/faults: test_pool_process_killed_mid_analysis,
+    test_whole_worker_killed_and_restarted_later and
+    test_poison_study_fails_after_the_attempt_limit_and_blocks_nothing). The next claim counts as a
+    new attempt, so a study that kills every process ends ``failed``.
 
     ``republish`` makes the studies' outbox rows due at once, for a caller that holds no
     message of them (a worker starting up after the whole worker was killed); the claim token

@@ -132,7 +132,7 @@ def cancel(session: Session, study: Study, *, now: datetime) -> bool:
     """Stop a study: it ends ``failed`` with reason "cancelled by operator" and is neither
     analysed nor delivered. False when it was already in a final state.
 
-    ``failed`` because SPEC's states have no "cancelled" and every consumer already treats
+    ``failed`` because the study states have no "cancelled" and every consumer already treats
     ``failed`` as "the AI will not answer for this study; read it without help". The claim is
     dropped, so a worker in the middle of it records nothing; undelivered outputs are marked
     failed; ``requeue`` undoes a cancel. A new instance of the study re-opens it, as for any

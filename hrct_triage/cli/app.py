@@ -88,12 +88,20 @@ def worker(
     ] = ",".join(CONSUME_ORDER),
     pool: Annotated[str, typer.Option(help="Celery pool: prefork or solo")] = "prefork",
     log_level: str = "INFO",
+    parent_pid: Annotated[
+        int | None,
+        typer.Option(hidden=True, help="end when this process ends (set by `up` and `demo`)"),
+    ] = None,
 ) -> None:
     """Run a Celery worker that analyses and delivers studies.
 
     By default it consumes ``hrct.urgent`` before ``hrct``: on Redis strictly (the urgent queue
     is emptied first), on the embedded broker round robin between the two.
     """
+    if parent_pid is not None:  # started by `up` or `demo`: a warm shutdown when they end
+        from hrct_triage.common.parent_death import die_with_parent
+
+        die_with_parent(parent_pid)
     from hrct_triage.worker.celery_app import app as celery_app
 
     celery_app.worker_main(
@@ -401,7 +409,7 @@ def phantom(
     """Write synthetic chest CT studies, one folder each, and labels.csv."""
     from rich.progress import Progress
 
-    from hrct_triage.phantoms.generator import parse_severity_mix, write_phantom_studies
+    from hrct_triage.phantoms import parse_severity_mix, write_phantom_studies
 
     try:
         mix = None if severity_mix is None else parse_severity_mix(severity_mix)
@@ -446,7 +454,7 @@ def demo(
     )
 
 
-# --- training and evaluation (issue 4) --------------------------------------------------------
+# --- training and evaluation ----------------------------------------------------------------
 # torch is imported inside the commands so that the rest of the CLI stays quick to start.
 # Multi-GPU: `torchrun --nproc-per-node N -m hrct_triage train ...` (one process per GPU).
 

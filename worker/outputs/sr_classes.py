@@ -30,7 +30,7 @@ from hrct_triage.common.sop_classes import (
     SR_CLASSES,
     sop_class_name,
 )
-from hrct_triage.worker.outputs.objects import write_output
+from hrct_triage.worker.outputs.files import write_output
 from hrct_triage.worker.outputs.uids import sr_uid_for_class
 
 _ANY = frozenset(

@@ -55,9 +55,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_NEGATIVE_STRIDE = 3  # the paper: healthy studies give every third lung slice
 _CACHE_FORMAT = 1  # bump when the cached content changes meaning
-PHANTOM_MANUFACTURER = (
-    "hrct-triage phantom"  # what hrct_triage.phantoms.generator writes in Manufacturer
-)
+PHANTOM_MANUFACTURER = "hrct-triage phantom"  # what hrct_triage.phantoms writes in Manufacturer
 
 
 @dataclass(frozen=True)
@@ -84,7 +82,7 @@ class CachedStudy:
     numbers: npt.NDArray[np.int64]  # InstanceNumber (frame number for Enhanced CT) of each row
     lung: npt.NDArray[np.bool_]
     lesion: npt.NDArray[np.bool_]
-    phantom: bool  # written by hrct_triage.phantoms.generator: the model card must say so
+    phantom: bool  # written by hrct_triage.phantoms: the model card must say so
 
     def lung_rows(self) -> npt.NDArray[np.intp]:
         """Rows of the lung slices in table order: what inference averages over."""

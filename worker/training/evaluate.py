@@ -66,9 +66,7 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-LESION_MASKS_NAME = (
-    "lesion_masks.npz"  # as hrct_triage.phantoms.generator writes it next to the DICOM files
-)
+LESION_MASKS_NAME = "lesion_masks.npz"  # as hrct_triage.phantoms writes it next to the DICOM files
 # The CAM is 7 x 7 for a 224 input: one cell spans ~45 mm of a 320 mm field of view, so its
 # upsampled peak cannot be placed closer than a few millimetres; 10 mm (about a pulmonary
 # segment's small lesion radius) separates "points at the lesion" from "points elsewhere".
