@@ -194,6 +194,7 @@ def test_pacs_storing_only_enhanced_sr_gets_an_enhanced_sr(tmp_path: Path) -> No
 
 
 @pytest.mark.dcmtk
+@pytest.mark.services
 def test_pacs_storing_no_sr_class_fails_the_sr_at_once_and_gets_the_heat_maps(
     tmp_path: Path, database_url: str
 ) -> None:
