@@ -1,6 +1,6 @@
 """delivery SOP classes: what each destination was sent, and what each destination accepts
 
-Revision ID: 0006
+Revision ID: 0004
 Revises: 0003
 Create Date: 2026-12-07 12:00:00.000000
 """
@@ -12,7 +12,7 @@ from alembic import op
 
 from hrct_triage.db import models
 
-revision: str = "0006"
+revision: str = "0004"
 down_revision: str | None = "0003"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
