@@ -49,7 +49,7 @@ from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
-from hrct_triage.common.storage import TEMP_SUFFIX, validate_uid
+from hrct_triage.common.storage import TEMP_SUFFIX, SpooledFile, fsync_dir, validate_uid
 
 # Our Implementation Class UID (PS3.7 D.3.3.2) in the File Meta of spooled files; a UUID-derived
 # UID under 2.25 needs no registered root.
@@ -69,13 +69,6 @@ _DURABLE_LOCK = threading.Lock()
 _SPARES: dict[Path, list[int]] = {}
 _SPARES_KEPT = 4  # each is an empty inode and a descriptor, nothing on the disk
 _SPARES_LOCK = threading.Lock()
-
-
-@dataclass(frozen=True)
-class SpooledFile:
-    path: Path
-    size_bytes: int
-    sha256: str
 
 
 def instance_dir(spool_dir: Path, study_uid: str, series_uid: str) -> Path:
@@ -444,15 +437,6 @@ def name_matches_content(path: Path, sha256: str) -> bool:
     """Whether a spooled file's name carries this content hash (``<sop>.<sha16>.dcm``)."""
     stem = path.name.removesuffix(".dcm")
     return "." in stem and stem.rsplit(".", 1)[1] == sha256[:_HASH_CHARS]
-
-
-def fsync_dir(folder: Path) -> None:
-    """Make a rename or unlink in ``folder`` survive a power cut."""
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def free_bytes(spool_dir: Path) -> int:
