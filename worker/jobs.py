@@ -369,7 +369,9 @@ def _not_analysed_outputs(
 
 
 @dataclass(frozen=True)
-class _Pending:
+class _OwedDelivery:
+    """One output owed to one destination: the delivery row and the file to send."""
+
     delivery_id: int
     destination: str
     attempts: int
@@ -414,7 +416,7 @@ def run_delivery(ctx: WorkerContext, study_id: int) -> str:
     return outcome or "ignored"
 
 
-def _hold_delivery(ctx: WorkerContext, study_id: int) -> tuple[str | None, list[_Pending]]:
+def _hold_delivery(ctx: WorkerContext, study_id: int) -> tuple[str | None, list[_OwedDelivery]]:
     """The study's delivery hold and what it owes, or (None, []) when it is not ours."""
     with _transaction(ctx) as session:
         token = worklist.claim_delivery(
@@ -427,7 +429,7 @@ def _hold_delivery(ctx: WorkerContext, study_id: int) -> tuple[str | None, list[
         if token is None:
             return None, []
         return token, [
-            _Pending(delivery.id, delivery.destination, delivery.attempts, Path(output.path))
+            _OwedDelivery(delivery.id, delivery.destination, delivery.attempts, Path(output.path))
             for delivery, output in worklist.pending_deliveries(session, study_id)
         ]
 
@@ -444,11 +446,11 @@ def _alarm_if_slow(session: Session, study_id: int, target_seconds: float) -> No
         stats.log_alarms([alarm], target_seconds=target_seconds, logger=log)
 
 
-def _deliver_round(ctx: WorkerContext, study_id: int, pending: list[_Pending]) -> int:
+def _deliver_round(ctx: WorkerContext, study_id: int, pending: list[_OwedDelivery]) -> int:
     """One association per destination; every answer recorded as it comes. Returns the most
     attempts any still-failing delivery has had (0: all delivered), which sets the backoff."""
     settings = ctx.settings
-    by_destination: dict[str, list[_Pending]] = defaultdict(list)
+    by_destination: dict[str, list[_OwedDelivery]] = defaultdict(list)
     for item in pending:
         by_destination[item.destination].append(item)
     most_attempts = 0
