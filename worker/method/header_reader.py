@@ -45,7 +45,7 @@ from pydicom.valuerep import VR
 
 from hrct_triage.common.dicom_elements import ElementWalker, MalformedDataSet
 
-__all__ = ["read_header"]
+__all__ = ["read_file_header"]
 
 # One read takes the header of a usual CT file (a few KiB) and little of its pixel data.
 _FIRST_READ = 16 * 1024
@@ -64,7 +64,7 @@ class _Unusual(Exception):
     """The file is one pydicom must read (see the module docstring)."""
 
 
-def read_header(path: Path, *, defer_size: int) -> FileDataset | None:
+def read_file_header(path: Path, *, defer_size: int) -> FileDataset | None:
     """``dcmread(path, defer_size=defer_size)``, or None where pydicom must read the file.
 
     Raises OSError as ``open`` does; a file that is not DICOM gives None (pydicom then says so).
