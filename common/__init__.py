@@ -1,1 +1,4 @@
-"""What every process shares (settings, logs, storage, UIDs, queue); imports no other room."""
+"""What every process shares (settings, logs, storage, UIDs, queue); imports no other room.
+
+Also the DICOM element bytes read and written by hand, and the paper's published values.
+"""

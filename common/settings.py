@@ -16,6 +16,7 @@ from urllib.parse import parse_qsl, urlsplit
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from hrct_triage.common import paper
 from hrct_triage.common.sop_classes import SR_CLASS_OPTIONS
 
 _DESTINATION = re.compile(
@@ -184,8 +185,11 @@ class Settings(BaseSettings):
     # tens of seconds per batch shape (measured on an H200: 9.5k -> 16k slices/s);
     # on a CPU the compile takes minutes and gains little, hence off by default.
     compile_model: bool = False
-    threshold: float = Field(0.8, ge=0.0, le=1.0)
-    trim_fraction: float = Field(0.1, ge=0.0, lt=0.5)
+    # The decision rule. Set explicitly, each wins over the checkpoint's own value; left unset,
+    # the checkpoint's applies (``worker.method.decision``), and the default below only shows
+    # the paper's value.
+    threshold: float = Field(paper.THRESHOLD, ge=0.0, le=1.0)
+    trim_fraction: float = Field(paper.TRIM_FRACTION, ge=0.0, lt=0.5)
     min_slices: int = Field(20, ge=1)
     batch_size: int = Field(32, ge=1)
     heatmaps: int = Field(3, ge=0)
@@ -301,6 +305,16 @@ class Settings(BaseSettings):
         if self.tls_require_client_cert and (self.tls_cert is None or self.tls_ca is None):
             raise ValueError("HRCT_TLS_REQUIRE_CLIENT_CERT needs HRCT_TLS_CERT, _KEY and _CA")
         return self
+
+    @property
+    def threshold_override(self) -> float | None:
+        """HRCT_THRESHOLD if it was set (environment, ``.env`` or argument), else None."""
+        return self.threshold if "threshold" in self.model_fields_set else None
+
+    @property
+    def trim_fraction_override(self) -> float | None:
+        """HRCT_TRIM_FRACTION if it was set (environment, ``.env`` or argument), else None."""
+        return self.trim_fraction if "trim_fraction" in self.model_fields_set else None
 
     @property
     def tls_enabled(self) -> bool:

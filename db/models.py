@@ -93,6 +93,9 @@ class Study(Base):
     probability: Mapped[float | None] = mapped_column(Float)
     positive: Mapped[bool | None] = mapped_column(Boolean)
     threshold: Mapped[float | None] = mapped_column(Float)
+    # Share of the lung slices dropped at each end before the mean: with ``threshold``, the
+    # decision rule the result was reached with.
+    trim_fraction: Mapped[float | None] = mapped_column(Float)
     model_version: Mapped[str | None] = mapped_column(String(200))
     analysed_series_uid: Mapped[str | None] = mapped_column(UID)
     slice_probabilities: Mapped[list[Any] | None] = mapped_column(JSON)

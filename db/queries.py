@@ -83,6 +83,7 @@ def _row(study: Study, instances: int) -> dict[str, Any]:
         "probability": study.probability,
         "positive": study.positive,
         "threshold": study.threshold,
+        "trim_fraction": study.trim_fraction,
         "priority": study.priority,
         "model_version": study.model_version,
         "instances": instances,

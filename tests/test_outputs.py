@@ -37,6 +37,7 @@ from hrct_triage.worker.outputs.sc import (
     _fixed_legend,
     _legend_strip,
     build_heatmap_scs,
+    decision_text,
     render_heatmap,
 )
 from hrct_triage.worker.outputs.sr import (
@@ -555,17 +556,19 @@ def test_overlay_keeps_low_activation_grey_and_marks_high_activation_red(
 def test_legend_of_fixed_parts_and_probability_line_is_the_legend_drawn_at_once(
     width: int, probability: float, untrained: bool
 ) -> None:
-    # given a model, a strip width and a slice probability
+    # given a model, a strip width, a slice probability and the study's decision rule
     model = replace(make_model(), untrained=untrained)
     note = _demo_note(model)
+    decision = decision_text(0.8, 0.1)
     # when the strip is composed of its cached fixed parts and the probability line
-    composed = _legend_strip(width, probability, model)
+    composed = _legend_strip(width, probability, model, decision)
     # then it is the strip drawn in one figure, pixel for pixel
-    drawn = _draw_legend(width, probability=probability, note=note, fixed=True)
+    drawn = _draw_legend(width, probability=probability, note=note, decision=decision, fixed=True)
     assert np.array_equal(composed, drawn)
     # and it was composed, not drawn at once: the line touches no drawn pixel of the fixed parts
-    line = _draw_legend(width, probability=probability, note=None, fixed=False)
-    assert np.any(line) and not np.any(_fixed_legend(width, note)[np.any(line != 0, axis=2)])
+    line = _draw_legend(width, probability=probability, note=None, decision=None, fixed=False)
+    fixed = _fixed_legend(width, note, decision)
+    assert np.any(line) and not np.any(fixed[np.any(line != 0, axis=2)])
 
 
 def test_sc_pixel_spacing_follows_the_enlargement(positive: tuple[Dataset, list[Dataset]]) -> None:

@@ -244,8 +244,8 @@ def _analyse_and_record(ctx: WorkerContext, claim: worklist.Claim) -> str:
         claim.study_uid,
         [Path(path) for path, _ in inputs],
         model,
-        threshold=settings.threshold,
-        trim_fraction=settings.trim_fraction,
+        threshold=settings.threshold_override,
+        trim_fraction=settings.trim_fraction_override,
         heatmaps=settings.heatmaps,
         min_slices=settings.min_slices,
         batch_size=settings.batch_size,
@@ -262,6 +262,7 @@ def _analyse_and_record(ctx: WorkerContext, claim: worklist.Claim) -> str:
         probability=analysis.probability,
         positive=analysis.positive,
         threshold=analysis.threshold,
+        trim_fraction=analysis.trim_fraction,
         model_version=analysis.model.version,
         series_uid=analysis.series_uid,
         slice_probabilities=[

@@ -176,6 +176,7 @@ def finish_analysis(
     study.probability = analysis.probability
     study.positive = analysis.positive
     study.threshold = analysis.threshold
+    study.trim_fraction = analysis.trim_fraction
     study.model_version = analysis.model_version
     study.analysed_series_uid = analysis.series_uid
     study.slice_probabilities = analysis.slice_probabilities

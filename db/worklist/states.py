@@ -81,6 +81,7 @@ class AnalysisRecord:
     series_uid: str
     slice_probabilities: list[Any]
     timings: dict[str, float]
+    trim_fraction: float | None = None  # with ``threshold``, the decision rule applied
 
 
 def _transition(

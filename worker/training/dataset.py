@@ -28,14 +28,8 @@ import numpy.typing as npt
 import torch
 from torch.utils.data import Dataset
 
-from hrct_triage.worker.method.preprocess import (
-    DEFAULT_INPUT_SIZE,
-    DEFAULT_WINDOW_LEVEL,
-    DEFAULT_WINDOW_WIDTH,
-    LungSettings,
-    lung_slices,
-    model_input,
-)
+from hrct_triage.common import paper
+from hrct_triage.worker.method.preprocess import LungSettings, lung_slices, model_input
 from hrct_triage.worker.method.series import select_series
 from hrct_triage.worker.method.volume import CTVolume, load_volume
 from hrct_triage.worker.training.labels import LabelledStudy
@@ -62,9 +56,9 @@ PHANTOM_MANUFACTURER = "hrct-triage phantom"  # what hrct_triage.phantoms writes
 class PreprocessSettings:
     """Everything that decides the pixels a study becomes; part of the cache key."""
 
-    input_size: int = DEFAULT_INPUT_SIZE
-    window_width: float = DEFAULT_WINDOW_WIDTH
-    window_level: float = DEFAULT_WINDOW_LEVEL
+    input_size: int = paper.INPUT_SIZE
+    window_width: float = paper.LUNG_WINDOW_WIDTH
+    window_level: float = paper.LUNG_WINDOW_LEVEL
     min_slices: int = 20
     lung: LungSettings = field(default_factory=LungSettings)
 
