@@ -469,6 +469,15 @@ def test_another_model_version_gives_new_uids(series: list[Dataset]) -> None:
     assert _uids(a.all).isdisjoint(_uids(b.all))
 
 
+def test_another_trim_fraction_gives_new_uids(series: list[Dataset]) -> None:
+    # given the same slices and model, averaged with two trim fractions
+    a = build_outputs(make_analysis(series), series, content_datetime=WHEN)
+    other = replace(make_analysis(series), trim_fraction=0.25)
+    b = build_outputs(other, series, content_datetime=WHEN)
+    # then no UID is shared: the SRs state different trim fractions (and may differ in result)
+    assert _uids(a.all).isdisjoint(_uids(b.all))
+
+
 def _uids(datasets: Sequence[Dataset]) -> set[str]:
     return {ds.SOPInstanceUID for ds in datasets} | {ds.SeriesInstanceUID for ds in datasets}
 
