@@ -4,7 +4,7 @@ Run from the repository root (needs DCMTK; shares the phantoms of ``listener_thr
 
     .venv/bin/python benchmarks/bare_receiver.py --repeat 3
 
-Why: issue 3 asks the listener for 0.6x of ``storescp --fork`` with 8 senders. This bounds what
+Why: the listener aims at 0.6x of ``storescp --fork``'s throughput with 8 senders. This bounds what
 any Python receiver that keeps the listener's contract can reach on the machine it runs on, so a
 shortfall can be put down to the contract's own work or to what the listener does beyond it.
 

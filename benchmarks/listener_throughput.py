@@ -1,6 +1,6 @@
 """Listener throughput against DCMTK's storescp, and the listener's peak memory.
 
-Run from the repository root (needs DCMTK; makes phantoms with ``hrct_triage.phantoms.generator``):
+Run from the repository root (needs DCMTK; makes phantoms with ``hrct_triage.phantoms``):
 
     .venv/bin/python benchmarks/listener_throughput.py            # single + 8 senders
     .venv/bin/python benchmarks/listener_throughput.py --rss      # also peak RSS, 100/1000 slices
@@ -28,16 +28,16 @@ either way).
 On a shared machine one pass says little, so each case runs ``--repeat`` times, listener and
 reference taking turns, and the medians are compared. Ratios are printed last.
 
-Two effects of the 2-core development VM move both servers' figures from one turn to the next,
-which is why only ratios of the same run compare. Its ext4 has no journal, and such an ext4 does
-not reuse an inode freed less than 60 s ago (360 s while its inode table block is not written
-back): every inode allocated passes over all of them again (``recently_deleted``; measured here:
-44 us to create an empty file in a quiet folder, 830 us among a few thousand such inodes). So
-no turn's files are removed before the run ends: removing them after each pair of turns, as
-until stop 17, made the listener's turns (always the first after a removal) pay for thousands
-of them and the reference's turns for fewer. A run started within minutes of another still
-inherits that run's removal. And page-cache writes into memory the VM has not touched before
-cost several times a copy into reused pages (``copy_folio_from_iter_atomic``).
+Two effects of the 2-core development VM move both servers' figures from one turn to the next, which
+is why only ratios of the same run compare. Its ext4 has no journal, and such an ext4 does not reuse
+an inode freed less than 60 s ago (360 s while its inode table block is not written back): every
+inode allocated passes over all of them again (``recently_deleted``; measured here: 44 us to create
+an empty file in a quiet folder, 830 us among a few thousand such inodes). So no turn's files are
+removed before the run ends: removing them after each pair of turns, as an earlier version of this
+benchmark did, made the listener's turns (always the first after a removal) pay for thousands of
+them and the reference's turns for fewer. A run started within minutes of another still inherits
+that run's removal. And page-cache writes into memory the VM has not touched before cost several
+times a copy into reused pages (``copy_folio_from_iter_atomic``).
 
 storescp fsyncs nothing, so its files are still being written to the disk when its turn ends;
 without the ``sync`` after every turn, the kernel wrote them back during the listener's next
@@ -121,7 +121,7 @@ def _listening_sockets(port: int) -> int:
 
 def make_series(folder: Path, *, studies: int, slices: int) -> list[Path]:
     """``studies`` folders, each holding only the thin CT series of one phantom study."""
-    from hrct_triage.phantoms.generator import write_phantom_studies
+    from hrct_triage.phantoms import write_phantom_studies
 
     out = folder / f"{studies}x{slices}"
     series_dirs = sorted(p for p in out.glob("series_*") if p.is_dir())

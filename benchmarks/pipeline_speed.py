@@ -1,4 +1,4 @@
-"""Worker path against the bare model, in the same process and run (issue 4's CPU target).
+"""Worker path against the bare model, in the same process and run: what the work around it costs.
 
     .venv/bin/python benchmarks/pipeline_speed.py [--slices 300] [--repeat 2] [--checkpoint PATH]
         [--compile]
@@ -7,7 +7,8 @@ The worker path is what a task does after its claim: series selection, HU volume
 preprocessing, batched forward with CAM, trimmed mean, heat maps, and the SR and SC objects built
 and written ("SR ready"). The baseline is ``model.module(x)`` alone over the same preprocessed
 lung slices, same batch size, memory format and autocast. A second baseline is the plain
-forward the issue compares against on a GPU: fp32, eager, default memory format; it is timed
+forward as PyTorch runs it out of the box (what a GPU figure is judged against): fp32, eager,
+default memory format; it is timed
 where it differs from the bare forward (CUDA, or a CPU with bf16), as on an fp32-only CPU the two
 are the same work. Each round times the bare forward and the worker path back to back, in
 alternating order, so that a drift in the machine's speed (the bare forward took 20.0 to 23.3 s
@@ -43,14 +44,14 @@ def main() -> int:
 
     import torch
 
-    from hrct_triage.phantoms.generator import write_phantom_studies
+    from hrct_triage.phantoms import write_phantom_studies
     from hrct_triage.worker.memory import keep_freed_memory
     from hrct_triage.worker.method.model import load_model
     from hrct_triage.worker.method.pipeline import analyse_study
     from hrct_triage.worker.method.preprocess import lung_slices, model_input
     from hrct_triage.worker.method.series import select_series
     from hrct_triage.worker.method.volume import load_volume
-    from hrct_triage.worker.outputs.files import build_study_outputs
+    from hrct_triage.worker.outputs import Analysed, write_outputs
 
     model = load_model(
         args.checkpoint, allow_untrained=args.checkpoint is None, compile_features=args.compile
@@ -112,9 +113,8 @@ def main() -> int:
             analysis, headers = analyse_study(
                 study.study_uid, paths, model, batch_size=args.batch_size
             )
-            build_study_outputs(
-                analysis,
-                headers,
+            write_outputs(
+                Analysed(analysis, headers),
                 generation=run,
                 content_datetime=datetime(2026, 1, 1, tzinfo=UTC),
                 predecessor=None,

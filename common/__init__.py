@@ -1,4 +1,4 @@
-"""What every process shares: typed settings, logging, durable files, the broker contract.
+"""What every process shares (settings, logs, storage, UIDs, queue); imports no other room.
 
-Imports nothing of ``hrct_triage`` outside this package.
+Also the DICOM element bytes read and written by hand, and the paper's published values.
 """

@@ -11,23 +11,34 @@ from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Literal
-from urllib.parse import urlsplit
+from urllib.parse import parse_qsl, urlsplit
 
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-_DESTINATION = re.compile(r"^(?P<ae>[^@]{1,16})@(?P<host>[^:]+):(?P<port>\d{1,5})$")
+from hrct_triage.common import paper
+from hrct_triage.common.sop_classes import SR_CLASS_OPTIONS
+
+_DESTINATION = re.compile(
+    r"^(?P<ae>[^@]{1,16})@(?P<host>[^:?]+):(?P<port>\d{1,5})(?:\?(?P<options>.*))?$"
+)
 
 
 @dataclass(frozen=True)
 class Destination:
     """A peer that receives our SR and SC objects: a DICOM AE (``AE@host:port``, C-STORE) or a
-    DICOMweb service (``https://host/dicom-web``, STOW-RS to ``<url>/studies``)."""
+    DICOMweb service (``https://host/dicom-web``, STOW-RS to ``<url>/studies``).
+
+    Either may end in ``?sr=comprehensive3d|comprehensive|enhanced``: that PACS gets the SR in
+    that class only, for one that accepts a class but mishandles it. ``str()`` leaves the option
+    out: it names the peer, which is what delivery rows record.
+    """
 
     ae_title: str
     host: str
     port: int
     url: str | None = None  # set for a DICOMweb destination
+    sr_class: str | None = None  # SOP Class UID the SR is pinned to; None: negotiated
 
     @property
     def is_dicomweb(self) -> bool:
@@ -46,20 +57,43 @@ class Destination:
             raise ValueError(
                 f"HRCT_DESTINATIONS entry {text!r} is not AE@host:port or an http(s):// URL"
             )
-        return cls(match["ae"], match["host"], int(match["port"]))
+        sr_class = _sr_class_option(text, match["options"])
+        return cls(match["ae"], match["host"], int(match["port"]), sr_class=sr_class)
 
     @classmethod
     def _parse_url(cls, text: str) -> Destination:
         parts = urlsplit(text)
-        if not parts.hostname or parts.query or parts.fragment:
+        if not parts.hostname or parts.fragment:
             raise ValueError(f"HRCT_DESTINATIONS entry {text!r} is not a DICOMweb base URL")
         if parts.username or parts.password:
             # The entry is logged and stored with every delivery row: no secrets in it.
             raise ValueError(
                 "a DICOMweb destination must not carry credentials; set HRCT_DICOMWEB_TOKEN"
             )
+        sr_class = _sr_class_option(text, parts.query or None)
         port = parts.port or (443 if parts.scheme.lower() == "https" else 80)
-        return cls("", parts.hostname, port, text.rstrip("/"))
+        url = text.partition("?")[0].rstrip("/")
+        return cls("", parts.hostname, port, url, sr_class=sr_class)
+
+
+def _sr_class_option(entry: str, options: str | None) -> str | None:
+    """The SR class an entry's ``?sr=...`` pins, checked; None when the entry has no option."""
+    if options is None:
+        return None
+    try:
+        pairs = parse_qsl(options, keep_blank_values=True, strict_parsing=True)
+    except ValueError:
+        pairs = []
+    names = ", ".join(SR_CLASS_OPTIONS)
+    if len(pairs) != 1 or pairs[0][0] != "sr":
+        choices = "|".join(SR_CLASS_OPTIONS)
+        raise ValueError(f"HRCT_DESTINATIONS entry {entry!r}: the only option is sr=<{choices}>")
+    value = pairs[0][1].strip().lower()
+    if value not in SR_CLASS_OPTIONS:
+        raise ValueError(
+            f"HRCT_DESTINATIONS entry {entry!r}: sr={pairs[0][1]!r} is not one of {names}"
+        )
+    return SR_CLASS_OPTIONS[value]
 
 
 NOT_FOR_DIAGNOSTIC_USE = "not for diagnostic use"
@@ -114,7 +148,7 @@ def parse_quiet_by_aet(value: object) -> dict[str, float]:
 
 
 class Settings(BaseSettings):
-    """Every knob of the gateway; names are the contract in SPEC.md."""
+    """Every knob of the gateway; the ``HRCT_*`` names are what deployments set, so they stay."""
 
     model_config = SettingsConfigDict(
         env_prefix="HRCT_", env_file=".env", extra="ignore", protected_namespaces=()
@@ -181,11 +215,14 @@ class Settings(BaseSettings):
     model_path: Path | None = None
     allow_untrained: bool = False
     # torch.compile the DenseNet features on the worker. Pays off on a GPU after a warm-up of
-    # tens of seconds per batch shape (measured on an H200 by the issue: 9.5k -> 16k slices/s);
+    # tens of seconds per batch shape (measured on an H200: 9.5k -> 16k slices/s);
     # on a CPU the compile takes minutes and gains little, hence off by default.
     compile_model: bool = False
-    threshold: float = Field(0.8, ge=0.0, le=1.0)
-    trim_fraction: float = Field(0.1, ge=0.0, lt=0.5)
+    # The decision rule. Set explicitly, each wins over the checkpoint's own value; left unset,
+    # the checkpoint's applies (``worker.method.decision``), and the default below only shows
+    # the paper's value.
+    threshold: float = Field(paper.THRESHOLD, ge=0.0, le=1.0)
+    trim_fraction: float = Field(paper.TRIM_FRACTION, ge=0.0, lt=0.5)
     min_slices: int = Field(20, ge=1)
     batch_size: int = Field(32, ge=1)
     heatmaps: int = Field(3, ge=0)
@@ -310,6 +347,16 @@ class Settings(BaseSettings):
         if self.tls_require_client_cert and (self.tls_cert is None or self.tls_ca is None):
             raise ValueError("HRCT_TLS_REQUIRE_CLIENT_CERT needs HRCT_TLS_CERT, _KEY and _CA")
         return self
+
+    @property
+    def threshold_override(self) -> float | None:
+        """HRCT_THRESHOLD if it was set (environment, ``.env`` or argument), else None."""
+        return self.threshold if "threshold" in self.model_fields_set else None
+
+    @property
+    def trim_fraction_override(self) -> float | None:
+        """HRCT_TRIM_FRACTION if it was set (environment, ``.env`` or argument), else None."""
+        return self.trim_fraction if "trim_fraction" in self.model_fields_set else None
 
     @property
     def tls_enabled(self) -> bool:

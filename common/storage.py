@@ -37,6 +37,8 @@ def validate_uid(value: object, name: str) -> str:
 
 @dataclass(frozen=True)
 class SpooledFile:
+    """A file on disk with its name: where it is, its size and the SHA-256 of its content."""
+
     path: Path
     size_bytes: int
     sha256: str
@@ -59,11 +61,12 @@ def write_durably(path: Path, data: bytes) -> SpooledFile:
         raise
     os.close(fd)
     os.replace(temporary, path)
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
     return SpooledFile(path, len(data), hashlib.sha256(data).hexdigest())
 
 
-def _fsync_dir(folder: Path) -> None:
+def fsync_dir(folder: Path) -> None:
+    """Make a rename or unlink in ``folder`` survive a power cut."""
     fd = os.open(folder, os.O_RDONLY)
     try:
         os.fsync(fd)

@@ -45,7 +45,7 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         # A pool process loads the model before it reports up (``worker.tasks._warm_up``):
         # seconds on a busy CPU, more with CUDA start-up. Celery's default (4 s) killed every
         # replacement of a lost pool process before it was up, in a loop, so one OOM kill left
-        # the worker analysing nothing (found by tests/faults, fault 1).
+        # the worker analysing nothing (tests/faults: test_pool_process_killed_mid_analysis).
         "worker_proc_alive_timeout": WORKER_PROCESS_START_SECONDS,
         "worker_hijack_root_logger": False,
         "broker_connection_retry_on_startup": True,
@@ -63,7 +63,8 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         # SQLAlchemy transport would pass these to create_engine, so Redis only.) The margin
         # past the lease lets the lease lapse before the copy arrives; it used to be a fixed
         # minute, and kombu looked for such messages only every ~100 s, so a worker that hung
-        # held its study for lease + up to 160 s however short the lease (tests/faults, fault 9).
+        # held its study for lease + up to 160 s however short the lease (tests/faults:
+        # test_two_workers_and_a_redelivery_after_the_visibility_timeout).
         lease = float(settings.lease_seconds)
         margin = min(VISIBILITY_MARGIN_SECONDS, lease)
         config["broker_transport_options"] = {

@@ -59,7 +59,7 @@ class Base(DeclarativeBase):
 
 
 class StudyStatus:
-    """The states of SPEC.md; ``done`` means every destination acknowledged every output."""
+    """A study's states (README.md lists them); ``done``: every output acknowledged everywhere."""
 
     RECEIVING = "receiving"
     QUEUED = "queued"
@@ -94,6 +94,9 @@ class Study(Base):
     probability: Mapped[float | None] = mapped_column(Float)
     positive: Mapped[bool | None] = mapped_column(Boolean)
     threshold: Mapped[float | None] = mapped_column(Float)
+    # Share of the lung slices dropped at each end before the mean: with ``threshold``, the
+    # decision rule the result was reached with.
+    trim_fraction: Mapped[float | None] = mapped_column(Float)
     model_version: Mapped[str | None] = mapped_column(String(200))
     analysed_series_uid: Mapped[str | None] = mapped_column(UID)
     # Digest of what the current generation's verdict was computed on: the series selection
@@ -204,7 +207,14 @@ class InstanceReplacement(Base):
 
 
 class Refusal(Base):
-    """A C-STORE we answered with a failure status, when the data set named its study.
+    """A C-STORE we answered with a failure status: what of it could be identified, where it came
+    from and why, so that an administrator sees why a scanner's images did not arrive.
+
+    Most refusals happen before the instance's UIDs are known (a missing or invalid UID, a
+    malformed or oversized data set), so each UID column holds a UID only where the data set gave
+    a valid one, and is null otherwise; an invalid value is named in ``reason`` alone. The
+    scanner's AE title and address are kept here as well as through ``association_id``: the
+    association's own row may be missing when the database was down as it opened.
 
     A *transient* refusal (out of disk, database unavailable) is one the scanner will retry: until
     that SOP instance is stored, its study is not complete, so it is never analysed on a partial
@@ -215,12 +225,17 @@ class Refusal(Base):
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     association_id: Mapped[int | None] = mapped_column(ForeignKey("associations.id"), index=True)
-    study_uid: Mapped[str] = mapped_column(UID, index=True)
-    sop_instance_uid: Mapped[str] = mapped_column(UID)
+    calling_ae: Mapped[str | None] = mapped_column(String(16))
+    peer_address: Mapped[str | None] = mapped_column(String(64))
+    study_uid: Mapped[str | None] = mapped_column(UID, index=True)
+    series_uid: Mapped[str | None] = mapped_column(UID)
+    sop_instance_uid: Mapped[str | None] = mapped_column(UID)
     status: Mapped[int] = mapped_column(Integer)
+    # A short fixed name of the reason (``invalid_uid``, ``too_large``, ...), to count by.
+    kind: Mapped[str | None] = mapped_column(String(32))
     transient: Mapped[bool] = mapped_column(Boolean)
     reason: Mapped[str] = mapped_column(Text)
-    at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, index=True)
 
 
 class OutboxRow(Base):
@@ -278,8 +293,29 @@ class Delivery(Base):
     last_attempt_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     acknowledged_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     error: Mapped[str | None] = mapped_column(Text)
+    # What this destination was sent: the output itself, or an SR rewritten in the class the
+    # destination accepts (its own SOP Instance UID). None until an object went out.
+    sop_class_uid: Mapped[str | None] = mapped_column(UID)
+    sop_instance_uid: Mapped[str | None] = mapped_column(UID)
 
     output: Mapped[Output] = relationship(back_populates="deliveries")
+
+
+class DestinationCapabilities(Base):
+    """What a destination last answered when proposed every class and transfer syntax we may
+    send it: ``hrct-triage echo --capabilities``, and the worker again when a class is refused.
+
+    ``answers`` is a list of ``{"sop_class_uid", "transfer_syntax_uid", "accepted", "detail"}``;
+    ``problem`` says why there was no answer (refused connection, rejected association).
+    """
+
+    __tablename__ = "destination_capabilities"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    destination: Mapped[str] = mapped_column(String(128), unique=True)
+    checked_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    answers: Mapped[list[Any]] = mapped_column(JSON)
+    problem: Mapped[str | None] = mapped_column(Text)
 
 
 class Event(Base):

@@ -1,6 +1,7 @@
 """Read models for the CLI: worklist rows and a study's full record, as plain JSON-ready dicts.
 
-Keys follow SPEC.md (``study_uid``, ``status``, ``reason``, ``probability``, ...). No patient
+Keys are the worklist's public names (``study_uid``, ``status``, ``reason``, ``probability``, ...),
+the same in the CLI's JSON and the web API. No patient
 name, ID or birth date is stored, so none can be shown.
 """
 
@@ -13,7 +14,8 @@ from typing import Any
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, selectinload
 
-from hrct_triage.db.models import Instance, Output, Study
+from hrct_triage.common.sop_classes import sop_class_name
+from hrct_triage.db.models import Delivery, Instance, Output, Study
 
 
 def _iso(value: datetime | None) -> str | None:
@@ -38,6 +40,8 @@ def _outputs(study: Study, latest_only: bool) -> list[dict[str, Any]]:
                     "path": output.path,
                     "acknowledged_at": _iso(delivery.acknowledged_at),
                     "error": delivery.error,
+                    # What went out, when it differs from the output (an SR in another class).
+                    "sent_as": _sent_as(output, delivery),
                 }
             )
         if not output.deliveries:
@@ -53,9 +57,22 @@ def _outputs(study: Study, latest_only: bool) -> list[dict[str, Any]]:
                     "path": output.path,
                     "acknowledged_at": None,
                     "error": None,
+                    "sent_as": None,
                 }
             )
     return rows
+
+
+def _sent_as(output: Output, delivery: Delivery) -> dict[str, str] | None:
+    """``{"sop_class", "sop_class_uid", "sop_instance_uid"}`` of what a destination was sent in
+    place of the output (an SR rewritten in a class it accepts); None when it got the output."""
+    if delivery.sop_class_uid is None or delivery.sop_instance_uid == output.sop_instance_uid:
+        return None
+    return {
+        "sop_class": sop_class_name(delivery.sop_class_uid),
+        "sop_class_uid": delivery.sop_class_uid,
+        "sop_instance_uid": delivery.sop_instance_uid or "",
+    }
 
 
 def _row(study: Study, instances: int) -> dict[str, Any]:
@@ -66,6 +83,7 @@ def _row(study: Study, instances: int) -> dict[str, Any]:
         "probability": study.probability,
         "positive": study.positive,
         "threshold": study.threshold,
+        "trim_fraction": study.trim_fraction,
         "priority": study.priority,
         "model_version": study.model_version,
         "instances": instances,

@@ -1,14 +1,12 @@
 """Turns among the writers of one SQLite database that run in several processes, waited for in
 the kernel rather than by SQLite's polling.
 
-A SQLite writer that finds the database locked by another process sleeps and tries again (1, 2,
-5, 10, 15, 20, 25 ms and on, up to the busy timeout). When other processes commit back to back,
-as listener processes do under several senders, such a writer keeps missing the moments the lock
-is free: on the development VM, with eight senders and two listener processes, opening an
-association's audit row waited 57-137 ms, and a tenth to a third of the row commits slept at
-least a millisecond, their associations stalled meanwhile. Writers that first take a turn on a
-lock file beside the database (``flock``, exclusive, for the length of the transaction) are
-woken by the kernel the moment the holder lets go.
+A SQLite writer that finds the database locked by another process sleeps and tries again, for
+longer each time, up to the busy timeout. When other processes commit back to back, as listener
+processes do under several senders, such a writer keeps missing the moments the lock is free,
+and the association waiting on it stalls meanwhile. Writers that first take a turn on a lock
+file beside the database (``flock``, exclusive, for the length of the transaction) are woken by
+the kernel the moment the holder lets go.
 
 The turn is an addition to SQLite's own lock, not a replacement: a writer that does not take
 turns (a worker, the admin CLI) still meets SQLite's lock and waits in its busy handler. A thread

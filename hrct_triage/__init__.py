@@ -1,1 +1,1 @@
-"""The ``hrct-triage`` command: a thin composition root over ``listener``, ``worker`` and ``db``."""
+"""hrct-triage, installed as one package: the rooms below, linked in, and the process starter."""

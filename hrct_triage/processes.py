@@ -37,7 +37,11 @@ def settings_env(settings: Settings) -> dict[str, str]:
 def start_worker(
     settings: Settings, *, concurrency: int = 1, quiet: bool = False
 ) -> subprocess.Popen[bytes]:
+    """A worker in a session of its own (a Ctrl-C at the terminal reaches only this process,
+    which stops it with ``stop_process``) that ends when this process ends, however it ends
+    (``common.parent_death``); called from the main thread, whose end the kernel watches."""
     command = [sys.executable, "-m", "hrct_triage", "worker", "--concurrency", str(concurrency)]
+    command += ["--parent-pid", str(os.getpid())]
     output = subprocess.DEVNULL if quiet else None
     return subprocess.Popen(
         command, env=settings_env(settings), stdout=output, stderr=output, start_new_session=True

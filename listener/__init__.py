@@ -1,3 +1,5 @@
-"""The DICOM side: a Storage SCP that spools every instance durably, records it in the worklist,
-decides when a study is complete and publishes it to the queue. Never imports torch or ``worker``.
+"""The DICOM side: Storage SCP, spool, completion, dispatch; imports ``db`` and ``common`` only.
+
+The SCP spools every instance durably, records it in the worklist, decides when a study is
+complete and publishes it to the queue. It never imports torch or ``worker``.
 """

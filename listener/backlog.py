@@ -3,9 +3,10 @@ kept in memory and written, in order, as soon as the database answers again.
 
 Why it matters: an association row left ``open`` holds the studies it fed back from completion,
 rightly while the association is open. A close that failed to be written held them for good, until
-the listener was restarted (found by tests/faults, fault 4: PostgreSQL restarted while a scanner
-sent). A transient refusal that failed to be written let its study complete without the instance
-the scanner is going to send again, so the study was analysed on a partial set and then again.
+the listener was restarted (tests/faults:
+test_postgresql_restarted_while_studies_arrive_and_results_are_written). A transient refusal that
+failed to be written let its study complete without the instance the scanner is going to send again,
+so the study was analysed on a partial set and then again.
 
 Writes keep their order: once one waits, later ones queue behind it, so an association's close
 never lands before an earlier refusal of one of its instances. What is still queued when the

@@ -2,10 +2,9 @@
 
 Decoding a whole CT data set with pydicom costs more than storing it, and the listener needs only
 the UIDs, a few series attributes and the certainty that the data set is whole. So this module
-walks the element headers of the top-level data set, keeps the values of ``WANTED`` and skips
-every other value by its length. Undefined-length sequences and encapsulated pixel data are
-walked item by item only to find where they end. A data set that ends inside an element, or bytes
-that are not DICOM at all, raise :class:`MalformedDataSet` before anything is written.
+walks the element headers of the top-level data set (``common.dicom_elements.ElementWalker``)
+and keeps the values of ``WANTED``. A data set that ends inside an element, or bytes that are not
+DICOM at all, raise :class:`MalformedDataSet` before anything is written.
 
 The kept values are decoded here too: pydicom's element conversion cost more per instance than
 the walk, and plain ASCII (every UID, and nearly every modality, accession number and series
@@ -15,7 +14,7 @@ set's Specific Character Set.
 
 from __future__ import annotations
 
-import struct
+import contextlib
 import zlib
 from dataclasses import dataclass
 
@@ -23,6 +22,8 @@ from pydicom import uid
 from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.tag import Tag
+
+from hrct_triage.common.dicom_elements import ElementWalker, MalformedDataSet
 
 SPECIFIC_CHARACTER_SET = 0x00080005
 SOP_CLASS_UID = 0x00080016
@@ -49,22 +50,9 @@ WANTED = frozenset(
     }
 )
 
-# PS3.5 7.1.2: these VRs have a 2-byte reserved field and a 4-byte length in explicit VR.
-_LONG_VRS = frozenset(
-    {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"}
-)
-# VRs that may have an undefined length (sequences, encapsulated pixel data, unknown).
-_UNDEFINED_OK = frozenset({b"SQ", b"OB", b"OW", b"UN"})
-_UNDEFINED = 0xFFFFFFFF
-_ITEM = 0xFFFEE000
-_ITEM_END = 0xFFFEE00D
-_SEQUENCE_END = 0xFFFEE0DD
-# Nesting deeper than this is not a real data set; refuse it rather than recurse without bound.
-_MAX_DEPTH = 32
-
-
-class MalformedDataSet(ValueError):
-    """The bytes are not one complete DICOM data set in the negotiated transfer syntax."""
+# A refused deflated data set is inflated no further than this to name it: its identifying
+# attributes lie near its start, and a small deflated body can inflate without bound.
+_PARTIAL_INFLATE_BYTES = 4 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -128,99 +116,43 @@ def read_header(data: bytes | memoryview, transfer_syntax: str) -> Header:
             data = zlib.decompress(data, -zlib.MAX_WBITS)
         except zlib.error as error:
             raise MalformedDataSet(f"deflated data set does not inflate: {error}") from None
+    return _kept(data, transfer_syntax, partial=False)
+
+
+def read_partial_header(data: bytes | memoryview, transfer_syntax: str) -> Header:
+    """The ``WANTED`` attributes found before ``data`` ends or breaks, never raising: for naming
+    a refused instance (malformed, cut off, or over the size limit and so only partly kept) in
+    its audit row. Its values are as untrusted as the rest of such a data set."""
+    if transfer_syntax == uid.DeflatedExplicitVRLittleEndian:
+        try:
+            data = zlib.decompressobj(-zlib.MAX_WBITS).decompress(data, _PARTIAL_INFLATE_BYTES)
+        except zlib.error:
+            return Header({}, implicit=False, little=True)
+    return _kept(data, transfer_syntax, partial=True)
+
+
+def _kept(data: bytes | memoryview, transfer_syntax: str, *, partial: bool) -> Header:
     implicit = transfer_syntax == uid.ImplicitVRLittleEndian
     little = transfer_syntax != uid.ExplicitVRBigEndian
-    walker = _Walker(memoryview(data), implicit=implicit, little=little)
-    walker.walk(0, depth=0)
-    return Header({int(element.tag): element for element in walker.kept}, implicit, little)
-
-
-class _Walker:
-    def __init__(self, view: memoryview, *, implicit: bool, little: bool) -> None:
-        self.view = view
-        self.end = len(view)
-        self.implicit = implicit
-        self.little = little
-        order = "<" if little else ">"
-        self.u32 = struct.Struct(order + "L")
-        # an element header whole in one unpack: tag and 4-byte length (implicit VR, items),
-        # or tag, VR and 2-byte length (explicit VR)
-        self.implicit_header = struct.Struct(order + "HHL")
-        self.explicit_header = struct.Struct(order + "HH2sH")
-        self.kept: list[RawDataElement] = []
-
-    def walk(self, pos: int, *, depth: int) -> int:
-        """Walk one data set from ``pos``; nested ones end at their item delimiter."""
-        if depth > _MAX_DEPTH:
-            raise MalformedDataSet("sequences nested too deep")
-        previous = -1
-        while pos < self.end:
-            tag, vr, length, value_pos = self._header(pos)
-            if tag == _ITEM_END and depth > 0:
-                return value_pos
-            if tag <= previous:  # PS3.5 7.1: ascending order; random bytes rarely manage it
-                raise MalformedDataSet(
-                    f"elements out of order at ({tag >> 16:04X},{tag & 0xFFFF:04X})"
-                )
-            previous = tag
-            if tag in (_ITEM, _ITEM_END, _SEQUENCE_END):
-                raise MalformedDataSet(f"unexpected delimiter ({tag >> 16:04X},{tag & 0xFFFF:04X})")
-            if length == _UNDEFINED:
-                if vr is not None and vr not in _UNDEFINED_OK:
-                    raise MalformedDataSet(f"undefined length on VR {vr!r}")
-                pos = self._skip_items(value_pos, depth=depth)
-                continue
-            pos = value_pos + length
-            if pos > self.end:
-                raise MalformedDataSet(
-                    f"element ({tag >> 16:04X},{tag & 0xFFFF:04X}) runs past the end of the data"
-                )
-            if depth == 0 and tag in WANTED:
-                self.kept.append(
-                    RawDataElement(
-                        Tag(tag),
-                        vr.decode() if vr is not None else None,
-                        length,
-                        bytes(self.view[value_pos:pos]),
-                        value_pos,
-                        self.implicit,
-                        self.little,
-                    )
-                )
-        if depth > 0:
-            raise MalformedDataSet("data ends inside a sequence item")
-        return pos
-
-    def _skip_items(self, pos: int, *, depth: int) -> int:
-        """Skip the items of an undefined-length sequence or encapsulated pixel data."""
-        while True:
-            tag, _, length, value_pos = self._header(pos)
-            if tag == _SEQUENCE_END:
-                return value_pos
-            if tag != _ITEM:
-                raise MalformedDataSet("sequence holds something that is not an item")
-            if length == _UNDEFINED:
-                pos = self.walk(value_pos, depth=depth + 1)
-                continue
-            pos = value_pos + length
-            if pos > self.end:
-                raise MalformedDataSet("an item runs past the end of the data")
-
-    def _header(self, pos: int) -> tuple[int, bytes | None, int, int]:
-        """(tag, VR or None, length, where the value starts) of the element at ``pos``."""
-        if pos + 8 > self.end:
-            raise MalformedDataSet("data ends inside an element header")
-        if self.implicit:
-            group, element, length = self.implicit_header.unpack_from(self.view, pos)
-            return group << 16 | element, None, length, pos + 8
-        group, element, vr, short_length = self.explicit_header.unpack_from(self.view, pos)
-        tag = group << 16 | element
-        if group == 0xFFFE:  # item and delimiters: a 4-byte length where the VR would be
-            return tag, None, self.u32.unpack_from(self.view, pos + 4)[0], pos + 8
-        if not (vr.isalpha() and vr.isupper()):  # two ASCII capitals
-            raise MalformedDataSet(f"no valid VR at ({group:04X},{element:04X})")
-        if vr in _LONG_VRS:
-            if pos + 12 > self.end:
-                raise MalformedDataSet("data ends inside an element header")
-            return tag, vr, self.u32.unpack_from(self.view, pos + 8)[0], pos + 12
-        return tag, vr, short_length, pos + 8
+    view = memoryview(data)
+    found: list[tuple[int, bytes | None, int, int]] = []
+    if partial:
+        # what was walked before the break is all there is
+        with contextlib.suppress(MalformedDataSet):
+            ElementWalker(view).elements(0, implicit=implicit, little=little, into=found)
+    else:
+        found = ElementWalker(view).elements(0, implicit=implicit, little=little)[0]
+    kept = {
+        tag: RawDataElement(
+            Tag(tag),
+            vr.decode() if vr is not None else None,
+            length,
+            bytes(view[value_pos : value_pos + length]),
+            value_pos,
+            implicit,
+            little,
+        )
+        for tag, vr, length, value_pos in found
+        if tag in WANTED
+    }
+    return Header(kept, implicit, little)

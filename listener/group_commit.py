@@ -54,7 +54,9 @@ class Outcome:
 
 
 @dataclass
-class _Pending:
+class _QueuedRow:
+    """An instance row waiting for a shared commit, and what became of it."""
+
     facts: worklist.InstanceFacts
     association_id: int | None
     now: datetime
@@ -71,7 +73,7 @@ class GroupCommit:
         self._sessions = sessions
         self._engine: Engine = sessions.kw["bind"]
         self._connection: Connection | None = None  # used only under the commit lock
-        self._pending: list[_Pending] = []
+        self._pending: list[_QueuedRow] = []
         self._queue_lock = threading.Lock()
         self._commit_lock = threading.Lock()
 
@@ -84,7 +86,7 @@ class GroupCommit:
     ) -> Outcome:
         """Commit the instance's row (perhaps with others'); raises what the commit raised, or
         what ``durable`` (waiting for the instance's file) raised before a replacing row."""
-        item = _Pending(facts, association_id, now, durable)
+        item = _QueuedRow(facts, association_id, now, durable)
         with self._queue_lock:
             self._pending.append(item)
         while not item.done:
@@ -112,7 +114,7 @@ class GroupCommit:
         if isinstance(dbapi_connection, TurnTakingConnection):
             dbapi_connection.take_turn()
 
-    def _commit(self, batch: list[_Pending]) -> None:
+    def _commit(self, batch: list[_QueuedRow]) -> None:
         try:
             outcomes = self._in_one_transaction(batch)
         except Exception:
@@ -129,7 +131,7 @@ class GroupCommit:
         for item, outcome in zip(batch, outcomes, strict=True):
             _finish(item, outcome, None)
 
-    def _in_one_transaction(self, batch: list[_Pending]) -> list[Outcome]:
+    def _in_one_transaction(self, batch: list[_QueuedRow]) -> list[Outcome]:
         try:
             connection = self._connected()
             with connection.begin():
@@ -162,7 +164,7 @@ class GroupCommit:
                 self._connection = None
 
 
-def _record_on(connection: Connection, item: _Pending) -> Outcome:
+def _record_on(connection: Connection, item: _QueuedRow) -> Outcome:
     """The row of one instance in the connection's transaction."""
     recorded = worklist.record_instance_quickly(
         connection, item.facts, association_id=item.association_id, now=item.now
@@ -177,7 +179,7 @@ def _record_on(connection: Connection, item: _Pending) -> Outcome:
         return outcome
 
 
-def _record(session: Session, item: _Pending) -> Outcome:
+def _record(session: Session, item: _QueuedRow) -> Outcome:
     recorded = worklist.record_instance(
         session, item.facts, association_id=item.association_id, now=item.now
     )
@@ -189,7 +191,7 @@ def _record(session: Session, item: _Pending) -> Outcome:
     return Outcome(recorded, superseded)
 
 
-def _finish(item: _Pending, outcome: Outcome | None, error: BaseException | None) -> None:
+def _finish(item: _QueuedRow, outcome: Outcome | None, error: BaseException | None) -> None:
     item.outcome = outcome
     item.error = error
     item.done = True

@@ -40,9 +40,16 @@ from hrct_triage.listener.dicom_header import (
     Header,
     MalformedDataSet,
     read_header,
+    read_partial_header,
 )
 from hrct_triage.listener.group_commit import GroupCommit, Outcome
 from hrct_triage.listener.metrics import ListenerMetrics, rejection_kind
+from hrct_triage.listener.refusal_audit import (
+    Identifiers,
+    RefusalRecord,
+    readable_identifiers,
+    record_refusal,
+)
 from hrct_triage.listener.spool import (
     Streaming,
     Syncing,
@@ -60,6 +67,8 @@ OUT_OF_RESOURCES = 0xA700  # Refused: out of resources (disk, database, or large
 DATASET_DOES_NOT_MATCH_SOP_CLASS = 0xA900  # Error: data set does not match SOP class / request
 CANNOT_UNDERSTAND = 0xC000  # Error: cannot understand (truncated or not a DICOM data set)
 INVALID_UID = 0xC001  # Error: cannot understand (a UID is missing or invalid; never a file name)
+# Not returned here: what pynetdicom and ``listener.store_stream`` answer when storing raised.
+PROCESSING_FAILURE = 0xC211  # Error: processing failure (a fault of ours, in the log)
 
 # A-ASSOCIATE-RJ diagnostics pynetdicom itself may send (PS3.8 9.3.4), for the audit row.
 _REJECT_REASONS = {
@@ -116,7 +125,8 @@ class _Refused(Exception):
         self.reason = reason
         self.kind = kind
         self.transient = transient
-        self.study_uid: str | None = None  # once the header gave a valid one
+        # Set once the instance is identified; until then the audit reads what it can.
+        self.identifiers: Identifiers | None = None
 
 
 def _now() -> datetime:
@@ -348,17 +358,25 @@ def store_instance(
     except _Refused as refusal:
         status = refusal.status
         state.metrics.refusals.labels(status=f"0x{status:04X}", reason=refusal.kind).inc()
+        identifiers = refusal.identifiers or _readable(request, data)
         log.warning(
             "C-STORE refused with 0x%04X: %s",
             status,
             refusal.reason,
             extra={
                 "association": association_id,
-                "study_uid": refusal.study_uid,
+                "study_uid": identifiers.study_uid,
                 "status": f"0x{status:04X}",
                 "reason_kind": refusal.kind,
             },
         )
+        _audit(state, request, association_id, identifiers, refusal)
+    except Exception as error:  # a fault of ours: answered 0xC211 by the caller, audited here
+        failure = _Refused(
+            PROCESSING_FAILURE, f"internal error ({type(error).__name__})", "internal_error"
+        )
+        _audit(state, request, association_id, _readable(request, data), failure)
+        raise
     else:
         state.metrics.instances.inc()
         state.metrics.received_bytes.inc(size)
@@ -443,8 +461,7 @@ def _store(
             _forget_unsynced(state, facts, outcome)
             raise _spool_write_failed(sync_error)
     except _Refused as refusal:
-        refusal.study_uid = study_uid
-        _record_refusal(state, association_id, study_uid, sop_uid, refusal)
+        refusal.identifiers = Identifiers(study_uid, series_uid, sop_uid)
         raise
     if outcome.superseded is not None and outcome.superseded != str(path):
         _remove_superseded(Path(outcome.superseded))
@@ -534,28 +551,45 @@ def _record(
     return outcome
 
 
-def _record_refusal(
+def _readable(request: StoreRequest, data: memoryview) -> Identifiers:
+    """The valid UIDs that can be read of a data set refused before it was identified."""
+    try:
+        header = read_partial_header(data, request.transfer_syntax)
+    except Exception:  # naming it is best effort; refusing it is what matters
+        header = None
+    return readable_identifiers(header, request.requested_sop_uid)
+
+
+def _audit(
     state: ListenerState,
+    request: StoreRequest,
     association_id: int | None,
-    study_uid: str,
-    sop_uid: str,
+    identifiers: Identifiers,
     refusal: _Refused,
 ) -> None:
-    now = _now()
-    # Through the backlog: a transient refusal keeps its study from completing without the
-    # instance the scanner will send again, so it must be written even when the database is
-    # what refused it (and before the association's close, which the backlog keeps in order).
-    state.backlog.write(
-        f"refusal of {sop_uid}",
-        lambda session: worklist.record_refusal(
-            session,
+    """Keep the refusal in the worklist's ``refusals`` (``listener.refusal_audit``), before the
+    answer. Through the backlog: a transient refusal keeps its study from completing without the
+    instance the scanner will send again, so it must be written even when the database is what
+    refused it (and before the association's close, which the backlog keeps in order)."""
+    calling: str | None
+    address: str | None
+    try:
+        calling = str(request.assoc.requestor.ae_title).strip()
+        address = _peer(request.assoc)[0]
+    except Exception:  # a half-made association object: the row says less, nothing fails
+        calling = address = None
+    record_refusal(
+        state.backlog,
+        RefusalRecord(
+            identifiers=identifiers,
             association_id=association_id,
-            study_uid=study_uid,
-            sop_instance_uid=sop_uid,
+            calling_ae=calling,
+            peer_address=address,
             status=refusal.status,
+            kind=refusal.kind,
             transient=refusal.transient,
             reason=refusal.reason,
-            now=now,
+            at=_now(),
         ),
     )
 

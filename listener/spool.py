@@ -49,14 +49,19 @@ from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
-from hrct_triage.common.storage import TEMP_SUFFIX, validate_uid
+from hrct_triage.common.dicom_elements import explicit_element, uid_value
+from hrct_triage.common.storage import TEMP_SUFFIX, SpooledFile, fsync_dir, validate_uid
 
-# Our Implementation Class UID (PS3.7 D.3.3.2) in the File Meta of spooled files; a UUID-derived
-# UID under 2.25 needs no registered root.
-IMPLEMENTATION_CLASS_UID = "2.25." + str(
-    uuid.uuid5(uuid.NAMESPACE_URL, "https://github.com/hrct-triage/listener").int
-)
-IMPLEMENTATION_VERSION = "HRCT_TRIAGE_01"
+# Our Implementation Class UID (PS3.7 D.3.3.2) in the File Meta of spooled files: fixed, under
+# 2.25 (a UUID's decimal value), so it needs no registered root. It is part of every spooled
+# file's bytes, hence of its content hash: changing it makes every resend a new version.
+IMPLEMENTATION_CLASS_UID = "2.25.73833319994810865772592426700708241355"
+IMPLEMENTATION_VERSION = "HRCT_TRIAGE_01"  # SH of an even length: written as it is
+_PREAMBLE = b"\x00" * 128 + b"DICM"
+_META_VERSION = explicit_element(0x00020001, b"OB", b"\x00\x01")
+_META_IMPLEMENTATION = explicit_element(
+    0x00020012, b"UI", uid_value(IMPLEMENTATION_CLASS_UID)
+) + explicit_element(0x00020013, b"SH", IMPLEMENTATION_VERSION.encode("ascii"))
 _HASH_CHARS = 16  # 64 bits of the SHA-256 tell versions of one instance apart
 # The fsyncs of spooled files and of their folders run here, beside the worklist commit (fsync
 # releases the GIL): two per C-STORE in flight, for every association of the process.
@@ -69,13 +74,6 @@ _DURABLE_LOCK = threading.Lock()
 _SPARES: dict[Path, list[int]] = {}
 _SPARES_KEPT = 4  # each is an empty inode and a descriptor, nothing on the disk
 _SPARES_LOCK = threading.Lock()
-
-
-@dataclass(frozen=True)
-class SpooledFile:
-    path: Path
-    size_bytes: int
-    sha256: str
 
 
 def instance_dir(spool_dir: Path, study_uid: str, series_uid: str) -> Path:
@@ -94,33 +92,22 @@ def file_meta(sop_class_uid: str, sop_instance_uid: str, transfer_syntax_uid: st
     """Preamble, ``DICM`` and File Meta Information (PS3.10 7.1) for a received data set.
 
     Deterministic on purpose (no time, no sender): the same data set always gives the same file,
-    so an identical resend hashes the same and changes nothing.
+    so an identical resend hashes the same and changes nothing. The bytes are those of pydicom's
+    ``write_file_meta_info`` (tests/test_spool.py compares them), built here because pydicom's
+    writer takes about a hundred times longer, a sizeable share of the listener's CPU time per
+    instance (``benchmarks/file_meta.py`` prints the ratio).
     """
     elements = b"".join(
         (
-            _meta_element(0x0001, b"OB", b"\x00\x01"),
-            _meta_element(0x0002, b"UI", _ui(sop_class_uid)),
-            _meta_element(0x0003, b"UI", _ui(sop_instance_uid)),
-            _meta_element(0x0010, b"UI", _ui(transfer_syntax_uid)),
-            _meta_element(0x0012, b"UI", _ui(IMPLEMENTATION_CLASS_UID)),
-            _meta_element(0x0013, b"SH", IMPLEMENTATION_VERSION.encode("ascii")),
+            _META_VERSION,
+            explicit_element(0x00020002, b"UI", uid_value(sop_class_uid)),
+            explicit_element(0x00020003, b"UI", uid_value(sop_instance_uid)),
+            explicit_element(0x00020010, b"UI", uid_value(transfer_syntax_uid)),
+            _META_IMPLEMENTATION,
         )
     )
-    group_length = _meta_element(0x0000, b"UL", struct.pack("<L", len(elements)))
-    return b"\x00" * 128 + b"DICM" + group_length + elements
-
-
-def _ui(value: str) -> bytes:
-    raw = value.encode("ascii")
-    return raw + b"\x00" if len(raw) % 2 else raw
-
-
-def _meta_element(element: int, vr: bytes, value: bytes) -> bytes:
-    if len(value) % 2:
-        value += b" "
-    if vr == b"OB":
-        return struct.pack("<HH2sHL", 0x0002, element, vr, 0, len(value)) + value
-    return struct.pack("<HH2sH", 0x0002, element, vr, len(value)) + value
+    group_length = explicit_element(0x00020000, b"UL", struct.pack("<L", len(elements)))
+    return _PREAMBLE + group_length + elements
 
 
 def content_hash(meta: bytes, dataset: bytes | memoryview) -> str:
@@ -444,15 +431,6 @@ def name_matches_content(path: Path, sha256: str) -> bool:
     """Whether a spooled file's name carries this content hash (``<sop>.<sha16>.dcm``)."""
     stem = path.name.removesuffix(".dcm")
     return "." in stem and stem.rsplit(".", 1)[1] == sha256[:_HASH_CHARS]
-
-
-def fsync_dir(folder: Path) -> None:
-    """Make a rename or unlink in ``folder`` survive a power cut."""
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def free_bytes(spool_dir: Path) -> int:

@@ -30,6 +30,7 @@ from typing import Any, cast
 
 from pynetdicom.transport import AssociationSocket, RequestHandler
 
+from hrct_triage.common.dicom_elements import uid_value
 from hrct_triage.listener.handlers import StoreRequest
 from hrct_triage.listener.pynetdicom_patches import WakingDUL, make_waking
 from hrct_triage.listener.spool import Streaming
@@ -132,12 +133,12 @@ def c_store_rsp(
 ) -> bytes:
     """The P-DATA-TF PDU of a C-STORE-RSP (PS3.7 9.3.1.2), command in one fragment."""
     elements = [
-        (0x0002, _padded(sop_class_uid)),
+        (0x0002, uid_value(sop_class_uid, errors="replace")),
         (0x0100, struct.pack("<H", _C_STORE_RSP)),
         (0x0120, struct.pack("<H", message_id)),
         (0x0800, struct.pack("<H", _NO_DATA_SET)),
         (0x0900, struct.pack("<H", status)),
-        (0x1000, _padded(sop_instance_uid)),
+        (0x1000, uid_value(sop_instance_uid, errors="replace")),
     ]
     body = b"".join(
         struct.pack("<HHL", 0, element, len(value)) + value for element, value in elements
@@ -145,11 +146,6 @@ def c_store_rsp(
     command = struct.pack("<HHLL", 0, 0, 4, len(body)) + body
     item = struct.pack(">LBB", len(command) + 2, context_id, 0x03) + command
     return struct.pack(">BBL", _P_DATA_TF, 0, len(item)) + item
-
-
-def _padded(uid: str) -> bytes:
-    value = uid.encode("ascii", errors="replace")
-    return value + b"\x00" if len(value) % 2 else value
 
 
 @dataclass

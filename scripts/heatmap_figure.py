@@ -37,7 +37,7 @@ def main() -> int:
     from hrct_triage.worker.method.checkpoints import default_checkpoint
     from hrct_triage.worker.method.model import load_model
     from hrct_triage.worker.method.pipeline import analyse_study
-    from hrct_triage.worker.outputs.files import build_study_outputs
+    from hrct_triage.worker.outputs import Analysed, write_outputs
 
     checkpoint = args.checkpoint or default_checkpoint()
     model = load_model(checkpoint, allow_untrained=False)
@@ -48,9 +48,8 @@ def main() -> int:
     by_uid = {str(u): i for i, u in enumerate(masks["sop_instance_uids"])}
     tiles: list[Image.Image] = []
     with tempfile.TemporaryDirectory() as scratch:
-        records = build_study_outputs(
-            analysis,
-            headers,
+        records = write_outputs(
+            Analysed(analysis, headers),
             generation=1,
             content_datetime=datetime(2026, 1, 1, tzinfo=UTC),
             predecessor=None,

@@ -76,7 +76,7 @@ def sessions(database_url: str) -> Iterator[sessionmaker[Session]]:
 @pytest.fixture(scope="session")
 def phantom_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """One COVID-like and one healthy phantom study, 60 thin slices each, plus a non-CT study."""
-    from hrct_triage.phantoms.generator import write_non_ct_study, write_phantom_studies
+    from hrct_triage.phantoms import write_non_ct_study, write_phantom_studies
 
     out = tmp_path_factory.mktemp("phantoms")
     write_phantom_studies(out / "studies", covid=1, healthy=1, slices=60, seed=7)

@@ -82,7 +82,7 @@ def _compress(tool: tuple[str, ...], syntax: str, source: Path, target: Path) ->
 @pytest.fixture(scope="module")
 def small_study(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
     """The thin lung series of one 24-slice phantom: small enough to analyse on a CPU quickly."""
-    from hrct_triage.phantoms.generator import write_phantom_studies
+    from hrct_triage.phantoms import write_phantom_studies
 
     out = tmp_path_factory.mktemp("small")
     (study,) = write_phantom_studies(out, covid=1, healthy=0, slices=24, seed=5)

@@ -32,14 +32,9 @@ from hrct_triage.db import worklist
 from hrct_triage.db.migrate import upgrade
 from hrct_triage.db.models import Delivery, OutboxRow, Output, Study, StudyStatus
 from hrct_triage.db.session import make_engine, make_sessionmaker, transaction
-from hrct_triage.worker.jobs import (
-    DELIVERY_JITTER,
-    WorkerContext,
-    delivery_backoff,
-    run_delivery,
-    run_triage,
-)
-from hrct_triage.worker.outputs.files import build_study_outputs
+from hrct_triage.worker.delivery.backoff import DELIVERY_JITTER, delivery_backoff
+from hrct_triage.worker.jobs import WorkerContext, run_delivery, run_triage
+from hrct_triage.worker.outputs import Analysed, write_outputs
 from tests.conftest import Orthanc, StoreSCP, dciodvfy_errors, free_port
 from tests.test_outputs import WHEN, ct_series, make_analysis
 
@@ -112,9 +107,8 @@ def _analysed_study(
     """A study analysed by hand (fake CT, no model) whose SR and SCs are owed to
     ``destinations``; returns its id and its output SOP Instance UIDs."""
     headers = ct_series(20, 32, pixels=False)
-    records = build_study_outputs(
-        make_analysis(headers),
-        headers,
+    records = write_outputs(
+        Analysed(make_analysis(headers), headers),
         generation=1,
         content_datetime=WHEN,
         predecessor=None,
@@ -234,7 +228,7 @@ class WarningSCP:
 @pytest.fixture(scope="module")
 def phantom_study(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
     """A small COVID-like phantom (24 thin slices): enough for a real analysis, quick to make."""
-    from hrct_triage.phantoms.generator import write_phantom_studies
+    from hrct_triage.phantoms import write_phantom_studies
 
     out = tmp_path_factory.mktemp("delivery-phantom")
     (study,) = write_phantom_studies(out, covid=1, healthy=0, slices=24, seed=11)
@@ -287,7 +281,7 @@ def test_not_analysed_sr_is_delivered_and_the_study_stays_not_applicable(
     tmp_path: Path, pacs: StoreSCP
 ) -> None:
     # given a study with no CT at all, and a site that wants not-analysed SRs
-    from hrct_triage.phantoms.generator import write_non_ct_study
+    from hrct_triage.phantoms import write_non_ct_study
 
     folder = write_non_ct_study(tmp_path / "non_ct", seed=3)
     url = f"sqlite:///{tmp_path / 'worklist.sqlite'}"
@@ -312,7 +306,7 @@ def test_not_analysed_sr_is_delivered_and_the_study_stays_not_applicable(
 
 def test_not_applicable_study_gets_no_sr_unless_asked(tmp_path: Path) -> None:
     # given the default settings (no not-analysed SR) and a study with no CT
-    from hrct_triage.phantoms.generator import write_non_ct_study
+    from hrct_triage.phantoms import write_non_ct_study
 
     folder = write_non_ct_study(tmp_path / "non_ct", seed=3)
     url = f"sqlite:///{tmp_path / 'worklist.sqlite'}"

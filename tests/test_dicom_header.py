@@ -108,3 +108,33 @@ def test_a_data_set_cut_short_is_refused() -> None:
     data = _encode(_dataset(Modality="CT"), ExplicitVRLittleEndian)
     with pytest.raises(MalformedDataSet):
         read_header(data[:-3], ExplicitVRLittleEndian)
+
+
+@pytest.mark.parametrize(
+    "transfer_syntax", [ImplicitVRLittleEndian, ExplicitVRLittleEndian, ExplicitVRBigEndian]
+)
+def test_undefined_length_sequences_are_walked_over_to_the_attributes_after_them(
+    transfer_syntax: str,
+) -> None:
+    # given undefined-length sequences, one item nested in another, before the series' UID and
+    # number the listener records
+    inner = Dataset()
+    inner.CodeValue, inner.CodingSchemeDesignator, inner.CodeMeaning = "1", "99X", "x"
+    outer = Dataset()
+    outer.ReferencedSOPInstanceUID = "1.2.3.9"
+    outer.PurposeOfReferenceCodeSequence = [inner]
+    outer["PurposeOfReferenceCodeSequence"].is_undefined_length = True
+    dataset = _dataset(Modality="CT", SeriesNumber=3)
+    dataset.ReferencedImageSequence = [outer, Dataset()]
+    dataset["ReferencedImageSequence"].is_undefined_length = True
+    data = _encode(dataset, transfer_syntax)
+    # when its header is read, then the attributes after the sequences are those pydicom reads
+    header = read_header(data, transfer_syntax)
+    theirs = _pydicom_reads(data, transfer_syntax)
+    assert header.uid(SERIES_INSTANCE_UID) == theirs.SeriesInstanceUID == "1.2.3.4"
+    assert header.text(MODALITY) == "CT"
+    assert header.integer(SERIES_NUMBER) == 3
+    # and the same data set cut inside the nested item is refused
+    cut = data.index(b"99X")
+    with pytest.raises(MalformedDataSet):
+        read_header(data[:cut], transfer_syntax)

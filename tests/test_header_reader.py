@@ -18,8 +18,8 @@ from pydicom import Dataset
 from pydicom.dataset import FileDataset
 from pydicom.uid import ImplicitVRLittleEndian
 
-from hrct_triage.phantoms.generator import write_phantom_studies
-from hrct_triage.worker.method.header_reader import read_header
+from hrct_triage.phantoms import write_phantom_studies
+from hrct_triage.worker.method.header_reader import read_file_header
 from hrct_triage.worker.method.results import NotApplicable
 from hrct_triage.worker.method.series import (
     DEFERRED_VALUE_BYTES,
@@ -63,7 +63,7 @@ def _compare_files(paths: list[Path]) -> int:
     """Compare both readers on ``paths``; the number the fast reader read itself."""
     fast = 0
     for path in paths:
-        header = read_header(path, defer_size=DEFERRED_VALUE_BYTES)
+        header = read_file_header(path, defer_size=DEFERRED_VALUE_BYTES)
         if header is not None:
             _assert_same(_pydicom(path), header, path)
             fast += 1
@@ -185,7 +185,7 @@ def test_odd_files_are_left_to_pydicom(tmp_path: Path, studies: dict[str, list[P
     junk = tmp_path / "junk.dcm"
     junk.write_bytes(b"not DICOM at all")
     for path in (truncated, no_preamble, junk):
-        assert read_header(path, defer_size=DEFERRED_VALUE_BYTES) is None
+        assert read_file_header(path, defer_size=DEFERRED_VALUE_BYTES) is None
     # an undefined-length sequence (pydicom parses those while reading)
     ds = pydicom.dcmread(source)
     item = Dataset()
@@ -194,7 +194,7 @@ def test_odd_files_are_left_to_pydicom(tmp_path: Path, studies: dict[str, list[P
     ds["ProcedureCodeSequence"].is_undefined_length = True
     undefined = tmp_path / "undefined.dcm"
     ds.save_as(undefined, enforce_file_format=True)
-    assert read_header(undefined, defer_size=DEFERRED_VALUE_BYTES) is None
+    assert read_file_header(undefined, defer_size=DEFERRED_VALUE_BYTES) is None
 
 
 def test_text_in_another_character_set_is_decoded_by_pydicom_later(
@@ -208,7 +208,7 @@ def test_text_in_another_character_set_is_decoded_by_pydicom_later(
     ds.save_as(path, enforce_file_format=True)
     # when read fast, then the raw elements equal pydicom's and the text decodes the same
     assert _compare_files([path]) == 1
-    header = read_header(path, defer_size=DEFERRED_VALUE_BYTES)
+    header = read_file_header(path, defer_size=DEFERRED_VALUE_BYTES)
     assert header is not None
     assert header.SeriesDescription == _pydicom(path).SeriesDescription
     assert header.SeriesDescription.endswith("(Größe)")

@@ -206,7 +206,7 @@ def test_study_uploaded_to_orthanc_comes_back_with_our_sr_and_heat_maps(
     tmp_path: Path, orthanc: Orthanc, gateway: Gateway
 ) -> None:
     # given a COVID-like phantom study (localizer, 40 thin slices, soft-tissue series)
-    from hrct_triage.phantoms.generator import write_phantom_studies
+    from hrct_triage.phantoms import write_phantom_studies
 
     write_phantom_studies(tmp_path / "phantom", covid=1, healthy=0, slices=40, seed=11)
     files = sorted((tmp_path / "phantom").rglob("*.dcm"))

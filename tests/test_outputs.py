@@ -29,13 +29,15 @@ from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 from hrct_triage.common.settings import Settings
 from hrct_triage.common.uids import derive_uid
 from hrct_triage.worker.method.results import HeatMap, ModelInfo, SliceResult, StudyAnalysis
-from hrct_triage.worker.outputs.objects import SeriesLabels, build_outputs, encode, write_output
+from hrct_triage.worker.outputs.files import write_output
+from hrct_triage.worker.outputs.objects import SeriesLabels, build_outputs, encode
 from hrct_triage.worker.outputs.sc import (
     _demo_note,
     _draw_legend,
     _fixed_legend,
     _legend_strip,
     build_heatmap_scs,
+    decision_text,
     render_heatmap,
 )
 from hrct_triage.worker.outputs.sr import (
@@ -467,6 +469,15 @@ def test_another_model_version_gives_new_uids(series: list[Dataset]) -> None:
     assert _uids(a.all).isdisjoint(_uids(b.all))
 
 
+def test_another_trim_fraction_gives_new_uids(series: list[Dataset]) -> None:
+    # given the same slices and model, averaged with two trim fractions
+    a = build_outputs(make_analysis(series), series, content_datetime=WHEN)
+    other = replace(make_analysis(series), trim_fraction=0.25)
+    b = build_outputs(other, series, content_datetime=WHEN)
+    # then no UID is shared: the SRs state different trim fractions (and may differ in result)
+    assert _uids(a.all).isdisjoint(_uids(b.all))
+
+
 def _uids(datasets: Sequence[Dataset]) -> set[str]:
     return {ds.SOPInstanceUID for ds in datasets} | {ds.SeriesInstanceUID for ds in datasets}
 
@@ -554,17 +565,19 @@ def test_overlay_keeps_low_activation_grey_and_marks_high_activation_red(
 def test_legend_of_fixed_parts_and_probability_line_is_the_legend_drawn_at_once(
     width: int, probability: float, untrained: bool
 ) -> None:
-    # given a model, a strip width and a slice probability
+    # given a model, a strip width, a slice probability and the study's decision rule
     model = replace(make_model(), untrained=untrained)
     note = _demo_note(model)
+    decision = decision_text(0.8, 0.1)
     # when the strip is composed of its cached fixed parts and the probability line
-    composed = _legend_strip(width, probability, model)
+    composed = _legend_strip(width, probability, model, decision)
     # then it is the strip drawn in one figure, pixel for pixel
-    drawn = _draw_legend(width, probability=probability, note=note, fixed=True)
+    drawn = _draw_legend(width, probability=probability, note=note, decision=decision, fixed=True)
     assert np.array_equal(composed, drawn)
     # and it was composed, not drawn at once: the line touches no drawn pixel of the fixed parts
-    line = _draw_legend(width, probability=probability, note=None, fixed=False)
-    assert np.any(line) and not np.any(_fixed_legend(width, note)[np.any(line != 0, axis=2)])
+    line = _draw_legend(width, probability=probability, note=None, decision=None, fixed=False)
+    fixed = _fixed_legend(width, note, decision)
+    assert np.any(line) and not np.any(fixed[np.any(line != 0, axis=2)])
 
 
 def test_sc_pixel_spacing_follows_the_enlargement(positive: tuple[Dataset, list[Dataset]]) -> None:

@@ -1,4 +1,4 @@
-"""Tests of the synthetic chest CT phantoms (phantoms/generator.py).
+"""Tests of the synthetic chest CT phantoms (the phantoms/ package).
 
 The demo, the pipeline tests and the training of the demo weights all stand on these studies, so
 they must be valid DICOM as a scanner sends it, realistic in Hounsfield units, honest in their
@@ -22,7 +22,7 @@ from scipy import ndimage
 from typer.testing import CliRunner
 
 from hrct_triage.cli.app import app
-from hrct_triage.phantoms.generator import (
+from hrct_triage.phantoms import (
     LABELS_NAME,
     LESION_MASKS_NAME,
     SEVERITY_MIX,

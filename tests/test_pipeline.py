@@ -30,7 +30,7 @@ from pydicom.uid import (
     SecondaryCaptureImageStorage,
 )
 
-from hrct_triage.phantoms.generator import LESION_MASKS_NAME, PhantomStudy, write_phantom_studies
+from hrct_triage.phantoms import LESION_MASKS_NAME, PhantomStudy, write_phantom_studies
 from hrct_triage.worker.method.inference import (
     cam_image,
     forward,
@@ -632,7 +632,7 @@ def _dcmcjpeg(paths: Sequence[Path], folder: Path) -> list[Path]:
     return copies
 
 
-# --- phantom studies from phantoms.generator
+# --- phantom studies from hrct_triage.phantoms
 # -------------------------------------------------------
 
 

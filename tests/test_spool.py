@@ -16,6 +16,9 @@ from pathlib import Path
 
 import pydicom
 import pytest
+from pydicom.dataset import FileMetaDataset
+from pydicom.filebase import DicomBytesIO
+from pydicom.filewriter import write_file_meta_info
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -37,6 +40,24 @@ T_QUIET = timedelta(seconds=1)
 def _write(spool_dir: Path, dataset: bytes) -> spool.SpooledFile:
     meta = spool.file_meta("1.2.840.10008.5.1.4.1.1.2", SOP, "1.2.840.10008.1.2.1")
     return spool.write_instance(spool.instance_dir(spool_dir, STUDY, SERIES), SOP, meta, dataset)
+
+
+@pytest.mark.parametrize("sop_uid", [SOP, SOP + "6"])  # padded, and not
+@pytest.mark.parametrize("syntax", ["1.2.840.10008.1.2", "1.2.840.10008.1.2.4.50"])
+def test_file_meta_is_the_file_meta_pydicom_writes(sop_uid: str, syntax: str) -> None:
+    # given the File Meta that pydicom's writer makes for a received CT image
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID = (
+        "1.2.840.10008.5.1.4.1.1.2",
+        sop_uid,
+    )
+    meta.TransferSyntaxUID, meta.ImplementationClassUID = syntax, spool.IMPLEMENTATION_CLASS_UID
+    meta.ImplementationVersionName = spool.IMPLEMENTATION_VERSION
+    written = DicomBytesIO()
+    write_file_meta_info(written, meta, enforce_standard=True)
+    # then the spool's own bytes are those, after the preamble
+    built = spool.file_meta("1.2.840.10008.5.1.4.1.1.2", sop_uid, syntax)
+    assert built == b"\x00" * 128 + b"DICM" + written.getvalue()
 
 
 def test_an_identical_resend_leaves_the_stored_file_in_place(tmp_path: Path) -> None:

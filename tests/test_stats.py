@@ -233,7 +233,7 @@ def cli_database(database_url: str, monkeypatch: pytest.MonkeyPatch) -> Iterator
 
 
 def _cli() -> typer.Typer:
-    """A CLI with the command registered as the lead registers it in hrct_triage.cli.app."""
+    """A CLI with the command registered as hrct_triage.cli.app registers it."""
     app = typer.Typer()
     app.command("stats")(ops_cli.stats_command)
     app.command("noop")(lambda: None)  # two commands, so typer keeps the sub-command name

@@ -27,7 +27,7 @@ from hrct_triage.db import worklist
 from hrct_triage.db.migrate import upgrade
 from hrct_triage.db.session import make_engine, make_sessionmaker, transaction
 from hrct_triage.web.app import COOKIE, create_app, slice_plot_svg, token_from_environment
-from hrct_triage.worker.outputs.files import build_study_outputs
+from hrct_triage.worker.outputs import Analysed, write_outputs
 from tests.conftest import _wait_for_port, free_port
 from tests.test_outputs import ct_series, make_analysis
 
@@ -121,9 +121,8 @@ def _analyse(
     """The worker's part: claim, real SR and SC files, the result recorded."""
     claim = _claim(sessions, headers[0].StudyInstanceUID, at)
     analysis = make_analysis(headers, positive=positive, heatmaps=3)
-    records = build_study_outputs(
-        analysis,
-        headers,
+    records = write_outputs(
+        Analysed(analysis, headers),
         generation=claim.generation,
         content_datetime=at,
         predecessor=None,
@@ -278,7 +277,7 @@ def test_api_lists_the_worklist_urgent_first_with_spec_keys(served: Worklist) ->
     # when the worklist is asked for with the token
     status, headers, body = get(f"{served.base_url}/api/worklist")
     rows = json.loads(body)
-    # then the positive study leads, the negative one closes, with SPEC's keys and no file paths
+    # then the positive study leads, the negative one closes, with the worklist's keys, no paths
     assert status == 200 and headers["content-type"] == "application/json"
     assert rows[0]["study_uid"] == served.positive_uid and rows[0]["positive"] is True
     assert rows[-1]["study_uid"] == served.negative_uid

@@ -34,7 +34,7 @@ class TrainedRun:
 
 @functools.cache
 def _phantoms(base: Path) -> Path:
-    from hrct_triage.phantoms.generator import write_phantom_studies
+    from hrct_triage.phantoms import write_phantom_studies
 
     out = base / "training-phantoms"
     write_phantom_studies(out, covid=2, healthy=2, slices=SLICES, seed=11)

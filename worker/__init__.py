@@ -1,4 +1,5 @@
-"""The analysis side: Celery tasks, the Yang et al. 2020 pipeline, outputs and delivery.
+"""The analysis side: Celery app, tasks and jobs over its rooms; imports ``db`` and ``common``.
 
-Never imported by ``listener``; the two meet in ``db`` and on the queue.
+Its rooms are ``method`` (the paper), ``outputs`` (SR and SCs), ``delivery`` (sending them) and
+``training``. Never imported by ``listener``; the two meet in ``db`` and on the queue.
 """

@@ -1,8 +1,9 @@
 """What a task does, as plain functions: claim the study, analyse, record, deliver.
 
-Tasks take a study id and load everything else from the worklist (STYLE habit 7). They are safe
-to run twice: the claim lets one worker analyse a study at a time, and every recording checks the
-claim, so a redelivered or overtaken message records nothing.
+Tasks take a study id and load everything else from the worklist, so a message never carries
+state that the worklist may since have changed. They are safe to run twice: the claim lets one
+worker analyse a study at a time, and every recording checks the claim, so a redelivered or
+overtaken message records nothing.
 """
 
 from __future__ import annotations
@@ -10,10 +11,8 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-import random
 import socket
 import time
-from collections import defaultdict
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -27,12 +26,13 @@ from sqlalchemy import select
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
-from hrct_triage.common.settings import Destination, Settings
+from hrct_triage.common.settings import Settings
 from hrct_triage.db import stats, worklist
 from hrct_triage.db.models import Output, Study, StudyStatus
 from hrct_triage.db.session import transaction
 from hrct_triage.worker import input_check
-from hrct_triage.worker.delivery.dimse import send_files
+from hrct_triage.worker.delivery.backoff import delivery_backoff
+from hrct_triage.worker.delivery_round import Pending, deliver_round
 from hrct_triage.worker.method.results import NotApplicable
 
 if TYPE_CHECKING:
@@ -46,9 +46,6 @@ RETRY_AFTER_SECONDS = 5.0
 # If a worker dies after recording a result but before delivering it, another worker delivers
 # once this much time has passed.
 DELIVERY_GRACE_SECONDS = 60.0
-# Delivery waits are shortened by up to this fraction at random, so that the studies held up
-# by one PACS outage do not all retry in the same second once it is back.
-DELIVERY_JITTER = 0.2
 # How long a worker waits for the worklist database to answer again (a restart, a fail-over)
 # before the step fails; longer outages are left to the lease and the outbox.
 DATABASE_WAIT_SECONDS = 120.0
@@ -115,8 +112,9 @@ def _transaction(ctx: WorkerContext) -> Iterator[Session]:
 
     A worker whose database restarted under it used to fail the step at hand: a result it could
     not record left the study ``processing`` under its claim until the lease lapsed (15 minutes
-    by default), and a claim it could not take dropped the message (found by tests/faults,
-    fault 4). The wait is for a connection (``pool_pre_ping`` replaces dead pooled ones), up to
+    by default), and a claim it could not take dropped the message (as
+    ``test_postgresql_restarted_while_studies_arrive_and_results_are_written`` in tests/faults
+    showed). The wait is for a connection (``pool_pre_ping`` replaces dead pooled ones), up to
     ``DATABASE_WAIT_SECONDS``; the body runs once, so a database lost mid-transaction still
     fails the step, which the step's own error handling records.
     """
@@ -291,8 +289,7 @@ def _analyse(
     """The method on the chosen series' files (selection chooses it again, the same), and the
     outputs built from its result; ``looked`` is the time the input check took."""
     from hrct_triage.worker.method.pipeline import analyse_study
-    from hrct_triage.worker.outputs.files import build_study_outputs
-    from hrct_triage.worker.outputs.objects import SeriesLabels
+    from hrct_triage.worker.outputs import Analysed, SeriesLabels, write_outputs
 
     settings = ctx.settings
     with _transaction(ctx) as session:
@@ -305,15 +302,14 @@ def _analyse(
         claim.study_uid,
         list(series.paths),
         model,
-        threshold=settings.threshold,
-        trim_fraction=settings.trim_fraction,
+        threshold=settings.threshold_override,
+        trim_fraction=settings.trim_fraction_override,
         heatmaps=settings.heatmaps,
         min_slices=settings.min_slices,
         batch_size=settings.batch_size,
     )
-    records = build_study_outputs(
-        analysis,
-        headers,
+    records = write_outputs(
+        Analysed(analysis, headers),
         generation=claim.generation,
         content_datetime=content_datetime,
         predecessor=dcmread(predecessor) if predecessor else None,
@@ -324,6 +320,7 @@ def _analyse(
         probability=analysis.probability,
         positive=analysis.positive,
         threshold=analysis.threshold,
+        trim_fraction=analysis.trim_fraction,
         model_version=analysis.model.version,
         series_uid=analysis.series_uid,
         slice_probabilities=[
@@ -409,8 +406,7 @@ def _not_analysed_outputs(
     ctx: WorkerContext, claim: worklist.Claim, reason: str
 ) -> list[worklist.OutputRecord]:
     """Build and file the not-analysed SR, dated like an analysis' outputs (queue time)."""
-    from hrct_triage.worker.outputs.files import build_not_analysed_output
-    from hrct_triage.worker.outputs.objects import SeriesLabels
+    from hrct_triage.worker.outputs import NotAnalysed, SeriesLabels, write_outputs
 
     with _transaction(ctx) as session:
         inputs = worklist.analysis_inputs(session, claim.study_id)
@@ -418,39 +414,14 @@ def _not_analysed_outputs(
         assert study is not None
         content_datetime = study.queued_at or _now()
         predecessor = _previous_sr_path(session, claim)
-    return build_not_analysed_output(
-        [Path(path) for path, _ in inputs],
-        reason,
-        ctx.model().info,
+    return write_outputs(
+        NotAnalysed([Path(path) for path, _ in inputs], reason, ctx.model().info),
         generation=claim.generation,
         content_datetime=content_datetime,
         predecessor=dcmread(predecessor) if predecessor else None,
         out_dir=ctx.settings.outputs_dir / claim.study_uid,
         labels=SeriesLabels.from_settings(ctx.settings),
     )
-
-
-def delivery_backoff(
-    failed_attempts: int, *, base: float, maximum: float, rng: random.Random | None = None
-) -> float:
-    """Seconds to wait after the ``failed_attempts``-th failed round: ``base`` doubled each
-    round, capped at ``maximum``, then shortened by up to ``DELIVERY_JITTER`` at random.
-
-    Jitter only shortens, so the cap is a promise: a recovered PACS waits at most ``maximum``.
-    """
-    if failed_attempts < 1:
-        return 0.0
-    exponent = min(failed_attempts - 1, 62)  # 2**62 x base is past any cap; avoids overflow
-    delay = min(maximum, base * 2.0**exponent)
-    return delay * (1.0 - DELIVERY_JITTER * (rng or random).random())
-
-
-@dataclass(frozen=True)
-class _Pending:
-    delivery_id: int
-    destination: str
-    attempts: int
-    path: Path
 
 
 def run_delivery(ctx: WorkerContext, study_id: int) -> str:
@@ -491,7 +462,7 @@ def run_delivery(ctx: WorkerContext, study_id: int) -> str:
     return outcome or "ignored"
 
 
-def _hold_delivery(ctx: WorkerContext, study_id: int) -> tuple[str | None, list[_Pending]]:
+def _hold_delivery(ctx: WorkerContext, study_id: int) -> tuple[str | None, list[Pending]]:
     """The study's delivery hold and what it owes, or (None, []) when it is not ours."""
     with _transaction(ctx) as session:
         token = worklist.claim_delivery(
@@ -504,7 +475,14 @@ def _hold_delivery(ctx: WorkerContext, study_id: int) -> tuple[str | None, list[
         if token is None:
             return None, []
         return token, [
-            _Pending(delivery.id, delivery.destination, delivery.attempts, Path(output.path))
+            Pending(
+                delivery.id,
+                delivery.destination,
+                delivery.attempts,
+                Path(output.path),
+                output.kind,
+                output.sop_class_uid,
+            )
             for delivery, output in worklist.pending_deliveries(session, study_id)
         ]
 
@@ -521,45 +499,7 @@ def _alarm_if_slow(session: Session, study_id: int, target_seconds: float) -> No
         stats.log_alarms([alarm], target_seconds=target_seconds, logger=log)
 
 
-def _deliver_round(ctx: WorkerContext, study_id: int, pending: list[_Pending]) -> int:
+def _deliver_round(ctx: WorkerContext, study_id: int, pending: list[Pending]) -> int:
     """One association per destination; every answer recorded as it comes. Returns the most
     attempts any still-failing delivery has had (0: all delivered), which sets the backoff."""
-    settings = ctx.settings
-    by_destination: dict[str, list[_Pending]] = defaultdict(list)
-    for item in pending:
-        by_destination[item.destination].append(item)
-    most_attempts = 0
-    for destination, items in by_destination.items():
-        results = send_files(
-            Destination.parse(destination),
-            [item.path for item in items],
-            calling_ae=settings.ae_title,
-            timeout=settings.delivery_timeout_seconds,
-            dicomweb_token=settings.dicomweb_token,
-            dicomweb_ca=settings.dicomweb_ca,
-        )
-        with _transaction(ctx) as session:
-            for item, result in zip(items, results, strict=True):
-                worklist.record_delivery(
-                    session,
-                    item.delivery_id,
-                    status_code=result.status,
-                    error=result.error,
-                    max_attempts=settings.delivery_attempts,
-                    now=_now(),
-                )
-                if result.error:
-                    most_attempts = max(most_attempts, item.attempts + 1)
-        failures = sum(result.error is not None for result in results)
-        if failures:
-            first = next(r.error for r in results if r.error)
-            log.warning(
-                "study %d: %d of %d objects not delivered to %s: %s",
-                study_id,
-                failures,
-                len(results),
-                destination,
-                first,
-                extra={"study_id": study_id},
-            )
-    return most_attempts
+    return deliver_round(ctx.settings, lambda: _transaction(ctx), study_id, pending, _now)

@@ -1,4 +1,4 @@
-"""The named state transitions of a study.
+"""The named state transitions of a study; imports the rest of ``db`` and ``common`` only.
 
 Every function here runs inside the caller's transaction (``db.session.transaction``) and never
 commits by itself, so a state change and the outbox row announcing it land together or not at all.
@@ -23,7 +23,7 @@ The contract each transition keeps:
 
 One module per stage, all re-exported here, so callers keep writing ``worklist.claim(...)``:
 ``states`` (task names, status groups, records, the state-change helpers), ``associations``,
-``ingest``, ``outbox``, ``analysis``, ``delivery`` and ``operator``.
+``ingest``, ``outbox``, ``analysis``, ``delivery``, ``capabilities`` and ``operator``.
 """
 
 from __future__ import annotations
@@ -56,6 +56,7 @@ from hrct_triage.db.worklist.associations import (
     replaced_path,
     spooled_paths,
 )
+from hrct_triage.db.worklist.capabilities import load_capabilities, save_capabilities
 from hrct_triage.db.worklist.delivery import (
     claim_delivery,
     pending_deliveries,
@@ -128,6 +129,7 @@ __all__ = [
     "late_arrivals",
     "live_holder",
     "live_holders",
+    "load_capabilities",
     "mark_not_applicable",
     "mark_published",
     "open_association",
@@ -145,6 +147,7 @@ __all__ = [
     "replaced_path",
     "requeue",
     "resend",
+    "save_capabilities",
     "settle_delivery",
     "spooled_paths",
     "start_generation",

@@ -135,8 +135,10 @@ def release_holds(
     ``HRCT_LEASE_SECONDS`` (15 minutes by default, the triage target itself). A worker that
     *knows* the holder is dead (a pool process of its own host that is gone, see
     ``worker.jobs.holder_is_gone``) lapses the hold now, so the study is claimed again at once
-    instead of sitting in ``processing`` (found by tests/faults, faults 1, 2 and 8). The next
-    claim counts as a new attempt, so a study that kills every process ends ``failed``.
+    instead of sitting in ``processing`` (tests/faults: test_pool_process_killed_mid_analysis,
+    test_whole_worker_killed_and_restarted_later and
+    test_poison_study_fails_after_the_attempt_limit_and_blocks_nothing). The next claim counts as a
+    new attempt, so a study that kills every process ends ``failed``.
 
     ``republish`` makes the studies' outbox rows due at once, for a caller that holds no
     message of them (a worker starting up after the whole worker was killed); the claim token
@@ -337,6 +339,7 @@ def finish_analysis(
     study.probability = analysis.probability
     study.positive = analysis.positive
     study.threshold = analysis.threshold
+    study.trim_fraction = analysis.trim_fraction
     study.model_version = analysis.model_version
     study.analysed_series_uid = analysis.series_uid
     study.slice_probabilities = analysis.slice_probabilities

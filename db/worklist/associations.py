@@ -146,7 +146,8 @@ def close_orphaned_associations(session: Session, *, now: datetime) -> int:
         # down: the quiet period of a study they fed starts now, not at its last instance before
         # the crash, so a scanner that sends again at once is in before the study completes.
         # It used to complete at the first dispatcher round after the restart, on a partial set,
-        # and again after the resend (found by tests/faults, fault 6).
+        # and again after the resend (tests/faults:
+        # test_listener_killed_mid_association_and_the_scanner_sends_again).
         fed = select(Instance.study_id).where(Instance.association_id.in_(orphans))
         session.execute(
             update(Study)
@@ -161,20 +162,30 @@ def record_refusal(
     session: Session,
     *,
     association_id: int | None,
-    study_uid: str,
-    sop_instance_uid: str,
+    study_uid: str | None,
+    sop_instance_uid: str | None,
     status: int,
     transient: bool,
     reason: str,
     now: datetime,
+    series_uid: str | None = None,
+    calling_ae: str | None = None,
+    peer_address: str | None = None,
+    kind: str | None = None,
 ) -> None:
-    """Keep a refused C-STORE whose study is known; a transient one holds the study open."""
+    """Keep a refused C-STORE with whatever identified it; a transient one holds its study open.
+
+    The UIDs must be valid ones or None (the listener never passes on an invalid value)."""
     session.add(
         Refusal(
             association_id=association_id,
+            calling_ae=calling_ae[:16] if calling_ae is not None else None,
+            peer_address=peer_address[:64] if peer_address is not None else None,
             study_uid=study_uid,
+            series_uid=series_uid,
             sop_instance_uid=sop_instance_uid,
             status=status,
+            kind=kind[:32] if kind is not None else None,
             transient=transient,
             reason=reason[:2000],
             at=now,

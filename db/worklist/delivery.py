@@ -85,17 +85,26 @@ def record_delivery(
     error: str | None,
     max_attempts: int,
     now: datetime,
+    permanent: bool = False,
+    sop_class_uid: str | None = None,
+    sop_instance_uid: str | None = None,
 ) -> str:
+    """Record one attempt: sent when ``error`` is None, failed once ``max_attempts`` are spent
+    or at once when the failure is ``permanent`` (retrying cannot help), else still pending.
+    ``sop_class_uid`` and ``sop_instance_uid`` say what went out, when something did."""
     delivery = session.get(Delivery, delivery_id)
     assert delivery is not None
     delivery.attempts += 1
     delivery.last_attempt_at = now
     delivery.status_code = status_code
     delivery.error = error
+    if sop_class_uid is not None:
+        delivery.sop_class_uid = sop_class_uid
+        delivery.sop_instance_uid = sop_instance_uid
     if error is None:
         delivery.state = DeliveryState.SENT
         delivery.acknowledged_at = now
-    elif delivery.attempts >= max_attempts:
+    elif permanent or delivery.attempts >= max_attempts:
         delivery.state = DeliveryState.FAILED
     return delivery.state
 
@@ -140,8 +149,8 @@ def settle_delivery(
             )
         ).first()
         reason = (
-            f"delivery to {failed.destination} failed after {failed.attempts} attempts: "
-            f"{failed.error}"
+            f"delivery to {failed.destination} failed after {failed.attempts} "
+            f"attempt{'' if failed.attempts == 1 else 's'}: {failed.error}"
             if failed
             else "delivery failed"
         )

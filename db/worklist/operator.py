@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
+from pathlib import Path
 
 from sqlalchemy import exists, or_, select
 from sqlalchemy.orm import Session
@@ -131,7 +132,7 @@ def cancel(session: Session, study: Study, *, now: datetime) -> bool:
     """Stop a study: it ends ``failed`` with reason "cancelled by operator" and is neither
     analysed nor delivered. False when it was already in a final state.
 
-    ``failed`` because SPEC's states have no "cancelled" and every consumer already treats
+    ``failed`` because the study states have no "cancelled" and every consumer already treats
     ``failed`` as "the AI will not answer for this study; read it without help". The claim is
     dropped, so a worker in the middle of it records nothing; undelivered outputs are marked
     failed; ``requeue`` undoes a cancel. A new instance of the study re-opens it, as for any
@@ -210,6 +211,18 @@ def purge_candidates(
         select(Output.study_id, Output.path).where(Output.study_id.in_(ids))
     ).all():
         paths[study_id].append(path)
+    # An SR a destination got in another class lies beside the output, named by its own UID.
+    for study_id, path, sent_uid in session.execute(
+        select(Output.study_id, Output.path, Delivery.sop_instance_uid)
+        .join(Delivery, Delivery.output_id == Output.id)
+        .where(
+            Output.study_id.in_(ids),
+            Delivery.sop_instance_uid.is_not(None),
+            Delivery.sop_instance_uid != Output.sop_instance_uid,
+        )
+        .distinct()
+    ).all():
+        paths[study_id].append(str(Path(path).with_name(f"{sent_uid}.dcm")))
     return [PurgeCandidate(s.id, s.study_uid, s.status, paths[s.id]) for s in studies]
 
 

@@ -87,6 +87,7 @@ class AnalysisRecord:
     series_uid: str
     slice_probabilities: list[Any]
     timings: dict[str, float]
+    trim_fraction: float | None = None  # with ``threshold``, the decision rule applied
     input_digest: str | None = None  # what was analysed (see ``Study.analysed_input``)
 
 

@@ -1,1 +1,1 @@
-"""The ``hrct-triage`` command: a thin composition root over the listener, worker and db."""
+"""The ``hrct-triage`` command, the composition root: it may import every other room."""

@@ -21,6 +21,7 @@ from rich.table import Table
 
 from hrct_triage.cli import admin as ops_admin
 from hrct_triage.cli import operations as ops_cli
+from hrct_triage.common import paper
 from hrct_triage.common.settings import Settings, get_settings
 from hrct_triage.common.task_queue import CONSUME_ORDER
 from hrct_triage.db import queries, worklist
@@ -88,12 +89,20 @@ def worker(
     ] = ",".join(CONSUME_ORDER),
     pool: Annotated[str, typer.Option(help="Celery pool: prefork or solo")] = "prefork",
     log_level: str = "INFO",
+    parent_pid: Annotated[
+        int | None,
+        typer.Option(hidden=True, help="end when this process ends (set by `up` and `demo`)"),
+    ] = None,
 ) -> None:
     """Run a Celery worker that analyses and delivers studies.
 
     By default it consumes ``hrct.urgent`` before ``hrct``: on Redis strictly (the urgent queue
     is emptied first), on the embedded broker round robin between the two.
     """
+    if parent_pid is not None:  # started by `up` or `demo`: a warm shutdown when they end
+        from hrct_triage.common.parent_death import die_with_parent
+
+        die_with_parent(parent_pid)
     from hrct_triage.worker.celery_app import app as celery_app
 
     celery_app.worker_main(
@@ -325,12 +334,29 @@ def echo(
     timeout: Annotated[
         float | None, typer.Option(help="seconds per peer (default HRCT_DELIVERY_TIMEOUT_SECONDS)")
     ] = None,
+    capabilities: Annotated[
+        bool,
+        typer.Option(
+            "--capabilities",
+            help="propose every SOP class and transfer syntax we send, show what each accepts",
+        ),
+    ] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="with --capabilities: JSON")] = False,
 ) -> None:
-    """C-ECHO every destination in HRCT_DESTINATIONS; exit 1 if any does not answer."""
+    """C-ECHO every destination in HRCT_DESTINATIONS; exit 1 if any does not answer.
+
+    With --capabilities: what each accepts of our SR classes and Secondary Capture, and so
+    which class the SR would go as; exit 1 if a destination would refuse an output.
+    """
     settings = get_settings()
     if not settings.destination_list:
         console.print("no destinations configured (HRCT_DESTINATIONS)")
         raise typer.Exit(NOTHING_MATCHED)
+    if capabilities:
+        from hrct_triage.cli.capabilities import capabilities_command
+
+        code = capabilities_command(settings, timeout, as_json=as_json, console=console)
+        raise typer.Exit(code)
     results = ops_admin.echo_all(settings, timeout)
     table = Table(title=f"C-ECHO from {settings.ae_title}")
     for column in ("destination", "result", "status", "seconds"):
@@ -384,7 +410,7 @@ def phantom(
     """Write synthetic chest CT studies, one folder each, and labels.csv."""
     from rich.progress import Progress
 
-    from hrct_triage.phantoms.generator import parse_severity_mix, write_phantom_studies
+    from hrct_triage.phantoms import parse_severity_mix, write_phantom_studies
 
     try:
         mix = None if severity_mix is None else parse_severity_mix(severity_mix)
@@ -429,7 +455,7 @@ def demo(
     )
 
 
-# --- training and evaluation (issue 4) --------------------------------------------------------
+# --- training and evaluation ----------------------------------------------------------------
 # torch is imported inside the commands so that the rest of the CLI stays quick to start.
 # Multi-GPU: `torchrun --nproc-per-node N -m hrct_triage train ...` (one process per GPU).
 
@@ -477,11 +503,15 @@ def train(
         140 / 295
     ),
     seed: Annotated[int, typer.Option(help="split, initial weights, shuffling, flips")] = 0,
-    input_size: Annotated[int, typer.Option(help="pixels, paper: 224")] = 224,
-    window_width: Annotated[float, typer.Option(help="HU, paper: 1200")] = 1200.0,
-    window_level: Annotated[float, typer.Option(help="HU, paper: -600")] = -600.0,
-    threshold: Annotated[float, typer.Option(help="stored in the checkpoint")] = 0.8,
-    trim_fraction: Annotated[float, typer.Option(help="dropped at each end")] = 0.1,
+    input_size: Annotated[int, typer.Option(help="pixels; the paper's")] = paper.INPUT_SIZE,
+    window_width: Annotated[float, typer.Option(help="HU; the paper's")] = paper.LUNG_WINDOW_WIDTH,
+    window_level: Annotated[float, typer.Option(help="HU; the paper's")] = paper.LUNG_WINDOW_LEVEL,
+    threshold: Annotated[
+        float, typer.Option(help="stored in the checkpoint; the paper's")
+    ] = paper.THRESHOLD,
+    trim_fraction: Annotated[
+        float, typer.Option(help="dropped at each end, stored in the checkpoint; the paper's")
+    ] = paper.TRIM_FRACTION,
     min_slices: Annotated[int, typer.Option(help="smallest series analysed")] = 20,
     pretrained: Annotated[
         Path | None, typer.Option(help="local ImageNet DenseNet-121 weights (no download)")
@@ -564,7 +594,12 @@ def evaluate(
     split: Annotated[
         list[str] | None, typer.Option(help="set(s) to report, e.g. validation, test [all]")
     ] = None,
-    threshold: Annotated[float | None, typer.Option(help="[the checkpoint's]")] = None,
+    threshold: Annotated[
+        float | None, typer.Option(help="[HRCT_THRESHOLD if set, else the checkpoint's]")
+    ] = None,
+    trim_fraction: Annotated[
+        float | None, typer.Option(help="[HRCT_TRIM_FRACTION if set, else the checkpoint's]")
+    ] = None,
     reader: Annotated[Path | None, typer.Option(help="CSV: study_uid,reader")] = None,
     ci_method: Annotated[str, typer.Option(help="delong or bootstrap")] = "delong",
     confidence: float = 0.95,
@@ -577,7 +612,10 @@ def evaluate(
     progress: Annotated[bool, typer.Option(help="rich progress bar")] = True,
     log_level: str = "INFO",
 ) -> None:
-    """Subject-level evaluation: Table 1 and 2 of the paper, ROC and threshold plots, JSON."""
+    """Subject-level evaluation: Table 1 and 2 of the paper, ROC and threshold plots, JSON.
+
+    The decision rule is the worker's: an option, else the setting if set, else the checkpoint's.
+    """
     from rich.markdown import Markdown
 
     from hrct_triage.worker.method.model import ModelError
@@ -587,6 +625,7 @@ def evaluate(
     if ci_method not in ("delong", "bootstrap"):
         raise typer.BadParameter("--ci-method must be delong or bootstrap")
     _training_logging(log_level)
+    settings = get_settings()
     try:
         config = EvaluateConfig(
             data_dir=data_dir,
@@ -594,7 +633,10 @@ def evaluate(
             labels=labels,
             output_dir=output_dir,
             splits=tuple(split or ()),
-            threshold=threshold,
+            threshold=settings.threshold_override if threshold is None else threshold,
+            trim_fraction=settings.trim_fraction_override
+            if trim_fraction is None
+            else trim_fraction,
             reader=reader,
             ci_method="bootstrap" if ci_method == "bootstrap" else "delong",
             confidence=confidence,

@@ -14,9 +14,11 @@ from typing import Annotated
 import typer
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from hrct_triage.common.settings import Settings, get_settings
 from hrct_triage.db import stats
+from hrct_triage.db.refusal_summary import ScannerRefusals, refusals_by_scanner
 from hrct_triage.db.session import make_engine, make_sessionmaker, transaction
 
 # Off a terminal (CI logs, pipes) rich would fold 64-character UIDs at 80 columns.
@@ -85,6 +87,38 @@ def render_alarms(found: list[stats.Alarm], target_seconds: float) -> Table:
     return table
 
 
+def _counted(counts: dict[str, int]) -> str:
+    """``{"0xC001": 4, "0xA700": 1}`` as ``0xC001: 4, 0xA700: 1``, the largest first."""
+    ordered = sorted(counts.items(), key=lambda item: (-item[1], item[0]))
+    return ", ".join(f"{name}: {count}" for name, count in ordered)
+
+
+def render_refusals(found: list[ScannerRefusals]) -> Table:
+    """Refused C-STOREs per scanner: how many, which statuses, why, and the latest reason."""
+    table = Table(
+        title=f"Refused instances by scanner ({sum(s.refusals for s in found)})",
+        title_justify="left",
+        title_style="bold red" if found else "green",
+    )
+    table.add_column("scanner", overflow="fold")
+    for column in ("refused", "transient"):
+        table.add_column(column, justify="right")
+    for column in ("statuses", "reasons", "last", "last reason"):
+        table.add_column(column, overflow="fold")
+    for summary in found:
+        address = f" ({summary.last_peer_address})" if summary.last_peer_address else ""
+        table.add_row(
+            Text(summary.scanner + address),  # Text: a peer's words are never rich markup
+            str(summary.refusals),
+            str(summary.transient),
+            _counted(summary.statuses),
+            _counted(summary.kinds),
+            summary.last_at.isoformat(timespec="seconds") if summary.last_at else "",
+            Text(summary.last_reason or ""),
+        )
+    return table
+
+
 def stats_command(
     since: Annotated[
         datetime | None,
@@ -101,7 +135,8 @@ def stats_command(
     as_json: Annotated[bool, typer.Option("--json", help="one JSON document")] = False,
 ) -> None:
     """Time to notification (last image -> SR acknowledged by the PACS) and per-stage
-    durations: p50/p95 per day and per scanner, and the studies over the target."""
+    durations: p50/p95 per day and per scanner, the studies over the target, and the instances
+    each scanner sent that the listener refused."""
     settings = get_settings()
     target = _target_seconds(target_seconds, settings)
     moment = _aware(since)
@@ -109,19 +144,25 @@ def stats_command(
     try:
         with transaction(make_sessionmaker(engine)) as session:
             timelines = stats.load_timelines(session, since=moment)
+            refused = refusals_by_scanner(session, since=moment)
     finally:
         engine.dispose()
     report = stats.build_report(
         timelines, target_seconds=target, now=datetime.now(UTC), since=moment
     )
     if as_json:
-        typer.echo(json.dumps(report.as_dict(), indent=2))
+        document = {
+            **report.as_dict(),
+            "refusals_by_scanner": [summary.as_dict() for summary in refused],
+        }
+        typer.echo(json.dumps(document, indent=2))
         return
     console.print(
         render_summaries("Time to notification by day", "day", [report.overall, *report.days])
     )
     console.print(render_summaries("Time to notification by scanner", "scanner", report.scanners))
     console.print(render_alarms(report.alarms, target))
+    console.print(render_refusals(refused))
 
 
 def web_command(

@@ -20,7 +20,7 @@ from hrct_triage.db.migrate import upgrade
 from hrct_triage.db.models import StudyStatus
 from hrct_triage.db.session import make_engine, make_sessionmaker, transaction
 from hrct_triage.demo.pacs import PacsStandIn
-from hrct_triage.demo.run.scanner import send_folder
+from hrct_triage.demo.scanner import send_folder
 from hrct_triage.processes import running_gateway
 
 TERMINAL = (StudyStatus.DONE, StudyStatus.FAILED, StudyStatus.NOT_APPLICABLE)
@@ -37,7 +37,7 @@ def free_port() -> int:
 def run_demo(
     console: Console, *, out_dir: Path, covid: int, healthy: int, slices: int, timeout: float
 ) -> int:
-    from hrct_triage.phantoms.generator import write_phantom_studies
+    from hrct_triage.phantoms import write_phantom_studies
     from hrct_triage.worker.method.checkpoints import default_checkpoint
 
     started = time.monotonic()

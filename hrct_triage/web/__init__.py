@@ -1,1 +1,1 @@
-"""The read-only web worklist and its JSON API, served by ``hrct-triage web``."""
+"""The read-only web worklist and its JSON API; imports ``db`` and ``common`` only."""

@@ -1,8 +1,9 @@
 """A small read-only web worklist and JSON API, served by ``hrct-triage web``.
 
-Pages: the worklist, urgent first, and one page per study with its heat-map thumbnails and the
-per-slice probability plot. JSON: ``/api/worklist`` and ``/api/studies/{uid}``, the same
-documents as ``hrct-triage worklist --json`` and ``show --json`` (less server file paths).
+Pages: the worklist, urgent first, with the instances each scanner sent that the listener
+refused, and one page per study with its heat-map thumbnails and the per-slice probability plot.
+JSON: ``/api/worklist`` and ``/api/studies/{uid}``, the same documents as ``hrct-triage worklist
+--json`` and ``show --json`` (less server file paths), and ``/api/refusals``.
 ``/healthz`` answers without a token, for container health checks.
 
 Every other path needs the token of ``HRCT_WEB_TOKEN``: as ``Authorization: Bearer <token>``
@@ -20,7 +21,7 @@ import logging
 import os
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Any
@@ -36,6 +37,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from hrct_triage.db import queries, stats
 from hrct_triage.db.models import Output, Study, StudyStatus
+from hrct_triage.db.refusal_summary import ScannerRefusals, refusals_by_scanner
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +55,9 @@ FULL_PX = 1024
 _PNG_CACHE_ENTRIES = 128
 #: How often the worklist page reloads itself, seconds.
 REFRESH_SECONDS = 30
+#: Refusals the worklist page counts: a week, so a scanner that fails only now and then (a
+#: weekend's misconfiguration) still shows on Monday; older ones are in ``hrct-triage stats``.
+REFUSALS_WINDOW = timedelta(days=7)
 _MIN_TOKEN_LENGTH = 16
 
 
@@ -285,7 +290,7 @@ def _worklist_view(
     now: datetime,
     target_seconds: float,
 ) -> list[dict[str, Any]]:
-    """Worklist rows plus what the page shows beside the SPEC keys: time waiting, turnaround,
+    """Worklist rows plus what the page shows beside their keys: time waiting, turnaround,
     whether it is over the target."""
     view = []
     for row in rows:
@@ -390,6 +395,14 @@ def create_app(
             raise HTTPException(404, f"no study {study_uid}")
         return _api_detail(detail, timeline)
 
+    @app.get("/api/refusals")
+    def api_refusals() -> dict[str, Any]:
+        """Refused C-STOREs per scanner over ``REFUSALS_WINDOW`` (``stats --json`` has all)."""
+        since = clock() - REFUSALS_WINDOW
+        with read() as session:
+            found = refusals_by_scanner(session, since=since)
+        return {"since": since.isoformat(), "by_scanner": [s.as_dict() for s in found]}
+
     @app.get("/", response_class=HTMLResponse)
     def worklist_page(
         request: Request,
@@ -404,7 +417,10 @@ def create_app(
                 t.study_uid: t
                 for t in stats.load_timelines(session, study_uids=[r["study_uid"] for r in rows])
             }
-        now = clock()
+            now = clock()
+            refused: list[ScannerRefusals] = refusals_by_scanner(
+                session, since=now - REFUSALS_WINDOW
+            )
         view = _worklist_view(rows, timelines, now=now, target_seconds=target_seconds)
         return templates.TemplateResponse(
             request,
@@ -416,6 +432,10 @@ def create_app(
                 "now": now,
                 "target_seconds": target_seconds,
                 "counts": _counts(view),
+                "refusals": [
+                    {**vars(r), "last_ago": stats.seconds_between(r.last_at, now)} for r in refused
+                ],
+                "refusals_days": REFUSALS_WINDOW.days,
             },
         )
 

@@ -26,7 +26,7 @@ FIGURES_FILE: list[Path] = []
 def fault_studies(tmp_path_factory: pytest.TempPathFactory) -> list[PhantomStudy]:
     """Four small CT phantoms (12 thin slices: cheap to send and to analyse on two cores) and
     a study with no CT, whose rightful end is not_applicable."""
-    from hrct_triage.phantoms.generator import write_non_ct_study, write_phantom_studies
+    from hrct_triage.phantoms import write_non_ct_study, write_phantom_studies
 
     out = tmp_path_factory.mktemp("fault-phantoms")
     written = write_phantom_studies(out / "studies", covid=2, healthy=2, slices=12, seed=11)

@@ -59,8 +59,8 @@ TERMINAL = (StudyStatus.DONE, StudyStatus.FAILED, StudyStatus.NOT_APPLICABLE)
 SR_CLASS = "1.2.840.10008.5.1.4.1.1.88.34"
 SC_CLASS = "1.2.840.10008.5.1.4.1.1.7"
 
-# Fault lengths: the issue asks for a worker down a minute and a PACS down several minutes;
-# CI runs them shorter. Set these to reproduce the issue's figures.
+# Fault lengths: a realistic outage takes a worker down a minute and a PACS several minutes;
+# CI runs them shorter. Set these to reproduce realistic figures.
 WORKER_DOWN_SECONDS = float(os.environ.get("HRCT_TEST_WORKER_DOWN_SECONDS", "8"))
 PACS_DOWN_SECONDS = float(os.environ.get("HRCT_TEST_PACS_DOWN_SECONDS", "12"))
 # Seed of every random injection point; a failing run prints it, so it can be replayed.
@@ -642,7 +642,7 @@ def verify(
     fault_ended_at: datetime,
     expected: dict[str, str] | None = None,
 ) -> None:
-    """The invariants of issue 7, recorded in ``figures`` and then asserted:
+    """The invariants of "nothing lost", recorded in ``figures`` and then asserted:
 
     * every study ends in its rightful state (done, not_applicable, or what ``expected`` says);
     * the PACS holds no SOP instance twice and exactly one SR per analysis of a study;

@@ -1,4 +1,4 @@
-"""Nothing lost (issue 7): faults injected into the running gateway at seeded random points.
+"""Nothing lost: faults injected into the running gateway at seeded random points.
 
 Each test runs the gateway as real processes (``hrct-triage listen``, ``hrct-triage worker``)
 over real services (a Redis and, where it is the fault, a PostgreSQL of the test's own; the
@@ -8,7 +8,7 @@ kind of fault, ends it, and checks the invariants in ``harness.verify``: every s
 instance acknowledged to the scanner is in the worklist and in the spool.
 
 Fault lengths are shortened for CI; ``HRCT_TEST_WORKER_DOWN_SECONDS`` and
-``HRCT_TEST_PACS_DOWN_SECONDS`` set the issue's (60 s, several minutes), and
+``HRCT_TEST_PACS_DOWN_SECONDS`` set realistic ones (60 s, several minutes), and
 ``HRCT_TEST_FAULT_SEED`` replays a run's injection points. The figures are printed at the end of
 the session and written to ``fault-figures.md`` in pytest's base temporary folder.
 """
@@ -148,12 +148,12 @@ def _settle_and_verify(
     timeout: float,
     fault_ended_at: datetime,
 ) -> None:
-    """Wait until every study has settled, then check issue 7's invariants for this run."""
+    """Wait until every study has settled, then check the invariants for this run."""
     run.gateway.wait_settled(studies, timeout=timeout)
     verify(run.gateway, pacs, studies, run.scanner, run.figures, fault_ended_at=fault_ended_at)
 
 
-# --- 1 ---------------------------------------------------------------------------------------
+# --- pool process killed --------------------------------------------------------------------------
 
 
 @pytest.mark.timeout(240)
@@ -165,7 +165,7 @@ def test_pool_process_killed_mid_analysis(
     postgresql_url: str,
     run_factory: list[Run],
 ) -> None:
-    """Fault 1: the pool process analysing a study is SIGKILLed (as the OOM killer would), for
+    """The pool process analysing a study is SIGKILLed (as the OOM killer would), for
     two studies; Celery gives the messages back and the replacement process takes over."""
     rng = rng_for("pool-process")
     run = _start(
@@ -193,7 +193,7 @@ def test_pool_process_killed_mid_analysis(
     _settle_and_verify(run, fault_pacs, fault_studies, timeout=150, fault_ended_at=fault_end)
 
 
-# --- 2 ---------------------------------------------------------------------------------------
+# --- whole worker killed --------------------------------------------------------------------------
 
 
 @pytest.mark.timeout(300)
@@ -205,9 +205,9 @@ def test_whole_worker_killed_and_restarted_later(
     postgresql_url: str,
     run_factory: list[Run],
 ) -> None:
-    """Fault 2: the whole worker (main and pool processes) is SIGKILLed at a random point after
+    """The whole worker (main and pool processes) is SIGKILLed at a random point after
     the first study is claimed, and a new worker starts ``HRCT_TEST_WORKER_DOWN_SECONDS`` later
-    (issue: a minute; CI: 8 s)."""
+    (realistic: a minute; CI: 8 s)."""
     rng = rng_for("whole-worker")
     run = _start(
         run_factory,
@@ -231,7 +231,7 @@ def test_whole_worker_killed_and_restarted_later(
     _settle_and_verify(run, fault_pacs, fault_studies, timeout=150, fault_ended_at=fault_end)
 
 
-# --- 3 ---------------------------------------------------------------------------------------
+# --- Redis stopped --------------------------------------------------------------------------------
 
 
 @pytest.mark.timeout(300)
@@ -243,7 +243,7 @@ def test_redis_stopped_while_studies_arrive_and_a_worker_runs(
     postgresql_url: str,
     run_factory: list[Run],
 ) -> None:
-    """Fault 3: Redis is killed (SIGKILL: only its fsynced AOF survives) while a worker
+    """Redis is killed (SIGKILL: only its fsynced AOF survives) while a worker
     analyses the first studies, more studies arrive while it is down, then it starts again
     on the same data."""
     rng = rng_for("redis")
@@ -271,7 +271,7 @@ def test_redis_stopped_while_studies_arrive_and_a_worker_runs(
     _settle_and_verify(run, fault_pacs, fault_studies, timeout=180, fault_ended_at=fault_end)
 
 
-# --- 4 ---------------------------------------------------------------------------------------
+# --- PostgreSQL restarted -------------------------------------------------------------------------
 
 
 @pytest.fixture
@@ -292,7 +292,7 @@ def test_postgresql_restarted_while_studies_arrive_and_results_are_written(
     fault_pacs: Pacs,
     run_factory: list[Run],
 ) -> None:
-    """Fault 4: PostgreSQL is restarted (fast shutdown, a few seconds down) while a worker
+    """PostgreSQL is restarted (fast shutdown, a few seconds down) while a worker
     writes its results and while a scanner sends; the scanner sends again what was refused."""
     rng = rng_for("postgres")
     run = _start(
@@ -323,7 +323,7 @@ def test_postgresql_restarted_while_studies_arrive_and_results_are_written(
     _settle_and_verify(run, fault_pacs, fault_studies, timeout=180, fault_ended_at=fault_end)
 
 
-# --- 5 ---------------------------------------------------------------------------------------
+# --- PACS down ------------------------------------------------------------------------------------
 
 
 @pytest.mark.timeout(600)
@@ -335,7 +335,7 @@ def test_pacs_down_for_a_while_then_back(
     postgresql_url: str,
     run_factory: list[Run],
 ) -> None:
-    """Fault 5: the destination is down for ``HRCT_TEST_PACS_DOWN_SECONDS`` (issue: several
+    """The destination is down for ``HRCT_TEST_PACS_DOWN_SECONDS`` (realistic: several
     minutes; CI: 12 s) from a random point of the first delivery; results wait and arrive once
     it is back. The test's backoff is capped at 4 s (production: an hour), with enough attempts
     to outlast the outage."""
@@ -366,7 +366,7 @@ def test_pacs_down_for_a_while_then_back(
     _settle_and_verify(run, fault_pacs, fault_studies, timeout=120, fault_ended_at=fault_end)
 
 
-# --- 6 ---------------------------------------------------------------------------------------
+# --- listener killed ------------------------------------------------------------------------------
 
 
 @pytest.mark.timeout(300)
@@ -378,7 +378,7 @@ def test_listener_killed_mid_association_and_the_scanner_sends_again(
     postgresql_url: str,
     run_factory: list[Run],
 ) -> None:
-    """Fault 6: the listener is SIGKILLed in the middle of an association; restarted, it
+    """The listener is SIGKILLed in the middle of an association; restarted, it
     cleans half-written files and keeps every acknowledged instance; the scanner's resend of
     the studies completes them."""
     rng = rng_for("listener")
@@ -411,7 +411,7 @@ def test_listener_killed_mid_association_and_the_scanner_sends_again(
     run.figures.notes.append(recovered.group(1))
 
 
-# --- 7 ---------------------------------------------------------------------------------------
+# --- spool disk full ------------------------------------------------------------------------------
 
 
 def _mount_small(folder: Path, size_bytes: int) -> str:
@@ -435,7 +435,7 @@ def test_spool_disk_full_refuses_then_ingest_resumes(
     postgresql_url: str,
     run_factory: list[Run],
 ) -> None:
-    """Fault 7: the spool's file system fills up during a transfer: the scanner gets 0xA700
+    """The spool's file system fills up during a transfer: the scanner gets 0xA700
     (out of resources), no study missing a refused instance is analysed, and once space
     returns the scanner's resend completes every study."""
     rng = rng_for("disk")
@@ -482,7 +482,7 @@ def test_spool_disk_full_refuses_then_ingest_resumes(
         subprocess.run(["umount", "-l", str(spool)], check=False)
 
 
-# --- 8 ---------------------------------------------------------------------------------------
+# --- poison study ---------------------------------------------------------------------------------
 
 
 @pytest.mark.timeout(300)
@@ -494,7 +494,7 @@ def test_poison_study_fails_after_the_attempt_limit_and_blocks_nothing(
     postgresql_url: str,
     run_factory: list[Run],
 ) -> None:
-    """Fault 8: one study kills the process analysing it every time (the test SIGKILLs the
+    """One study kills the process analysing it every time (the test SIGKILLs the
     pool process holding it whenever it is ``processing``, as a decoder crash would): it ends
     ``failed`` with a reason after HRCT_MAX_ATTEMPTS, and every other study is done."""
     rng = rng_for("poison")
@@ -545,7 +545,7 @@ def test_poison_study_fails_after_the_attempt_limit_and_blocks_nothing(
     )
 
 
-# --- 9 ---------------------------------------------------------------------------------------
+# --- redelivery after the visibility timeout ------------------------------------------------------
 
 
 @pytest.mark.timeout(300)
@@ -557,7 +557,7 @@ def test_two_workers_and_a_redelivery_after_the_visibility_timeout(
     postgresql_url: str,
     run_factory: list[Run],
 ) -> None:
-    """Fault 9: two workers; the one analysing a study hangs (SIGSTOP of the whole worker)
+    """Two workers; the one analysing a study hangs (SIGSTOP of the whole worker)
     past its lease and the broker's visibility timeout, so Redis hands the message to the
     other. When the first resumes, its analysis is discarded: one analysis, one delivery."""
     rng = rng_for("visibility")

@@ -1,4 +1,4 @@
-"""Sending our outputs to destinations: DIMSE C-STORE, STOW-RS, and what an attempt reports.
+"""Sending outputs to destinations (C-STORE, STOW-RS) and when to retry; imports ``common`` only.
 
-Imports ``common`` only; the worklist bookkeeping of a delivery lives in ``db.worklist``.
+The worklist bookkeeping of a delivery lives in ``db.worklist``.
 """

@@ -1,4 +1,4 @@
-"""The method of Yang et al. 2020: series selection, HU volume, preprocessing, model, inference.
+"""The method of Yang et al. 2020 (series, volume, preprocessing, model); imports ``common`` only.
 
-Plain functions over arrays and files: imports nothing of Celery, the network or the database.
+Plain functions over arrays and files: nothing of Celery, the network or the database.
 """

@@ -41,20 +41,22 @@ from pydicom.uid import (
     ImplicitVRLittleEndian,
     PrivateTransferSyntaxes,
 )
-from pydicom.valuerep import EXPLICIT_VR_LENGTH_32, VR
+from pydicom.valuerep import VR
 
-__all__ = ["read_header"]
+from hrct_triage.common.dicom_elements import ElementWalker, MalformedDataSet
+
+__all__ = ["read_file_header"]
 
 # One read takes the header of a usual CT file (a few KiB) and little of its pixel data.
 _FIRST_READ = 16 * 1024
 _PREAMBLE = 128
 _SPECIFIC_CHARACTER_SET = 0x00080005
-_UNDEFINED = 0xFFFFFFFF
-_EXPLICIT = struct.Struct("<HH2sH")
-_IMPLICIT = struct.Struct("<HHL")
-_LONG_LENGTH = struct.Struct("<L")
-_VR_TEXT = {vr.value.encode("ascii"): str(vr.value) for vr in VR if len(vr.value) == 2}
-_LONG_VRS = frozenset(vr.encode("ascii") for vr in EXPLICIT_VR_LENGTH_32)
+# The VR's text by its bytes in explicit VR; None (implicit VR) stands for itself.
+_VR_TEXT: dict[bytes | None, str | None] = {
+    vr.value.encode("ascii"): str(vr.value) for vr in VR if len(vr.value) == 2
+}
+_VR_TEXT[None] = None
+_UNKNOWN_VR = "unknown"
 _DEFAULT_ENCODING = "iso8859"  # pydicom's default_encoding, the file meta's character set
 
 
@@ -62,7 +64,7 @@ class _Unusual(Exception):
     """The file is one pydicom must read (see the module docstring)."""
 
 
-def read_header(path: Path, *, defer_size: int) -> FileDataset | None:
+def read_file_header(path: Path, *, defer_size: int) -> FileDataset | None:
     """``dcmread(path, defer_size=defer_size)``, or None where pydicom must read the file.
 
     Raises OSError as ``open`` does; a file that is not DICOM gives None (pydicom then says so).
@@ -72,23 +74,27 @@ def read_header(path: Path, *, defer_size: int) -> FileDataset | None:
     with open(path, "rb") as file:
         size = os.fstat(file.fileno()).st_size
         try:
-            walker = _Walker(file, size)
-            return walker.dataset(str(path), defer_size)
+            return _HeaderFile(file, size).dataset(str(path), defer_size)
         except _Unusual:
             return None
 
 
-class _Walker:
+class _HeaderFile:
+    """A file read for its header: its first bytes, and further ones only where an element that
+    is not deferred lies beyond them."""
+
     def __init__(self, file: BinaryIO, size: int) -> None:
         self._file = file
         self._size = size
-        self._start = 0
-        self._data = self._read_at(0, _FIRST_READ)
+        self._walker = ElementWalker(
+            self._read_at(0, _FIRST_READ), size=size, read_at=self._read_at
+        )
 
     def dataset(self, filename: str, defer_size: int) -> FileDataset:
-        if len(self._data) < _PREAMBLE + 4 or self._data[_PREAMBLE : _PREAMBLE + 4] != b"DICM":
+        first = self._walker.data
+        if len(first) < _PREAMBLE + 4 or first[_PREAMBLE : _PREAMBLE + 4] != b"DICM":
             raise _Unusual
-        preamble = self._data[:_PREAMBLE]
+        preamble = first[:_PREAMBLE]
         meta_elements, pos = self._elements(_PREAMBLE + 4, False, None, meta=True)
         file_meta = FileMetaDataset(meta_elements)
         file_meta.set_original_encoding(False, True, _DEFAULT_ENCODING)
@@ -122,9 +128,7 @@ class _Walker:
         # one is, makes it switch with a warning
         if pos + 8 > self._size:
             raise _Unusual  # an empty data set: pydicom then assumes implicit VR
-        data, start = self._data, self._start
-        if pos < start or pos + 6 > start + len(data):
-            data, start = self._load(pos, 6)
+        data, start = self._walker.window(pos, 6)
         head = data[pos - start : pos - start + 6]
         if struct.unpack_from("<H", head)[0] == 0x0000:
             raise _Unusual  # a command set, read by pydicom in implicit VR
@@ -137,61 +141,37 @@ class _Walker:
         self, pos: int, implicit: bool, defer_size: int | None, *, meta: bool
     ) -> tuple[dict[BaseTag, DataElement | RawDataElement], int]:
         """Raw elements from ``pos`` to the end (or, for ``meta``, the end of group 0002)."""
+        walker = self._walker
+        try:
+            found, stop = walker.elements(
+                pos, implicit=implicit, group=0x0002 if meta else None, undefined=False
+            )
+        except MalformedDataSet:
+            raise _Unusual from None
         elements: dict[BaseTag, DataElement | RawDataElement] = {}
-        previous = -1
-        size = self._size
-        deferred = size + 1 if defer_size is None else defer_size
-        data, start = self._data, self._start
-        while pos < size:
-            if pos + 8 > size:
-                raise _Unusual  # pydicom stops quietly on a partial element header
-            if pos < start or pos + 12 > start + len(data):
-                data, start = self._load(pos, 12)
-            at = pos - start
-            if meta and data[at : at + 2] != b"\x02\x00":
-                return elements, pos
-            vr_text: str | None
-            if implicit:
-                group, number, length = _IMPLICIT.unpack_from(data, at)
-                vr_text = None
-                value_pos = pos + 8
-            else:
-                group, number, vr, length = _EXPLICIT.unpack_from(data, at)
-                vr_text = _VR_TEXT.get(vr)
-                if vr_text is None:
-                    raise _Unusual
-                value_pos = pos + 8
-                if vr in _LONG_VRS:
-                    if pos + 12 > size:
-                        raise _Unusual
-                    length = _LONG_LENGTH.unpack_from(data, at + 8)[0]
-                    value_pos = pos + 12
-            tag = group << 16 | number
-            if tag <= previous or length == _UNDEFINED or group == 0xFFFE:
-                raise _Unusual
-            previous = tag
-            pos = value_pos + length
-            if pos > size:
-                raise _Unusual
+        deferred = self._size + 1 if defer_size is None else defer_size
+        vr_texts = _VR_TEXT
+        data, start = walker.data, walker.start
+        held = start + len(data)
+        for tag, vr, length, value_pos in found:
+            vr_text = vr_texts.get(vr, _UNKNOWN_VR)
+            if vr_text is _UNKNOWN_VR or tag >> 16 == 0xFFFE:
+                raise _Unusual  # a VR pydicom does not know, or an item outside a sequence
             value: bytes | None
             if length > deferred and tag != _SPECIFIC_CHARACTER_SET:
                 value = None
             elif length == 0:
                 value = cast(bytes | None, empty_value_for_VR(vr_text, raw=True))
             else:
-                if value_pos < start or pos > start + len(data):
-                    data, start = self._load(value_pos, length)
-                value = data[value_pos - start : pos - start]
+                end = value_pos + length
+                if value_pos < start or end > held:
+                    data, start = walker.window(value_pos, length)
+                    held = start + len(data)
+                value = data[value_pos - start : end - start]
             key = BaseTag(tag)
             elements[key] = RawDataElement(key, vr_text, length, value, value_pos, implicit, True)
-        return elements, pos
-
-    def _load(self, pos: int, count: int) -> tuple[bytes, int]:
-        """Hold the file's bytes from ``pos`` (at least ``count`` of them, if there are)."""
-        self._start = pos
-        self._data = self._read_at(pos, max(count, _FIRST_READ))
-        return self._data, self._start
+        return elements, stop
 
     def _read_at(self, pos: int, count: int) -> bytes:
         self._file.seek(pos)
-        return self._file.read(count)
+        return self._file.read(max(count, _FIRST_READ))

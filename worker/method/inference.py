@@ -108,7 +108,7 @@ def trim_count(n: int, fraction: float) -> int:
     return min(math.floor(n * fraction + 0.5), (n - 1) // 2)
 
 
-def study_probability(probabilities: Sequence[float], *, trim_fraction: float = 0.1) -> StudyScore:
+def study_probability(probabilities: Sequence[float], *, trim_fraction: float) -> StudyScore:
     """Mean probability of the slices left after trimming each end (slices in table order)."""
     n = len(probabilities)
     if n == 0:

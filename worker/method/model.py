@@ -29,6 +29,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from torchvision.models import DenseNet, densenet121
 
+from hrct_triage.common import paper
 from hrct_triage.worker.method.results import ModelInfo
 
 __all__ = [
@@ -41,6 +42,7 @@ __all__ = [
     "cpu_supports_bf16",
     "file_sha256",
     "load_model",
+    "model_info",
     "native_bf16",
     "save_checkpoint",
 ]
@@ -73,11 +75,11 @@ class CheckpointMetadata:
     version: str
     trained_on: str
     created: str  # ISO 8601 date
-    input_size: int = 224
-    window_width: float = 1200.0
-    window_level: float = -600.0
-    threshold: float = 0.8
-    trim_fraction: float = 0.1
+    input_size: int = paper.INPUT_SIZE
+    window_width: float = paper.LUNG_WINDOW_WIDTH
+    window_level: float = paper.LUNG_WINDOW_LEVEL
+    threshold: float = paper.THRESHOLD
+    trim_fraction: float = paper.TRIM_FRACTION
     # JSON object: how the weights were chosen and scored (epoch, validation AUC, recipe).
     # Optional on load, so checkpoints written before it existed still load.
     metrics: str = "{}"
@@ -204,7 +206,11 @@ def _untrained(
         trained_on="nothing: untrained random weights, for plumbing tests only",
         created="",
     )
-    return build_densenet121(seed=UNTRAINED_SEED), metadata, _model_info(metadata, None, True)
+    return (
+        build_densenet121(seed=UNTRAINED_SEED),
+        metadata,
+        model_info(metadata, sha256=None, untrained=True),
+    )
 
 
 def _from_checkpoint(path: Path) -> tuple[nn.Module, CheckpointMetadata, ModelInfo]:
@@ -224,7 +230,7 @@ def _from_checkpoint(path: Path) -> tuple[nn.Module, CheckpointMetadata, ModelIn
     except RuntimeError as exc:
         raise CheckpointError(f"checkpoint {path} does not fit DenseNet-121: {exc}") from exc
     untrained = "untrained" in metadata.version.lower()
-    return module, metadata, _model_info(metadata, digest, untrained)
+    return module, metadata, model_info(metadata, sha256=digest, untrained=untrained)
 
 
 def _verified_sha256(path: Path) -> str:
@@ -247,17 +253,18 @@ def _verified_sha256(path: Path) -> str:
     return actual
 
 
-def _model_info(metadata: CheckpointMetadata, digest: str | None, untrained: bool) -> ModelInfo:
+def model_info(metadata: CheckpointMetadata, *, sha256: str | None, untrained: bool) -> ModelInfo:
+    """What the outputs say about the weights: ``metadata`` and the file's digest (None: not
+    loaded from a file)."""
     return ModelInfo(
         name=metadata.name,
         version=metadata.version,
-        sha256=digest,
+        sha256=sha256,
         untrained=untrained,
         trained_on=metadata.trained_on,
         input_size=metadata.input_size,
         window_width=metadata.window_width,
         window_level=metadata.window_level,
-        trim_fraction=metadata.trim_fraction,
     )
 
 

@@ -22,6 +22,7 @@ import numpy as np
 import numpy.typing as npt
 from pydicom.dataset import Dataset
 
+from hrct_triage.worker.method.decision import decision_rule
 from hrct_triage.worker.method.inference import (
     DEFAULT_BATCH_SIZE,
     SliceScores,
@@ -52,15 +53,20 @@ def analyse_study(
     paths: Sequence[Path],
     model: LoadedModel,
     *,
-    threshold: float = 0.8,
-    trim_fraction: float = 0.1,
+    threshold: float | None = None,
+    trim_fraction: float | None = None,
     heatmaps: int = 3,
     min_slices: int = 20,
     batch_size: int = DEFAULT_BATCH_SIZE,
     lung_settings: LungSettings = LungSettings(),
 ) -> tuple[StudyAnalysis, list[Dataset]]:
-    """Select the series, build the HU volume, score every lung slice, trim, average, map."""
-    _check_arguments(threshold=threshold, trim_fraction=trim_fraction, heatmaps=heatmaps)
+    """Select the series, build the HU volume, score every lung slice, trim, average, map.
+
+    ``threshold`` and ``trim_fraction`` override the checkpoint's (``worker.method.decision``).
+    """
+    if heatmaps < 0:
+        raise ValueError(f"heatmaps must be >= 0, got {heatmaps}")
+    rule = decision_rule(model.metadata, threshold=threshold, trim_fraction=trim_fraction)
     timings: dict[str, float] = {}
     started = time.perf_counter()
     with _timed(timings, "select"):
@@ -80,7 +86,7 @@ def analyse_study(
     with _timed(timings, "forward"):
         scores = forward(model, inputs, batch_size=batch_size)
     probabilities = [float(p) for p in scores.probabilities]
-    score = study_probability(probabilities, trim_fraction=trim_fraction)
+    score = study_probability(probabilities, trim_fraction=rule.trim_fraction)
     with _timed(timings, "cam"):
         maps = _heatmaps(
             volume, lung, scores, score.kept, count=heatmaps, model=model, settings=lung_settings
@@ -90,12 +96,13 @@ def analyse_study(
         study_uid=study_uid,
         series_uid=volume.series_uid,
         probability=score.probability,
-        threshold=threshold,
-        positive=score.probability >= threshold,
+        threshold=rule.threshold,
+        positive=score.probability >= rule.threshold,
         slices=[_slice_result(volume, int(i), p) for i, p in zip(lung, probabilities, strict=True)],
         kept=[volume.sop_instance_uids[lung[i]] for i in score.kept],
         heatmaps=maps,
         model=model.info,
+        trim_fraction=rule.trim_fraction,
         timings=timings,
     )
     log.info(
@@ -110,15 +117,6 @@ def analyse_study(
         timings["total"],
     )
     return analysis, [volume.headers[i] for i in lung]
-
-
-def _check_arguments(*, threshold: float, trim_fraction: float, heatmaps: int) -> None:
-    if not 0.0 <= threshold <= 1.0:
-        raise ValueError(f"threshold must be in [0, 1], got {threshold}")
-    if not 0.0 <= trim_fraction < 0.5:
-        raise ValueError(f"trim_fraction must be in [0, 0.5), got {trim_fraction}")
-    if heatmaps < 0:
-        raise ValueError(f"heatmaps must be >= 0, got {heatmaps}")
 
 
 @contextmanager

@@ -24,22 +24,16 @@ import torch
 import torch.nn.functional as F
 from scipy import ndimage
 
+from hrct_triage.common import paper
 from hrct_triage.worker.method.cpu_pool import cpu_map
 
 __all__ = [
-    "DEFAULT_INPUT_SIZE",
-    "DEFAULT_WINDOW_LEVEL",
-    "DEFAULT_WINDOW_WIDTH",
     "LungSettings",
     "lung_mask",
     "lung_slices",
     "lung_window",
     "model_input",
 ]
-
-DEFAULT_WINDOW_WIDTH = 1200.0  # HU, the paper's lung window
-DEFAULT_WINDOW_LEVEL = -600.0  # HU
-DEFAULT_INPUT_SIZE = 224  # DenseNet-121's ImageNet input size, as in the paper
 
 # In-plane 4-connectivity and no connection between slices: one label call segments every slice.
 _IN_PLANE = np.zeros((3, 3, 3), dtype=bool)
@@ -133,8 +127,8 @@ def lung_slices(
 def lung_window(
     hu: npt.NDArray[np.floating],
     *,
-    width: float = DEFAULT_WINDOW_WIDTH,
-    level: float = DEFAULT_WINDOW_LEVEL,
+    width: float = paper.LUNG_WINDOW_WIDTH,
+    level: float = paper.LUNG_WINDOW_LEVEL,
 ) -> npt.NDArray[np.float32]:
     """HU to [0, 1] through the lung window (level - width/2 maps to 0, level + width/2 to 1)."""
     if width <= 0:
@@ -148,9 +142,9 @@ def model_input(
     hu: npt.NDArray[np.floating],
     *,
     indices: Sequence[int] | npt.NDArray[np.integer] | None = None,
-    size: int = DEFAULT_INPUT_SIZE,
-    width: float = DEFAULT_WINDOW_WIDTH,
-    level: float = DEFAULT_WINDOW_LEVEL,
+    size: int = paper.INPUT_SIZE,
+    width: float = paper.LUNG_WINDOW_WIDTH,
+    level: float = paper.LUNG_WINDOW_LEVEL,
     device: torch.device | None = None,
 ) -> torch.Tensor:
     """(slices, rows, columns) HU -> (len(indices), 3, size, size) float32 network input.

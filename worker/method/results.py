@@ -10,6 +10,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import numpy.typing as npt
 
+from hrct_triage.common import paper
+
 
 class NotApplicable(Exception):
     """The study holds no series fit for analysis; ``reason`` names the rule that failed."""
@@ -21,17 +23,20 @@ class NotApplicable(Exception):
 
 @dataclass(frozen=True)
 class ModelInfo:
-    """What the SR, the worklist and the model card say about the weights that were used."""
+    """What the SR, the worklist and the model card say about the weights that were used.
+
+    The decision values (threshold, trim fraction) are not here but in :class:`StudyAnalysis`:
+    a setting may override the checkpoint's, and the outputs state the values applied.
+    """
 
     name: str
     version: str
     sha256: str | None
     untrained: bool
     trained_on: str
-    input_size: int = 224
-    window_width: float = 1200.0
-    window_level: float = -600.0
-    trim_fraction: float = 0.1
+    input_size: int = paper.INPUT_SIZE
+    window_width: float = paper.LUNG_WINDOW_WIDTH
+    window_level: float = paper.LUNG_WINDOW_LEVEL
     manufacturer: str = "hrct-triage"
 
 
@@ -73,6 +78,9 @@ class StudyAnalysis:
     kept: list[str]  # SOP Instance UIDs averaged after trimming each end
     heatmaps: list[HeatMap]
     model: ModelInfo
+    # Share of the lung slices dropped at each end before the mean (with ``threshold``, the
+    # decision rule this analysis applied).
+    trim_fraction: float = paper.TRIM_FRACTION
     timings: dict[str, float] = field(default_factory=dict)
     # Which analysis of the study this is (the worklist's generation): part of the output UIDs,
     # so a requeued study gets new objects that supersede the old ones.

@@ -27,7 +27,7 @@ import pydicom
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 
-from hrct_triage.worker.method.header_reader import read_header
+from hrct_triage.worker.method.header_reader import read_file_header
 from hrct_triage.worker.method.results import NotApplicable
 
 __all__ = [
@@ -90,7 +90,7 @@ def read_headers(paths: Iterable[Path]) -> list[tuple[Path, Dataset]]:
     headers: list[tuple[Path, Dataset]] = []
     for path in paths:
         try:
-            header = read_header(path, defer_size=DEFERRED_VALUE_BYTES)
+            header = read_file_header(path, defer_size=DEFERRED_VALUE_BYTES)
             if header is None:
                 header = pydicom.dcmread(path, defer_size=DEFERRED_VALUE_BYTES)
             headers.append((path, header))

@@ -1,8 +1,8 @@
-"""The DICOM outputs of an analysis: one TID 1500 SR and the heat-map Secondary Captures.
+"""The DICOM outputs of an analysis, built in memory: one TID 1500 SR and the heat-map SCs.
 
-The entry point the pipeline calls. The builders live in ``worker.outputs.sr`` and
-``worker.outputs.sc``; their identity (UIDs, dates, equipment) in
-``hrct_triage.worker.outputs.uids``.
+Callers file them through ``worker.outputs.write_outputs``; this module is the building step it
+uses (and tests inspect). The builders live in ``worker.outputs.sr`` and ``worker.outputs.sc``;
+their identity (UIDs, dates, equipment) in ``worker.outputs.uids``.
 
 Contract, written once:
 - Same ``StudyAnalysis`` (same study, analysed instances, model, threshold) and the same
@@ -17,46 +17,21 @@ Contract, written once:
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from io import BytesIO
-from pathlib import Path
 
 from pydicom import Dataset
 from pydicom.uid import UID
 
 from hrct_triage.common.settings import Settings, check_series_description
-from hrct_triage.common.storage import write_durably
-from hrct_triage.common.uids import derive_uid
 from hrct_triage.worker.method.results import StudyAnalysis
-from hrct_triage.worker.outputs.sc import (
-    DEFAULT_SC_SERIES_DESCRIPTION,
-    build_heatmap_scs,
-    render_heatmap,
-)
-from hrct_triage.worker.outputs.sr import (
-    DEFAULT_SR_SERIES_DESCRIPTION,
-    build_not_analysed_sr,
-    build_sr,
-)
-from hrct_triage.worker.outputs.uids import OutputKey
+from hrct_triage.worker.outputs.sc import DEFAULT_SC_SERIES_DESCRIPTION, build_heatmap_scs
+from hrct_triage.worker.outputs.sr import DEFAULT_SR_SERIES_DESCRIPTION, build_sr
 from hrct_triage.worker.outputs.write_prep import settle_encoding
 
-__all__ = [
-    "OutputKey",
-    "SeriesLabels",
-    "StudyOutputs",
-    "build_heatmap_scs",
-    "build_not_analysed_sr",
-    "build_outputs",
-    "build_sr",
-    "derive_uid",
-    "encode",
-    "render_heatmap",
-    "write_output",
-]
+__all__ = ["SeriesLabels", "StudyOutputs", "build_outputs", "encode"]
 
 
 @dataclass(frozen=True)
@@ -156,18 +131,3 @@ def encode(ds: Dataset) -> bytes:
     buffer = BytesIO()
     ds.save_as(buffer, enforce_file_format=True)
     return buffer.getvalue()
-
-
-def write_output(ds: Dataset, directory: str | os.PathLike[str]) -> Path:
-    """Write ``ds`` durably as ``<directory>/<SOPInstanceUID>.dcm`` and return the path.
-
-    Durable (``common.storage.write_durably``): a crash never leaves a half file under the final
-    name, and writing the same object twice is harmless.
-    """
-    folder = Path(directory)
-    if not folder.is_dir():
-        raise ValueError(f"directory: {folder} is not a directory")
-    uid = str(ds.get("SOPInstanceUID", ""))
-    if not uid or not all(c.isdigit() or c == "." for c in uid):
-        raise ValueError(f"ds: SOPInstanceUID {uid!r} is not a UID")
-    return write_durably(folder / f"{uid}.dcm", encode(ds)).path

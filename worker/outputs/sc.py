@@ -2,8 +2,9 @@
 
 One RGB SC per ``StudyAnalysis.heatmaps`` entry, in the source study, in its own series, each
 referencing the CT image it was computed from. Below the image a legend strip says what the
-colours mean and that the picture is not for diagnostic use; because that text is burned in,
-Burned In Annotation is YES.
+colours mean, the decision rule the study was judged by (threshold and trim fraction) and that
+the picture is not for diagnostic use; because that text is burned in, Burned In Annotation is
+YES.
 
 Rendering is pure numpy plus a matplotlib Agg canvas for the legend (no pyplot, no display, no
 system fonts beyond matplotlib's DejaVu Sans), so the same inputs give the same pixels.
@@ -67,11 +68,13 @@ def build_heatmap_scs(
     """
     _check_arguments(analysis, headers_by_uid, series_number, series_description)
     key = OutputKey.for_analysis(analysis)
+    decision = decision_text(analysis.threshold, analysis.trim_fraction)
     return [
         _build_one(
             heatmap,
             headers_by_uid[heatmap.sop_instance_uid],
             model=analysis.model,
+            decision=decision,
             sop_instance_uid=key.uid("sc", index),
             series_instance_uid=key.uid("sc-series"),
             instance_number=index + 1,
@@ -83,8 +86,11 @@ def build_heatmap_scs(
     ]
 
 
-def render_heatmap(heatmap: HeatMap, model: ModelInfo | None = None) -> RGBImage:
-    """The SC picture of ``heatmap``: grey slice, CAM overlay, legend strip below it.
+def render_heatmap(
+    heatmap: HeatMap, model: ModelInfo | None = None, *, decision: str | None = None
+) -> RGBImage:
+    """The SC picture of ``heatmap``: grey slice, CAM overlay, legend strip below it, with the
+    line ``decision`` (:func:`decision_text`) when given.
 
     Public so that the worker's preview, the docs and the tests can look at the same pixels
     that go into the DICOM object.
@@ -92,8 +98,13 @@ def render_heatmap(heatmap: HeatMap, model: ModelInfo | None = None) -> RGBImage
     _check_heatmap(heatmap, "heatmap")
     scale = _scale_factor(heatmap.lung_window.shape)
     image = _overlay(_enlarge(heatmap.lung_window, scale), _enlarge(heatmap.cam, scale))
-    legend = _legend_strip(image.shape[1], heatmap.probability, model)
+    legend = _legend_strip(image.shape[1], heatmap.probability, model, decision)
     return np.ascontiguousarray(np.concatenate([image, legend], axis=0))
+
+
+def decision_text(threshold: float, trim_fraction: float) -> str:
+    """The legend's line on how the study was judged, with the values the SR states."""
+    return f"study decision: threshold {threshold:g}, trim fraction {trim_fraction:g}"
 
 
 def _check_arguments(
@@ -174,21 +185,26 @@ def _overlay(lung_window: npt.NDArray[np.float32], cam: npt.NDArray[np.float32])
     return _blend(lung_window.astype(np.float64), cam.astype(np.float64))
 
 
-def _legend_strip(width: int, probability: float, model: ModelInfo | None) -> RGBImage:
-    """A black strip under the image: what the colours mean, "low .. high", and warnings.
+def _legend_strip(
+    width: int, probability: float, model: ModelInfo | None, decision: str | None
+) -> RGBImage:
+    """A black strip under the image: what the colours mean, "low .. high", the slice's
+    probability, the study's decision rule and warnings.
 
     Sizes follow the image width so the strip reads the same on a 512 or a 1024 matrix.
     Drawing it took ~20 ms a heat map, mostly for the parts that never change with the slice;
-    those are drawn once per width and model (``_fixed_legend``) and only the probability line
-    is drawn per heat map. Where no pixel of one lies on a drawn pixel of the other, the union
-    is exactly the strip drawn at once (tests/test_outputs.py compares them); otherwise the
-    strip is drawn at once.
+    those are drawn once per width, model and decision rule (``_fixed_legend``) and only the
+    probability line is drawn per heat map. Where no pixel of one lies on a drawn pixel of the
+    other, the union is exactly the strip drawn at once (tests/test_outputs.py compares them);
+    otherwise the strip is drawn at once.
     """
     note = _demo_note(model)
-    fixed = _fixed_legend(width, note)
-    line = _draw_legend(width, probability=probability, note=None, fixed=False)
+    fixed = _fixed_legend(width, note, decision)
+    line = _draw_legend(width, probability=probability, note=None, decision=None, fixed=False)
     if np.any(fixed[np.any(line != 0, axis=2)]):
-        return _draw_legend(width, probability=probability, note=note, fixed=True)
+        return _draw_legend(
+            width, probability=probability, note=note, decision=decision, fixed=True
+        )
     return np.maximum(fixed, line)
 
 
@@ -199,21 +215,28 @@ def _demo_note(model: ModelInfo | None) -> str | None:
 
 
 @lru_cache(maxsize=8)
-def _fixed_legend(width: int, note: str | None) -> RGBImage:
+def _fixed_legend(width: int, note: str | None, decision: str | None) -> RGBImage:
     """The parts of the strip that do not depend on the slice (read-only, shared)."""
-    pixels = _draw_legend(width, probability=None, note=note, fixed=True)
+    pixels = _draw_legend(width, probability=None, note=note, decision=decision, fixed=True)
     pixels.flags.writeable = False
     return pixels
 
 
 def _draw_legend(
-    width: int, *, probability: float | None, note: str | None, fixed: bool
+    width: int,
+    *,
+    probability: float | None,
+    note: str | None,
+    decision: str | None,
+    fixed: bool,
 ) -> RGBImage:
-    """The strip with the fixed parts (if ``fixed``), the probability line and the note."""
-    height = max(80, round(width * 0.2))
+    """The strip with the fixed parts (if ``fixed``), the probability line, the decision rule
+    and the note; five rows of text, each a fifth of the strip."""
+    row = max(80, round(width * 0.2)) / 4
+    height = round(row * 5)
     figure = Figure(figsize=(width / _DPI, height / _DPI), dpi=_DPI, facecolor="black")
     canvas = FigureCanvasAgg(figure)
-    font_pt = max(6.0, height * 0.12 * 72 / _DPI)
+    font_pt = max(6.0, row * 0.48 * 72 / _DPI)
 
     def label(x: float, y: float, words: str, align: str, colour: str = "white") -> None:
         figure.text(
@@ -222,25 +245,27 @@ def _draw_legend(
 
     warning = "#ffcc00"
     if fixed:
-        label(0.5, 0.87, "AI heat map: COVID-19 evidence (class activation map)", "center")
-        bar_axes = figure.add_axes((0.14, 0.56, 0.72, 0.16))
+        label(0.5, 0.9, "AI heat map: COVID-19 evidence (class activation map)", "center")
+        bar_axes = figure.add_axes((0.14, 0.65, 0.72, 0.13))
         ramp = np.linspace(0.0, 1.0, 256)[np.newaxis, :]
         bar_axes.imshow(
             _blend(np.full_like(ramp, 0.5), ramp), aspect="auto", interpolation="nearest"
         )
         bar_axes.set_axis_off()
-        label(0.13, 0.64, "low", "right")
-        label(0.87, 0.64, "high", "left")
+        label(0.13, 0.71, "low", "right")
+        label(0.87, 0.71, "high", "left")
     if probability is not None:
         label(
             0.5,
-            0.38,
+            0.5,
             f"slice probability {probability:.2f} - NOT FOR DIAGNOSTIC USE",
             "center",
             warning,
         )
+    if decision is not None:
+        label(0.5, 0.31, decision, "center")
     if note is not None:
-        label(0.5, 0.14, note, "center", warning)
+        label(0.5, 0.11, note, "center", warning)
     canvas.draw()
     pixels = np.asarray(canvas.buffer_rgba())[..., :3]
     return _fit(pixels, height, width)
@@ -294,6 +319,7 @@ def _build_one(
     header: Dataset,
     *,
     model: ModelInfo,
+    decision: str,
     sop_instance_uid: str,
     series_instance_uid: str,
     instance_number: int,
@@ -302,7 +328,7 @@ def _build_one(
     when: datetime,
 ) -> Dataset:
     """One SC from ``header`` (patient, study, equipment) and the rendered heat map."""
-    pixels = render_heatmap(heatmap, model)
+    pixels = render_heatmap(heatmap, model, decision=decision)
     sc = hd.sc.SCImage.from_ref_dataset(
         ref_dataset=header,
         pixel_array=pixels,
@@ -321,13 +347,13 @@ def _build_one(
         manufacturer_model_name=model.name,
         software_versions=model.version,
     )
-    _describe_derivation(sc, header, heatmap, model, _scale_factor(heatmap.cam.shape))
+    _describe_derivation(sc, header, heatmap, model, _scale_factor(heatmap.cam.shape), decision)
     stamp_datetimes(sc, when)
     return sc
 
 
 def _describe_derivation(
-    sc: Dataset, header: Dataset, heatmap: HeatMap, model: ModelInfo, scale: int
+    sc: Dataset, header: Dataset, heatmap: HeatMap, model: ModelInfo, scale: int, decision: str
 ) -> None:
     """Say truthfully what the picture is, where it came from and that text is burned in."""
     sc.ImageType = ["DERIVED", "SECONDARY"]
@@ -346,7 +372,7 @@ def _describe_derivation(
     )[:1024]
     sc.ImageComments = (
         f"AI COVID-19 heat map, slice probability {heatmap.probability:.3f}, share of the "
-        f"study decision {heatmap.weight:.3f}. Not for diagnostic use."
+        f"study decision {heatmap.weight:.3f} ({decision}). Not for diagnostic use."
     )
     spacing = _pixel_spacing(header, scale)
     if spacing is not None:

@@ -256,6 +256,8 @@ def _check_analysis(analysis: StudyAnalysis) -> None:
         value = getattr(analysis, name)
         if not 0.0 <= value <= 1.0:
             raise ValueError(f"analysis.{name}: {value} outside [0, 1]")
+    if not 0.0 <= analysis.trim_fraction < 0.5:
+        raise ValueError(f"analysis.trim_fraction: {analysis.trim_fraction} outside [0, 0.5)")
     if analysis.positive != (analysis.probability >= analysis.threshold):
         raise ValueError(
             f"analysis.positive: {analysis.positive} disagrees with probability "
@@ -366,7 +368,7 @@ def _algorithm_identification(analysis: StudyAnalysis) -> hd.sr.AlgorithmIdentif
     model = analysis.model
     parameters = [
         f"threshold={analysis.threshold:g}",
-        f"trim_fraction={model.trim_fraction:g}",
+        f"trim_fraction={analysis.trim_fraction:g}",
         f"window_width={model.window_width:g}",
         f"window_level={model.window_level:g}",
         f"input_size={model.input_size}",

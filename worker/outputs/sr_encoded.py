@@ -27,6 +27,8 @@ from pydicom.filewriter import write_sequence_item
 from pydicom.tag import BaseTag, Tag
 from pydicom.valuerep import DS, VR
 
+from hrct_triage.common.dicom_elements import explicit_element, uid_value
+
 __all__ = [
     "PreEncoded",
     "content_sequence",
@@ -103,46 +105,36 @@ def encoded_image_item(
     as DS (pydicom's ``auto_format``) and FD, as highdicom's ``NumContentItem`` holds it.
     """
     reference = _item(
-        _element(0x00081150, b"UI", _ui(sop_class_uid))
-        + _element(0x00081155, b"UI", _ui(sop_instance_uid))
+        explicit_element(0x00081150, b"UI", uid_value(sop_class_uid))
+        + explicit_element(0x00081155, b"UI", uid_value(sop_instance_uid))
     )
     body = (
-        _element(0x00081199, b"SQ", reference)
-        + _element(0x0040A010, b"CS", _text(relationship))
-        + _element(0x0040A040, b"CS", b"IMAGE ")
-        + _element(0x0040A043, b"SQ", name)
+        explicit_element(0x00081199, b"SQ", reference)
+        + explicit_element(0x0040A010, b"CS", _text(relationship))
+        + explicit_element(0x0040A040, b"CS", b"IMAGE ")
+        + explicit_element(0x0040A043, b"SQ", name)
     )
     children = b"".join(_num_item(concept, unit, value) for concept, unit, value in positions)
     if children:
-        body += _element(0x0040A730, b"SQ", children)
+        body += explicit_element(0x0040A730, b"SQ", children)
     return _item(body)
 
 
 def _num_item(name: bytes, unit: bytes, value: float) -> bytes:
     measured = _item(
-        _element(0x004008EA, b"SQ", unit)
-        + _element(0x0040A161, b"FD", struct.pack("<d", value))
-        + _element(0x0040A30A, b"DS", _text(str(DS(value, auto_format=True))))
+        explicit_element(0x004008EA, b"SQ", unit)
+        + explicit_element(0x0040A161, b"FD", struct.pack("<d", value))
+        + explicit_element(0x0040A30A, b"DS", _text(str(DS(value, auto_format=True))))
     )
     return _item(
-        _element(0x0040A010, b"CS", b"HAS ACQ CONTEXT ")
-        + _element(0x0040A040, b"CS", b"NUM ")
-        + _element(0x0040A043, b"SQ", name)
-        + _element(0x0040A300, b"SQ", measured)
+        explicit_element(0x0040A010, b"CS", b"HAS ACQ CONTEXT ")
+        + explicit_element(0x0040A040, b"CS", b"NUM ")
+        + explicit_element(0x0040A043, b"SQ", name)
+        + explicit_element(0x0040A300, b"SQ", measured)
     )
 
 
-_LONG_LENGTH = frozenset({b"SQ"})
-_ELEMENT_SHORT = struct.Struct("<HH2sH")
-_ELEMENT_LONG = struct.Struct("<HH2sHL")
 _ITEM_HEADER = struct.Struct("<HHL")
-
-
-def _element(tag: int, vr: bytes, value: bytes) -> bytes:
-    """One explicit VR little endian element with a defined length (as pydicom writes it)."""
-    if vr in _LONG_LENGTH:
-        return _ELEMENT_LONG.pack(tag >> 16, tag & 0xFFFF, vr, 0, len(value)) + value
-    return _ELEMENT_SHORT.pack(tag >> 16, tag & 0xFFFF, vr, len(value)) + value
 
 
 def _item(body: bytes) -> bytes:
@@ -153,11 +145,6 @@ def _item(body: bytes) -> bytes:
 def _text(value: str) -> bytes:
     raw = value.encode("ascii")
     return raw + b" " if len(raw) % 2 else raw
-
-
-def _ui(value: str) -> bytes:
-    raw = value.encode("ascii")
-    return raw + b"\0" if len(raw) % 2 else raw
 
 
 _TEXT_VRS = frozenset({VR.AE, VR.CS, VR.DA, VR.DS, VR.DT, VR.IS, VR.LO, VR.LT, VR.PN, VR.SH})

@@ -35,9 +35,10 @@ class OutputKey:
     """Everything that decides an analysis' output content, hence its output UIDs.
 
     ``analysed_uids`` is sorted and free of duplicates so that the order the instances arrived
-    in does not matter. The weights' SHA-256 and the threshold are part of the key although the
-    product contract names only the model version: the same version with other weights, or
-    another threshold, can flip Present/Absent, and one UID must never name two contents.
+    in does not matter. The weights' SHA-256, the threshold and the trim fraction are part of the
+    key although the product contract names only the model version: the same version with other
+    weights, threshold or trim fraction can change the probability or flip Present/Absent, and
+    one UID must never name two contents.
     ``analysis_id`` (the worklist's analysis generation) makes a requeued analysis a new object
     that supersedes the old one, while a redelivered task of the same analysis rebuilds it.
     """
@@ -47,6 +48,7 @@ class OutputKey:
     model_version: str
     model_sha256: str
     threshold: str
+    trim_fraction: str
     analysis_id: str = ""
 
     @classmethod
@@ -62,6 +64,7 @@ class OutputKey:
             model_version=analysis.model.version,
             model_sha256=analysis.model.sha256 or "",
             threshold=repr(float(analysis.threshold)),
+            trim_fraction=repr(float(analysis.trim_fraction)),
             analysis_id=analysis.analysis_id,
         )
 
@@ -81,10 +84,23 @@ class OutputKey:
             self.model_version,
             self.model_sha256,
             self.threshold,
+            self.trim_fraction,
             self.analysis_id,
             kind,
             str(index),
         )
+
+
+def sr_uid_for_class(sr_uid: str, sop_class: str) -> str:
+    """UID of the SR ``sr_uid`` written as another SR class (``worker.outputs.sr_classes``).
+
+    Derived from the stored SR's own UID, itself derived from the analysis key, so the
+    rewritten document is as deterministic as the stored one, and one UID never names two
+    classes.
+    """
+    if not sr_uid or not sop_class:
+        raise ValueError("sr_uid and sop_class: both are needed")
+    return derive_uid("sr-as-class", sr_uid, sop_class)
 
 
 def device_observer_uid(model: ModelInfo) -> str:

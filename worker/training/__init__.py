@@ -1,4 +1,4 @@
-"""Training and evaluation of the Yang et al. 2020 DenseNet-121, as the paper describes them.
+"""Training and evaluation of the paper's model; imports ``worker.method`` and ``worker.memory``.
 
 ``labels`` reads the labels CSV and makes the patient-level split, ``dataset`` turns DICOM studies
 into cached network inputs with the paper's slice sampling, ``train`` runs the recipe (single

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from hrct_triage.common import paper
 from hrct_triage.worker.method.inference import forward
 from hrct_triage.worker.method.model import build_densenet121, native_bf16
 from hrct_triage.worker.training.dataset import random_flips
@@ -78,7 +79,7 @@ def time_validation_slice(
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--input-size", type=int, default=224)
+    parser.add_argument("--input-size", type=int, default=paper.INPUT_SIZE)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")

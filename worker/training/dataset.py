@@ -28,14 +28,8 @@ import numpy.typing as npt
 import torch
 from torch.utils.data import Dataset
 
-from hrct_triage.worker.method.preprocess import (
-    DEFAULT_INPUT_SIZE,
-    DEFAULT_WINDOW_LEVEL,
-    DEFAULT_WINDOW_WIDTH,
-    LungSettings,
-    lung_slices,
-    model_input,
-)
+from hrct_triage.common import paper
+from hrct_triage.worker.method.preprocess import LungSettings, lung_slices, model_input
 from hrct_triage.worker.method.series import select_series
 from hrct_triage.worker.method.volume import CTVolume, load_volume
 from hrct_triage.worker.training.labels import LabelledStudy
@@ -55,18 +49,16 @@ log = logging.getLogger(__name__)
 
 DEFAULT_NEGATIVE_STRIDE = 3  # the paper: healthy studies give every third lung slice
 _CACHE_FORMAT = 1  # bump when the cached content changes meaning
-PHANTOM_MANUFACTURER = (
-    "hrct-triage phantom"  # what hrct_triage.phantoms.generator writes in Manufacturer
-)
+PHANTOM_MANUFACTURER = "hrct-triage phantom"  # what hrct_triage.phantoms writes in Manufacturer
 
 
 @dataclass(frozen=True)
 class PreprocessSettings:
     """Everything that decides the pixels a study becomes; part of the cache key."""
 
-    input_size: int = DEFAULT_INPUT_SIZE
-    window_width: float = DEFAULT_WINDOW_WIDTH
-    window_level: float = DEFAULT_WINDOW_LEVEL
+    input_size: int = paper.INPUT_SIZE
+    window_width: float = paper.LUNG_WINDOW_WIDTH
+    window_level: float = paper.LUNG_WINDOW_LEVEL
     min_slices: int = 20
     lung: LungSettings = field(default_factory=LungSettings)
 
@@ -84,7 +76,7 @@ class CachedStudy:
     numbers: npt.NDArray[np.int64]  # InstanceNumber (frame number for Enhanced CT) of each row
     lung: npt.NDArray[np.bool_]
     lesion: npt.NDArray[np.bool_]
-    phantom: bool  # written by hrct_triage.phantoms.generator: the model card must say so
+    phantom: bool  # written by hrct_triage.phantoms: the model card must say so
 
     def lung_rows(self) -> npt.NDArray[np.intp]:
         """Rows of the lung slices in table order: what inference averages over."""

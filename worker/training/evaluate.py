@@ -29,6 +29,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from hrct_triage.worker.memory import keep_freed_memory
+from hrct_triage.worker.method.decision import DecisionRule, decision_rule
 from hrct_triage.worker.method.inference import (
     DEFAULT_BATCH_SIZE,
     cam_image,
@@ -66,9 +67,7 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-LESION_MASKS_NAME = (
-    "lesion_masks.npz"  # as hrct_triage.phantoms.generator writes it next to the DICOM files
-)
+LESION_MASKS_NAME = "lesion_masks.npz"  # as hrct_triage.phantoms writes it next to the DICOM files
 # The CAM is 7 x 7 for a 224 input: one cell spans ~45 mm of a 320 mm field of view, so its
 # upsampled peak cannot be placed closer than a few millimetres; 10 mm (about a pulmonary
 # segment's small lesion radius) separates "points at the lesion" from "points elsewhere".
@@ -77,7 +76,8 @@ DEFAULT_POINTING_TOLERANCE_MM = 10.0
 
 @dataclass(frozen=True)
 class EvaluateConfig:
-    """What to evaluate and how; the defaults are the paper's (threshold from the checkpoint)."""
+    """What to evaluate and how; the defaults are the paper's (the decision rule from the
+    checkpoint, ``worker.method.decision``)."""
 
     data_dir: Path
     checkpoint: Path
@@ -85,6 +85,7 @@ class EvaluateConfig:
     output_dir: Path = Path("runs/evaluate")
     splits: tuple[str, ...] = ()  # sets to report; empty: every study as one set, "all"
     threshold: float | None = None  # default: the checkpoint's threshold
+    trim_fraction: float | None = None  # default: the checkpoint's trim fraction
     reader: Path | None = None  # CSV with study_uid and reader (positive/negative)
     ci_method: CiMethod = "delong"
     confidence: float = 0.95
@@ -120,10 +121,11 @@ def evaluate(config: EvaluateConfig, *, console: Console | None = None) -> dict[
     studies = _chosen(read_labels(config.labels_path, data_dir=config.data_dir), config.splits)
     keep_freed_memory()  # study after study, as in the worker (worker.memory)
     model = load_model(config.checkpoint, allow_untrained=False, device=config.device)
-    threshold = model.metadata.threshold if config.threshold is None else config.threshold
-    if not 0.0 <= threshold <= 1.0:
-        raise ValueError(f"threshold must be in [0, 1], got {threshold}")
-    scored = _score_all(studies, model, config, console or Console(stderr=True))
+    rule = decision_rule(
+        model.metadata, threshold=config.threshold, trim_fraction=config.trim_fraction
+    )
+    threshold = rule.threshold
+    scored = _score_all(studies, model, rule, config, console or Console(stderr=True))
     config.output_dir.mkdir(parents=True, exist_ok=True)
     sets = {}
     for name in dict.fromkeys(s.split for s in scored):
@@ -139,11 +141,13 @@ def evaluate(config: EvaluateConfig, *, console: Console | None = None) -> dict[
         "model": {
             **asdict(model.info),
             "threshold": threshold,
+            "trim_fraction": rule.trim_fraction,
             "metrics": json.loads(model.metadata.metrics or "{}"),
         },
         "checkpoint": str(config.checkpoint),
         "labels": str(config.labels_path),
         "threshold": threshold,
+        "trim_fraction": rule.trim_fraction,
         "ci": {
             "method": config.ci_method,
             "confidence": config.confidence,
@@ -180,7 +184,11 @@ def _chosen(studies: Sequence[LabelledStudy], splits: Sequence[str]) -> list[Lab
 
 
 def _score_all(
-    studies: Sequence[LabelledStudy], model: LoadedModel, config: EvaluateConfig, console: Console
+    studies: Sequence[LabelledStudy],
+    model: LoadedModel,
+    rule: DecisionRule,
+    config: EvaluateConfig,
+    console: Console,
 ) -> list[ScoredStudy]:
     scored: list[ScoredStudy] = []
     columns = (
@@ -196,6 +204,7 @@ def _score_all(
                 score_study(
                     study,
                     model,
+                    trim_fraction=rule.trim_fraction,
                     min_slices=config.min_slices,
                     batch_size=config.batch_size,
                     tolerance_mm=config.pointing_tolerance_mm,
@@ -209,11 +218,14 @@ def score_study(
     study: LabelledStudy,
     model: LoadedModel,
     *,
+    trim_fraction: float | None = None,
     min_slices: int = 20,
     batch_size: int = DEFAULT_BATCH_SIZE,
     tolerance_mm: float = DEFAULT_POINTING_TOLERANCE_MM,
 ) -> ScoredStudy:
     """The study probability as the worker computes it, plus the pointing game on lesion slices.
+
+    ``trim_fraction``: None for the checkpoint's, as in ``worker.method.decision``.
 
     A study the worker would answer with ``not_applicable`` is excluded, with the reason.
     """
@@ -235,8 +247,9 @@ def score_study(
         level=info.window_level,
     )
     scores = forward(model, inputs, batch_size=batch_size)
+    rule = decision_rule(model.metadata, trim_fraction=trim_fraction)
     probability = study_probability(
-        scores.probabilities.tolist(), trim_fraction=info.trim_fraction
+        scores.probabilities.tolist(), trim_fraction=rule.trim_fraction
     ).probability
     hits, total = 0, 0
     if study.positive:

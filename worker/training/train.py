@@ -7,7 +7,7 @@ start for SGD fine-tuning of a DenseNet at batch 32), a decay of 0.1 (StepLR's c
 and no weight decay (the paper names none); all are options. The checkpoint kept is the epoch
 with the best validation AUC at subject level (lung slices, trimmed mean, exactly as inference
 scores a study); ties go to the lower subject-level log loss, i.e. the better calibrated model,
-since the decision threshold 0.8 is fixed.
+since the decision threshold is fixed beforehand.
 
 ``batch_size`` is the global batch: under ``torchrun`` each of the N processes takes
 batch_size / N, so the recipe is the same on one GPU, two GPUs as in the paper, or CPU processes.
@@ -54,21 +54,17 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 
+from hrct_triage.common import paper
 from hrct_triage.worker.method.inference import DEFAULT_BATCH_SIZE, forward, study_probability
 from hrct_triage.worker.method.model import (
     MODEL_NAME,
     CheckpointMetadata,
     LoadedModel,
     build_densenet121,
+    model_info,
     native_bf16,
     save_checkpoint,
 )
-from hrct_triage.worker.method.preprocess import (
-    DEFAULT_INPUT_SIZE,
-    DEFAULT_WINDOW_LEVEL,
-    DEFAULT_WINDOW_WIDTH,
-)
-from hrct_triage.worker.method.results import ModelInfo
 from hrct_triage.worker.training.dataset import (
     DEFAULT_NEGATIVE_STRIDE,
     CachedStudy,
@@ -138,11 +134,11 @@ class TrainConfig:
     validation_fraction: float = PAPER_VALIDATION_FRACTION
     test_fraction: float = PAPER_TEST_FRACTION
     seed: int = 0
-    input_size: int = DEFAULT_INPUT_SIZE
-    window_width: float = DEFAULT_WINDOW_WIDTH
-    window_level: float = DEFAULT_WINDOW_LEVEL
-    threshold: float = 0.8
-    trim_fraction: float = 0.1
+    input_size: int = paper.INPUT_SIZE
+    window_width: float = paper.LUNG_WINDOW_WIDTH
+    window_level: float = paper.LUNG_WINDOW_LEVEL
+    threshold: float = paper.THRESHOLD
+    trim_fraction: float = paper.TRIM_FRACTION
     min_slices: int = 20
     pretrained: Path | None = None
     resume: Path | None = None
@@ -624,17 +620,7 @@ def _gather(mine: list[tuple[int, float]], rank: _Rank) -> list[tuple[int, float
 def _as_loaded(module: nn.Module, config: TrainConfig, device: torch.device) -> LoadedModel:
     """The training module seen through the inference API, so validation scores like the worker."""
     metadata = _metadata(config, version="training", trained_on="in training", metrics={})
-    info = ModelInfo(
-        name=metadata.name,
-        version=metadata.version,
-        sha256=None,
-        untrained=False,
-        trained_on=metadata.trained_on,
-        input_size=config.input_size,
-        window_width=config.window_width,
-        window_level=config.window_level,
-        trim_fraction=config.trim_fraction,
-    )
+    info = model_info(metadata, sha256=None, untrained=False)
     return LoadedModel(module, info, metadata, device, native_bf16(device), channels_last=True)
 
 

@@ -1,7 +1,7 @@
 """late waves: the analysed input's digest, the state a late wave re-opened, the input's clock
 
-Revision ID: 0004
-Revises: 0002
+Revision ID: 0006
+Revises: 0005
 Create Date: 2026-12-02 10:00:00.000000
 """
 
@@ -12,8 +12,8 @@ from alembic import op
 
 from hrct_triage.db import models
 
-revision: str = "0004"
-down_revision: str | None = "0002"
+revision: str = "0006"
+down_revision: str | None = "0005"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
