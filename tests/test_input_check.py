@@ -11,7 +11,7 @@ import pydicom
 import pytest
 
 from hrct_triage.db import worklist
-from hrct_triage.phantoms.generator import write_phantom_studies
+from hrct_triage.phantoms import write_phantom_studies
 from hrct_triage.worker import input_check
 from tests.helpers_waves import (
     changed_version,

@@ -31,7 +31,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from hrct_triage.db.models import Event, Output, Study, StudyStatus
 from hrct_triage.db.session import make_engine, make_sessionmaker, transaction
-from hrct_triage.phantoms.generator import PhantomStudy, write_phantom_studies
+from hrct_triage.phantoms import PhantomStudy, write_phantom_studies
 from tests.conftest import PG_ADMIN, REDIS_URL, StoreSCP, _wait_for_port, free_port, storescu
 from tests.helpers_waves import (
     CT_IMAGE_STORAGE,
