@@ -16,7 +16,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -92,13 +92,15 @@ class Gateway:
         result = storescu(self.port, *paths)
         assert result.returncode == 0, result.stderr
 
-    def wait(self, what: str, condition: object, timeout: float = 180) -> None:
+    def wait(
+        self, what: str, condition: Callable[[], bool], timeout: float = 180, every: float = 0.2
+    ) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if callable(condition) and condition():
+            if condition():
                 return
             assert self.process.poll() is None, self.log.read_text()[-3000:]
-            time.sleep(0.2)
+            time.sleep(every)
         raise AssertionError(f"{what} not seen in {timeout} s\n{self.log.read_text()[-3000:]}")
 
     def settled(self, uid: str, generation: int) -> Study:
@@ -366,7 +368,7 @@ def test_thin_series_arriving_during_the_first_analysis_is_analysed_once(
         found = gateway.study(uid)
         return found is not None and found.status == StudyStatus.PROCESSING
 
-    gateway.wait("the first analysis", analysing)
+    gateway.wait("the first analysis", analysing, every=0.01)
     # when the scanner sends the thin series while it runs (one association, left open a
     # moment after the first slice, as a scanner's reconstruction job does)
     ae = AE(ae_title="CT_SCANNER")
