@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import subprocess
 import warnings
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from io import BytesIO
 from pathlib import Path
 
@@ -20,11 +20,15 @@ import pydicom
 import pytest
 from pydicom import Dataset
 from pydicom.charset import decode_bytes, encode_string
+from pydicom.dataelem import DataElement
 from pydicom.dataset import FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 from pydicom.valuerep import PersonName
+from sqlalchemy.orm import Session, sessionmaker
 
 from hrct_triage.common.charsets import DEFINED_TERMS, decoded, of_dataset, resolve
+from hrct_triage.db import queries, worklist
+from hrct_triage.db.session import transaction
 from hrct_triage.listener.dicom_header import SERIES_DESCRIPTION, read_header
 from hrct_triage.worker.method.results import HeatMap, ModelInfo, SliceResult, StudyAnalysis
 from hrct_triage.worker.outputs.objects import build_outputs, write_output
@@ -271,6 +275,62 @@ def test_the_listener_reads_the_series_description_as_the_scanner_meant_it(case:
     assert read_header(data, ExplicitVRLittleEndian).text(SERIES_DESCRIPTION) == (
         case.text.series_description
     )
+
+
+# ------------------------------------------------------------------------------ worklist
+
+
+@pytest.mark.services
+def test_the_worklist_keeps_descriptions_and_the_substitution_note(
+    sessions: sessionmaker[Session],
+) -> None:
+    # given an instance whose header the listener read in a resolved character set
+    (case,) = [case for case in MISTAKES if case.declared == "ISO_IR 149"]
+    ds = _header(0, generate_uid(), generate_uid(), generate_uid())
+    apply_case(ds, case)
+    ds.add(DataElement(0x00080050, "SH", "흉부0042".encode("euc_kr")))  # as the scanner sends it
+    buffer = BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ds.save_as(buffer, enforce_file_format=False)
+    header = read_header(buffer.getvalue(), ExplicitVRLittleEndian)
+    now = datetime(2026, 1, 1, 12, tzinfo=UTC)
+    facts = worklist.InstanceFacts(
+        study_uid=str(ds.StudyInstanceUID),
+        series_uid=str(ds.SeriesInstanceUID),
+        sop_instance_uid=str(ds.SOPInstanceUID),
+        sop_class_uid=CTImageStorage,
+        transfer_syntax_uid=ExplicitVRLittleEndian,
+        path="/spool/x.dcm",
+        size_bytes=10,
+        sha256="a" * 64,
+        series_description=header.text(SERIES_DESCRIPTION),
+        accession_number=header.text(0x00080050),
+    )
+    assert header.character_set.substitution is not None
+    with transaction(sessions) as session:
+        worklist.record_instance(session, facts, association_id=None, now=now)
+    with transaction(sessions) as session:
+        (study_id,) = worklist.complete_ready_studies(
+            session, quiet_seconds=1, now=now + timedelta(seconds=5)
+        )
+
+    # when the worker notes the substitution under its claim
+    with transaction(sessions) as session:
+        claim = worklist.claim(session, study_id, worker="w", lease_seconds=60, now=now)
+        assert claim is not None
+        noted = worklist.note_analysis(
+            session, claim, detail=header.character_set.substitution, now=now
+        )
+
+    # then the study shows the description, the accession number and the note as they were
+    with transaction(sessions) as session:
+        detail = queries.study_detail(session, facts.study_uid)
+    assert noted and detail is not None
+    assert [s["description"] for s in detail["series"]] == [case.text.series_description]
+    assert detail["accession_number"] == "흉부0042"
+    assert detail["events"][-1]["detail"] == header.character_set.substitution
+    assert detail["events"][-1]["to"] == "processing"
 
 
 # ------------------------------------------------------------------------------- outputs
