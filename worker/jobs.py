@@ -24,6 +24,7 @@ from sqlalchemy import select
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
+from hrct_triage.common.charsets import substitutions
 from hrct_triage.common.settings import Settings
 from hrct_triage.db import stats, worklist
 from hrct_triage.db.models import Output, Study, StudyStatus
@@ -270,7 +271,12 @@ def _analyse_and_record(ctx: WorkerContext, claim: worklist.Claim) -> str:
         ],
         timings={k: round(v, 4) for k, v in analysis.timings.items()},
     )
+    notes = substitutions(headers)
+    for note in notes:
+        log.warning("study %d: %s", claim.study_id, note, extra=_context(claim))
     with _transaction(ctx) as session:
+        for note in notes:
+            worklist.note_analysis(session, claim, detail=note, now=_now())
         recorded = worklist.finish_analysis(
             session,
             claim,

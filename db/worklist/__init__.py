@@ -30,6 +30,7 @@ from hrct_triage.db.worklist.analysis import (
     live_holder,
     live_holders,
     mark_not_applicable,
+    note_analysis,
     release_holds,
 )
 from hrct_triage.db.worklist.associations import (
@@ -108,6 +109,7 @@ __all__ = [
     "load_capabilities",
     "mark_not_applicable",
     "mark_published",
+    "note_analysis",
     "open_association",
     "pending_deliveries",
     "purge_candidates",
