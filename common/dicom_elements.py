@@ -19,6 +19,8 @@ import struct
 from collections.abc import Callable
 from typing import Generic, TypeVar
 
+from hrct_triage.common.errors import DicomInputError
+
 __all__ = [
     "LONG_VRS",
     "UNDEFINED_LENGTH",
@@ -58,7 +60,7 @@ Buffer = TypeVar("Buffer", bytes, memoryview)
 Element = tuple[int, bytes | None, int, int]
 
 
-class MalformedDataSet(ValueError):
+class MalformedDataSet(DicomInputError):
     """The bytes are not one complete DICOM data set in the transfer syntax they are read in."""
 
 

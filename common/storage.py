@@ -14,12 +14,14 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
+from hrct_triage.common.errors import DicomInputError
+
 # DICOM PS3.5 9.1: digits and dots, no empty or zero-padded components, at most 64 characters.
 _UID = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
 TEMP_SUFFIX = ".partial"
 
 
-class InvalidUID(ValueError):
+class InvalidUID(DicomInputError):
     """A UID from the network that must not name a file."""
 
 

@@ -1,3 +1,3 @@
-from hrct_triage.cli.app import app
+from hrct_triage.cli.app import main
 
-app()
+main()

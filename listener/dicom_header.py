@@ -8,8 +8,9 @@ DICOM at all, raise :class:`MalformedDataSet` before anything is written.
 
 The kept values are decoded here too: pydicom's element conversion cost more per instance than
 the walk, and plain ASCII (every UID, and nearly every modality, accession number and series
-description) needs none of it. Only text with other bytes goes through pydicom, in the data
-set's Specific Character Set.
+description) needs none of it. Only text with other bytes (or ISO 2022 escape sequences, which
+are ASCII bytes) goes through pydicom, in the character set ``common.charsets`` resolves from the
+data set's Specific Character Set, so a misspelt or missing one reads as the worker reads it.
 """
 
 from __future__ import annotations
@@ -17,12 +18,13 @@ from __future__ import annotations
 import contextlib
 import zlib
 from dataclasses import dataclass
+from functools import cached_property
 
 from pydicom import uid
 from pydicom.dataelem import RawDataElement
-from pydicom.dataset import Dataset
 from pydicom.tag import Tag
 
+from hrct_triage.common.charsets import CharacterSet, decode_element, resolve
 from hrct_triage.common.dicom_elements import ElementWalker, MalformedDataSet
 
 SPECIFIC_CHARACTER_SET = 0x00080005
@@ -53,6 +55,9 @@ WANTED = frozenset(
 # A refused deflated data set is inflated no further than this to name it: its identifying
 # attributes lie near its start, and a small deflated body can inflate without bound.
 _PARTIAL_INFLATE_BYTES = 4 * 1024 * 1024
+# Kept values whose bytes are text in the Specific Character Set (PS3.5 6.1.2.3).
+_TEXT = frozenset({ACCESSION_NUMBER, SERIES_DESCRIPTION})
+_ESC = 0x1B
 
 
 @dataclass(frozen=True)
@@ -72,20 +77,29 @@ class Header:
 
     def text(self, tag: int) -> str | None:
         """A CS/SH/LO/IS value without its padding; None when absent or empty. Values with bytes
-        beyond ASCII are decoded by pydicom in the data set's Specific Character Set; one that
-        cannot be decoded counts as absent (not worth refusing the instance for)."""
+        beyond ASCII or escape sequences are decoded by pydicom in the resolved character set;
+        one that cannot be decoded counts as absent (not worth refusing the instance for)."""
         element = self.elements.get(tag)
         if element is None or not element.value:
             return None
         raw: bytes = element.value
-        if raw.isascii():
+        if raw.isascii() and _ESC not in raw:
             text = raw.decode("ascii").strip("\0 ")
         else:
             try:
-                text = str(self._with_character_set(element).get(Tag(tag)).value)
+                text = str(decode_element(element, self.character_set).value)
             except Exception:
                 return None
         return text or None
+
+    @cached_property
+    def character_set(self) -> CharacterSet:
+        """The character set the kept text values are read in (see ``common.charsets``)."""
+        declared = self.elements.get(SPECIFIC_CHARACTER_SET)
+        value = declared.value if declared is not None else None
+        kept = (self.elements.get(tag) for tag in _TEXT)
+        text = [element.value for element in kept if element is not None and element.value]
+        return resolve(value.decode("latin-1").split("\\") if value else None, text)
 
     def integer(self, tag: int) -> int | None:
         """An IS value with one integer, else None."""
@@ -94,15 +108,6 @@ class Header:
             return int(text) if text is not None else None
         except ValueError:
             return None
-
-    def _with_character_set(self, element: RawDataElement) -> Dataset:
-        dataset = Dataset()
-        character_set = self.elements.get(SPECIFIC_CHARACTER_SET)
-        if character_set is not None:
-            dataset[character_set.tag] = character_set
-        dataset[element.tag] = element
-        dataset.set_original_encoding(self.implicit, self.little)
-        return dataset
 
 
 def read_header(data: bytes | memoryview, transfer_syntax: str) -> Header:

@@ -26,6 +26,7 @@ from multiprocessing.process import BaseProcess
 from pathlib import Path
 from typing import IO
 
+from hrct_triage.common.errors import ListenerError
 from hrct_triage.common.settings import Settings
 
 log = logging.getLogger("hrct.listener")
@@ -49,7 +50,7 @@ class DataFolderLock:
         except OSError:
             self._file.close()
             self._file = None
-            raise RuntimeError(
+            raise ListenerError(
                 f"another listener already serves {data_dir} (it holds {self.path})"
             ) from None
 
@@ -98,7 +99,7 @@ class Followers:
     def _wait_until_listening(self, answers: list[Connection]) -> None:
         for index, answer in enumerate(answers, start=1):
             if not answer.poll(START_TIMEOUT_SECONDS):
-                raise RuntimeError(f"listener process {index} did not start listening")
+                raise ListenerError(f"listener process {index} did not start listening")
             try:
                 message = answer.recv()
             except EOFError:
@@ -106,7 +107,7 @@ class Followers:
             finally:
                 answer.close()
             if message != "listening":
-                raise RuntimeError(f"listener process {index} failed to start: {message}")
+                raise ListenerError(f"listener process {index} failed to start: {message}")
 
     def _watch(self) -> None:
         sentinels = {process.sentinel: process for process in self._processes}

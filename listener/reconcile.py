@@ -35,6 +35,7 @@ import pydicom
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
+from hrct_triage.common.charsets import decoded
 from hrct_triage.common.storage import validate_uid
 from hrct_triage.db import worklist
 from hrct_triage.db.models import Instance
@@ -140,7 +141,7 @@ def _adopt(path: Path, sessions: sessionmaker[Session]) -> bool:
         size_bytes=len(data),
         sha256=sha256,
         modality=str(header.get("Modality", "") or "")[:16] or None,
-        series_description=str(header.get("SeriesDescription", "") or "")[:64] or None,
+        series_description=str(decoded(header).get("SeriesDescription", "") or "")[:64] or None,
     )
     with transaction(sessions) as session:
         if session.scalar(select(Instance.id).where(Instance.sop_instance_uid == sop_uid)):

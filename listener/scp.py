@@ -19,6 +19,7 @@ from pynetdicom.presentation import PresentationContext
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from sqlalchemy.orm import Session, sessionmaker
 
+from hrct_triage.common.errors import ConfigurationError
 from hrct_triage.common.settings import Settings
 from hrct_triage.db.priority import reprioritise
 from hrct_triage.db.session import make_engine, make_sessionmaker, transaction
@@ -109,7 +110,7 @@ class _SharedPortServer(HandshakeInThreadServer):
 
     def server_bind(self) -> None:
         if not hasattr(socket, "SO_REUSEPORT"):
-            raise RuntimeError("HRCT_LISTENER_PROCESSES above 1 needs SO_REUSEPORT (Linux)")
+            raise ConfigurationError("HRCT_LISTENER_PROCESSES above 1 needs SO_REUSEPORT (Linux)")
         listening = cast(socket.socket, self.socket)
         listening.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         super().server_bind()

@@ -31,6 +31,7 @@ from typing import Any, cast
 from pynetdicom.transport import AssociationSocket, RequestHandler
 
 from hrct_triage.common.dicom_elements import uid_value
+from hrct_triage.common.errors import ListenerError
 from hrct_triage.listener.handlers import StoreRequest
 from hrct_triage.listener.pynetdicom_patches import WakingDUL, make_waking
 from hrct_triage.listener.spool import Streaming
@@ -67,7 +68,7 @@ _LARGEST_PDU = 64 * 1024 * 1024
 _ACCEPT_WAIT_SECONDS = 30.0
 
 
-class ProtocolViolation(Exception):
+class ProtocolViolation(ListenerError):
     """P-DATA that cannot belong to the message being received."""
 
 

@@ -34,6 +34,8 @@ from pydicom.uid import (
     SecondaryCaptureImageStorage,
 )
 
+from hrct_triage.common.errors import PhantomError
+
 
 @dataclass(frozen=True)
 class Syntax:
@@ -192,7 +194,7 @@ def _dcmcjpeg(frame: bytes, fmt: _Format) -> bytes:
     """
     tool = shutil.which("dcmcjpeg")
     if tool is None:
-        raise RuntimeError("transfer syntax jpeg-lossless needs DCMTK's dcmcjpeg on PATH")
+        raise PhantomError("transfer syntax jpeg-lossless needs DCMTK's dcmcjpeg on PATH")
     ds = Dataset()
     ds.SOPClassUID = SecondaryCaptureImageStorage
     ds.SOPInstanceUID = "2.25.1"
@@ -216,10 +218,10 @@ def _dcmcjpeg(frame: bytes, fmt: _Format) -> bytes:
             check=False,
         )
         if done.returncode != 0:
-            raise RuntimeError(f"dcmcjpeg failed ({done.returncode}): {done.stderr.strip()}")
+            raise PhantomError(f"dcmcjpeg failed ({done.returncode}): {done.stderr.strip()}")
         encoded = dcmread(target)
         if str(encoded.file_meta.TransferSyntaxUID) != JPEGLosslessSV1:
-            raise RuntimeError("dcmcjpeg did not write JPEG lossless, selection value 1")
+            raise PhantomError("dcmcjpeg did not write JPEG lossless, selection value 1")
         return next(generate_frames(encoded.PixelData, number_of_frames=1))
 
 

@@ -22,6 +22,7 @@ from pynetdicom import AE
 from sqlalchemy import Connection, event, select
 from sqlalchemy.orm import Session, sessionmaker
 
+from hrct_triage.common.errors import ListenerError
 from hrct_triage.common.storage import TEMP_SUFFIX
 from hrct_triage.db import worklist
 from hrct_triage.db.models import Association, Instance
@@ -167,7 +168,7 @@ def test_a_second_listener_on_the_same_data_folder_is_refused(
         # when a second one starts on the same data folder (same port even)
         second = Listener(settings, sqlite_sessions, run_dispatcher=False)
         # then it stops before reconciling the spool under the first one's feet
-        with pytest.raises(RuntimeError, match="another listener already serves"):
+        with pytest.raises(ListenerError, match="another listener already serves"):
             second.start()
         second.stop()
     finally:

@@ -26,7 +26,13 @@ from sqlalchemy.orm import Session, sessionmaker
 from hrct_triage.db import worklist
 from hrct_triage.db.migrate import upgrade
 from hrct_triage.db.session import make_engine, make_sessionmaker, transaction
-from hrct_triage.web.app import COOKIE, create_app, slice_plot_svg, token_from_environment
+from hrct_triage.web.app import (
+    COOKIE,
+    WebConfigError,
+    create_app,
+    slice_plot_svg,
+    token_from_environment,
+)
 from hrct_triage.worker.outputs import Analysed, write_outputs
 from tests.conftest import _wait_for_port, free_port
 from tests.test_outputs import ct_series, make_analysis
@@ -347,7 +353,7 @@ def test_heatmap_is_served_as_a_png_thumbnail(served: Worklist) -> None:
 
 
 def test_missing_token_setting_is_a_clear_error() -> None:
-    with pytest.raises(RuntimeError, match="HRCT_WEB_TOKEN is not set"):
+    with pytest.raises(WebConfigError, match="HRCT_WEB_TOKEN is not set"):
         token_from_environment({})
 
 

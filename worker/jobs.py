@@ -26,6 +26,7 @@ from sqlalchemy import select
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
+from hrct_triage.common.charsets import substitutions
 from hrct_triage.common.settings import Settings
 from hrct_triage.db import stats, worklist
 from hrct_triage.db.models import Output, Study, StudyStatus
@@ -245,12 +246,14 @@ def _analyse_and_record(ctx: WorkerContext, claim: worklist.Claim) -> str:
     if view.selected is None:
         return _record_not_applicable(ctx, claim, view.reason or "no series fits", view)
     try:
-        record, outputs = _analyse(ctx, claim, view.selected, time.perf_counter() - started)
+        record, outputs, notes = _analyse(ctx, claim, view.selected, time.perf_counter() - started)
     except NotApplicable as verdict:
         return _record_not_applicable(ctx, claim, verdict.reason, view)
     record = dataclasses.replace(record, input_digest=view.digest)
 
     def record_result(session: Session) -> str:
+        for note in notes:
+            worklist.note_analysis(session, claim, detail=note, now=_now())
         recorded = worklist.finish_analysis(
             session,
             claim,
@@ -285,9 +288,10 @@ def _analyse_and_record(ctx: WorkerContext, claim: worklist.Claim) -> str:
 
 def _analyse(
     ctx: WorkerContext, claim: worklist.Claim, series: SelectedSeries, looked: float
-) -> tuple[worklist.AnalysisRecord, list[worklist.OutputRecord]]:
-    """The method on the chosen series' files (selection chooses it again, the same), and the
-    outputs built from its result; ``looked`` is the time the input check took."""
+) -> tuple[worklist.AnalysisRecord, list[worklist.OutputRecord], list[str]]:
+    """The method on the chosen series' files (selection chooses it again, the same), the
+    outputs built from its result, and what the analysis did that its result does not show
+    (text read in a substituted character set); ``looked`` is the time the input check took."""
     from hrct_triage.worker.method.pipeline import analyse_study
     from hrct_triage.worker.outputs import Analysed, SeriesLabels, write_outputs
 
@@ -331,7 +335,10 @@ def _analyse(
             **{k: round(v, 4) for k, v in analysis.timings.items()},
         },
     )
-    return record, records
+    notes = substitutions(headers)
+    for note in notes:
+        log.warning("study %d: %s", claim.study_id, note, extra=_context(claim))
+    return record, records, notes
 
 
 def _previous_sr_path(session: Session, claim: worklist.Claim) -> Path | None:

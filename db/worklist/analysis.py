@@ -322,6 +322,16 @@ def analysis_inputs(session: Session, study_id: int) -> list[tuple[str, str]]:
     return [(path, sop_class) for path, sop_class in rows]
 
 
+def note_analysis(session: Session, claim: Claim, *, detail: str, now: datetime) -> bool:
+    """Log something the analysis did that its result does not show (text read in a substituted
+    character set) as an event of the study; False if the claim was overtaken."""
+    study = _held(session, claim)
+    if study is None:
+        return False
+    _note(session, study, now, detail)
+    return True
+
+
 def finish_analysis(
     session: Session,
     claim: Claim,

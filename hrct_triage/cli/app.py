@@ -22,6 +22,7 @@ from rich.table import Table
 from hrct_triage.cli import admin as ops_admin
 from hrct_triage.cli import operations as ops_cli
 from hrct_triage.common import paper
+from hrct_triage.common.errors import HrctTriageError
 from hrct_triage.common.settings import Settings, get_settings
 from hrct_triage.common.task_queue import CONSUME_ORDER
 from hrct_triage.db import queries, worklist
@@ -662,3 +663,13 @@ app.command("doctor")(ops_admin.doctor_command)
 # Operations commands live in their own module; registered here so `hrct-triage --help` lists them.
 app.command("stats")(ops_cli.stats_command)
 app.command("web")(ops_cli.web_command)
+
+
+def main() -> None:
+    """The ``hrct-triage`` console entry point: an error of ours ends the command with its
+    message and exit status 1 instead of a traceback; anything else is a bug and keeps one."""
+    try:
+        app()
+    except HrctTriageError as error:
+        console.print(f"hrct-triage: {error}", style="red")
+        sys.exit(1)

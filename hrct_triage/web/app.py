@@ -35,6 +35,7 @@ from markupsafe import Markup
 from sqlalchemy import select, text
 from sqlalchemy.orm import Session, sessionmaker
 
+from hrct_triage.common.errors import ConfigurationError
 from hrct_triage.db import queries, stats
 from hrct_triage.db.models import Output, Study, StudyStatus
 from hrct_triage.db.refusal_summary import ScannerRefusals, refusals_by_scanner
@@ -61,7 +62,7 @@ REFUSALS_WINDOW = timedelta(days=7)
 _MIN_TOKEN_LENGTH = 16
 
 
-class WebConfigError(RuntimeError):
+class WebConfigError(ConfigurationError):
     """The web worklist cannot start as configured (no token, for one)."""
 
 

@@ -30,6 +30,7 @@ from torch import nn
 from torchvision.models import DenseNet, densenet121
 
 from hrct_triage.common import paper
+from hrct_triage.common.errors import AnalysisError
 from hrct_triage.worker.method.results import ModelInfo
 
 __all__ = [
@@ -55,7 +56,7 @@ COVID_CLASS = 1
 UNTRAINED_SEED = 20200309  # fixed so every untrained worker computes the same numbers
 
 
-class ModelError(Exception):
+class ModelError(AnalysisError):
     """The model cannot be used; the message says what to do."""
 
 

@@ -11,9 +11,10 @@ import numpy as np
 import numpy.typing as npt
 
 from hrct_triage.common import paper
+from hrct_triage.common.errors import AnalysisError
 
 
-class NotApplicable(Exception):
+class NotApplicable(AnalysisError):
     """The study holds no series fit for analysis; ``reason`` names the rule that failed."""
 
     def __init__(self, reason: str) -> None:

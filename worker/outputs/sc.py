@@ -30,6 +30,11 @@ from pydicom.valuerep import DS
 
 from hrct_triage.common.settings import check_series_description
 from hrct_triage.worker.method.results import HeatMap, ModelInfo, StudyAnalysis
+from hrct_triage.worker.outputs.source_text import (
+    OUTPUT_CHARACTER_SET,
+    carry_study_text,
+    decoded_source,
+)
 from hrct_triage.worker.outputs.uids import (
     OutputKey,
     algorithm_equipment,
@@ -329,8 +334,9 @@ def _build_one(
 ) -> Dataset:
     """One SC from ``header`` (patient, study, equipment) and the rendered heat map."""
     pixels = render_heatmap(heatmap, model, decision=decision)
+    source = decoded_source(header)
     sc = hd.sc.SCImage.from_ref_dataset(
-        ref_dataset=header,
+        ref_dataset=source,
         pixel_array=pixels,
         photometric_interpretation=hd.PhotometricInterpretationValues.RGB,
         bits_allocated=8,
@@ -346,7 +352,9 @@ def _build_one(
         series_description=series_description,
         manufacturer_model_name=model.name,
         software_versions=model.version,
+        specific_character_set=OUTPUT_CHARACTER_SET,
     )
+    carry_study_text(sc, source)
     _describe_derivation(sc, header, heatmap, model, _scale_factor(heatmap.cam.shape), decision)
     stamp_datetimes(sc, when)
     return sc

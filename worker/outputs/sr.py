@@ -33,6 +33,11 @@ from pydicom.uid import ExplicitVRLittleEndian
 
 from hrct_triage.common.settings import check_series_description
 from hrct_triage.worker.method.results import ModelInfo, StudyAnalysis
+from hrct_triage.worker.outputs.source_text import (
+    OUTPUT_CHARACTER_SET,
+    carry_study_text,
+    decoded_source,
+)
 from hrct_triage.worker.outputs.sr_library import SOURCE_OF_MEASUREMENT, add_images, image_library
 from hrct_triage.worker.outputs.uids import (
     OutputKey,
@@ -187,8 +192,9 @@ def _document(
     (an AI triage result is never the definitive report).
     """
     local = local_datetime(when)
+    source = _with_empty_type2(decoded_source(evidence[0]))
     sr = hd.sr.Comprehensive3DSR(
-        evidence=[_with_empty_type2(evidence[0]), *evidence[1:]],
+        evidence=[source, *evidence[1:]],
         content=content,
         series_instance_uid=series_instance_uid,
         series_number=series_number,
@@ -206,7 +212,9 @@ def _document(
         software_versions=model.version,
         content_date=local.date(),
         content_time=local.time(),
+        specific_character_set=OUTPUT_CHARACTER_SET,
     )
+    carry_study_text(sr, source)
     stamp_datetimes(sr, local)
     return sr
 
@@ -338,7 +346,7 @@ def _check_predecessor(predecessor: Dataset | None, study_uid: str, sr_uid: str)
 def _procedure_reported(header: Dataset) -> list[CodedConcept | Code]:
     """The source's Procedure Code Sequence if it has well-formed codes, else CT chest w/o."""
     codes_found: list[CodedConcept | Code] = []
-    for item in header.get("ProcedureCodeSequence", []):
+    for item in decoded_source(header).get("ProcedureCodeSequence", []):
         value = item.get("CodeValue") or item.get("LongCodeValue") or item.get("URNCodeValue")
         scheme = item.get("CodingSchemeDesignator")
         meaning = item.get("CodeMeaning")
