@@ -10,7 +10,7 @@ import re
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 from urllib.parse import parse_qsl, urlsplit
 
 from pydantic import Field, field_validator, model_validator
@@ -147,24 +147,21 @@ def parse_quiet_by_aet(value: object) -> dict[str, float]:
     return parsed
 
 
-class Settings(BaseSettings):
-    """Every knob of the gateway; the ``HRCT_*`` names are what deployments set, so they stay."""
+_CONFIG = SettingsConfigDict(
+    env_prefix="HRCT_", env_file=".env", extra="ignore", protected_namespaces=()
+)
 
-    model_config = SettingsConfigDict(
-        env_prefix="HRCT_", env_file=".env", extra="ignore", protected_namespaces=()
-    )
 
-    data_dir: Path = Path("./var")
-    database_url: str | None = None
-    broker_url: str | None = None
+class ListenerSettings(BaseSettings):
+    """The DICOM listener: who may store, its limits and timers, TLS, and study completion."""
 
+    model_config = _CONFIG
+
+    # Our AE title: called by scanners, and calling when we send results.
     ae_title: str = Field("HRCT_TRIAGE", max_length=16)
     port: int = Field(11112, ge=0, le=65535)
     bind_address: str = "0.0.0.0"
     allowed_aets: Annotated[list[str], NoDecode] = Field(default_factory=list)
-    destinations: Annotated[list[str], NoDecode] = Field(default_factory=list)
-
-    # --- listener limits (PS3.8 association and DIMSE timers; each value with its reason) ---
     # Several scanners at once, each may open a few associations; above this pynetdicom answers
     # A-ASSOCIATE-RJ "local limit exceeded" and the scanner retries later.
     max_associations: int = Field(32, ge=1)
@@ -190,7 +187,7 @@ class Settings(BaseSettings):
     # with 0xA700 before anything is written, so the database and the OS never run out first.
     min_free_disk_bytes: int = Field(1 << 30, ge=0)
 
-    # --- DICOM TLS (PS3.15 B.1); off unless a certificate and key are given ---
+    # DICOM TLS (PS3.15 B.1); off unless a certificate and key are given.
     tls_cert: Path | None = None
     tls_key: Path | None = None
     # CA bundle that client certificates must chain to (mutual TLS).
@@ -211,12 +208,59 @@ class Settings(BaseSettings):
     # An outbox row published this long ago whose study is still queued is published again: the
     # broker may have lost it (restart without persistence, embedded broker consumer killed).
     republish_seconds: float = Field(120.0, gt=0)
+    # Port of the Prometheus /metrics endpoint the listener serves (on HRCT_BIND_ADDRESS); 0 turns
+    # it off. 9464 is the port the OpenTelemetry/Prometheus exporter convention uses, clear of
+    # DICOM (104, 11112) and of the web worklist (8080). Worker figures (analysis duration,
+    # delivery failures, time to notification) are read from the worklist on each scrape, so this
+    # one endpoint covers every worker on every host.
+    metrics_port: int = Field(9464, ge=0, le=65535)
+
+    @field_validator("allowed_aets", mode="before")
+    @classmethod
+    def _split(cls, value: object) -> list[str]:
+        return _comma_list(value)
+
+    @field_validator("allowed_aets")
+    @classmethod
+    def _check_allowed_aets(cls, value: list[str]) -> list[str]:
+        for entry in value:
+            title, _, host = entry.partition("@")
+            if not 0 < len(title.strip()) <= 16 or ("@" in entry and not host.strip()):
+                raise ValueError(f"HRCT_ALLOWED_AETS entry {entry!r} is not AE or AE@host")
+        return value
+
+    @field_validator("quiet_seconds_by_aet", mode="before")
+    @classmethod
+    def _parse_quiet_by_aet(cls, value: object) -> dict[str, float]:
+        return parse_quiet_by_aet(value)
+
+    @model_validator(mode="after")
+    def _check_tls(self) -> ListenerSettings:
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("HRCT_TLS_CERT and HRCT_TLS_KEY must be given together")
+        if self.tls_require_client_cert and (self.tls_cert is None or self.tls_ca is None):
+            raise ValueError("HRCT_TLS_REQUIRE_CLIENT_CERT needs HRCT_TLS_CERT, _KEY and _CA")
+        return self
+
+    def quiet_seconds_for(self, calling_ae: str | None) -> float:
+        """The quiet period of a study sent by ``calling_ae`` (its scanner's, or the default)."""
+        return self.quiet_seconds_by_aet.get(calling_ae or "", self.quiet_seconds)
+
+    @property
+    def tls_enabled(self) -> bool:
+        return self.tls_cert is not None
+
+
+class AnalysisSettings(BaseSettings):
+    """The worker's analysis: the weights, the decision rule, and how a study is claimed."""
+
+    model_config = _CONFIG
 
     model_path: Path | None = None
     allow_untrained: bool = False
     # torch.compile the DenseNet features on the worker. Pays off on a GPU after a warm-up of
-    # tens of seconds per batch shape (measured on an H200: 9.5k -> 16k slices/s);
-    # on a CPU the compile takes minutes and gains little, hence off by default.
+    # tens of seconds per batch shape; on a CPU the compile takes minutes and gains little,
+    # hence off by default.
     compile_model: bool = False
     # The decision rule. Set explicitly, each wins over the checkpoint's own value; left unset,
     # the checkpoint's applies (``worker.method.decision``), and the default below only shows
@@ -226,15 +270,51 @@ class Settings(BaseSettings):
     min_slices: int = Field(20, ge=1)
     batch_size: int = Field(32, ge=1)
     heatmaps: int = Field(3, ge=0)
-
     # A worker's claim on a study lapses after this long, so a killed worker's study is analysed
     # again; well above the slowest CPU analysis of a 500-slice study.
     lease_seconds: float = Field(900.0, gt=0)
     # Analysis attempts before a study ends failed (a poison study must not loop forever).
     max_attempts: int = Field(3, ge=1)
-    # Delivery: tries per output and destination before the study ends failed. Twelve tries with
-    # the backoff below span about 2.4 h: a PACS restart or a maintenance window is ridden out,
-    # a PACS gone for good is reported within the same shift.
+
+    @property
+    def threshold_override(self) -> float | None:
+        """HRCT_THRESHOLD if it was set (environment, ``.env`` or argument), else None."""
+        return self.threshold if "threshold" in self.model_fields_set else None
+
+    @property
+    def trim_fraction_override(self) -> float | None:
+        """HRCT_TRIM_FRACTION if it was set (environment, ``.env`` or argument), else None."""
+        return self.trim_fraction if "trim_fraction" in self.model_fields_set else None
+
+
+class OutputSettings(BaseSettings):
+    """The SR and SC series we write; their descriptions must say "not for diagnostic use"."""
+
+    model_config = _CONFIG
+
+    sr_series_number: int = Field(9901, ge=1, le=2**31 - 1)
+    sr_series_description: str = "AI COVID-19 triage SR - not for diagnostic use"
+    sc_series_number: int = Field(9902, ge=1, le=2**31 - 1)
+    sc_series_description: str = "AI COVID-19 heat map - not for diagnostic use"
+    # A study that ends not_applicable gets an SR saying so and why (off: some PACS file such
+    # reports as clutter).
+    not_analysed_sr: bool = False
+
+    @field_validator("sr_series_description", "sc_series_description")
+    @classmethod
+    def _not_for_diagnostic_use(cls, value: str) -> str:
+        return check_series_description(value)
+
+
+class DeliverySettings(BaseSettings):
+    """Where the outputs go, and how hard we try."""
+
+    model_config = _CONFIG
+
+    destinations: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    # Tries per output and destination before the study ends failed. Twelve tries with the
+    # backoff below span about 2.4 h: a PACS restart or a maintenance window is ridden out, a
+    # PACS gone for good is reported within the same shift.
     delivery_attempts: int = Field(12, ge=1)
     # First wait between delivery rounds; it doubles each round, with jitter. Five seconds lets a
     # PACS that merely restarts get the results almost at once.
@@ -252,74 +332,8 @@ class Settings(BaseSettings):
     # worker's hold lapses after this. Ten minutes covers a round of ten objects to two slow
     # destinations at the 30 s timeout per answer.
     delivery_lease_seconds: float = Field(600.0, gt=0)
-    # A study that ends not_applicable gets an SR saying so and why (off: some PACS file such
-    # reports as clutter).
-    not_analysed_sr: bool = False
-    # Series of the outputs; the descriptions must say "not for diagnostic use".
-    # Worklist bands, most urgent first (db/priority.py): what a radiologist reads first.
-    priority_bands: Annotated[list[str], NoDecode] = Field(
-        default_factory=lambda: ["positive", "unanswered", "negative"]
-    )
 
-    # The read-only web worklist (`hrct-triage web`): its bearer token, and where it listens.
-    web_token: str | None = None
-    web_host: str = "127.0.0.1"
-    web_port: int = Field(8080, ge=1, le=65535)
-    # Time to notification (last instance -> SR acknowledged) above which `stats` and the log
-    # raise an alarm: 15 minutes, the turnaround a triage tool must beat to change reading order.
-    notification_target_seconds: float = Field(900.0, gt=0)
-    # Calling AE titles whose studies go to the urgent queue (emergency department, ICU
-    # scanners): their patients wait for the answer. Empty: only operator `requeue --urgent`
-    # and positive results' deliveries jump the queue.
-    urgent_aets: Annotated[list[str], NoDecode] = Field(default_factory=list)
-
-    @field_validator("urgent_aets", mode="before")
-    @classmethod
-    def _split_urgent_aets(cls, value: object) -> list[str]:
-        return _comma_list(value)
-
-    sr_series_number: int = Field(9901, ge=1, le=2**31 - 1)
-    sr_series_description: str = "AI COVID-19 triage SR - not for diagnostic use"
-    sc_series_number: int = Field(9902, ge=1, le=2**31 - 1)
-    sc_series_description: str = "AI COVID-19 heat map - not for diagnostic use"
-
-    # --- metrics and logs (observability) ---
-    # Port of the Prometheus /metrics endpoint the listener serves (on HRCT_BIND_ADDRESS); 0 turns
-    # it off. 9464 is the port the OpenTelemetry/Prometheus exporter convention uses, clear of
-    # DICOM (104, 11112) and of the web worklist (8080). Worker figures (analysis duration,
-    # delivery failures, time to notification) are read from the worklist on each scrape, so this
-    # one endpoint covers every worker on every host.
-    metrics_port: int = Field(9464, ge=0, le=65535)
-    # "text" for people at a terminal; "json" (one object per line, with study_uid and
-    # association when known) for a log shipper. Text is the default because `demo` and `up` are
-    # run by hand first.
-    log_format: Literal["text", "json"] = "text"
-
-    @field_validator("quiet_seconds_by_aet", mode="before")
-    @classmethod
-    def _parse_quiet_by_aet(cls, value: object) -> dict[str, float]:
-        return parse_quiet_by_aet(value)
-
-    def quiet_seconds_for(self, calling_ae: str | None) -> float:
-        """The quiet period of a study sent by ``calling_ae`` (its scanner's, or the default)."""
-        return self.quiet_seconds_by_aet.get(calling_ae or "", self.quiet_seconds)
-
-    @field_validator("sr_series_description", "sc_series_description")
-    @classmethod
-    def _not_for_diagnostic_use(cls, value: str) -> str:
-        return check_series_description(value)
-
-    @field_validator("priority_bands")
-    @classmethod
-    def _check_bands(cls, value: list[str]) -> list[str]:
-        if sorted(value) != sorted(["positive", "unanswered", "negative"]):
-            raise ValueError(
-                "HRCT_PRIORITY_BANDS must name positive, unanswered and negative once each, "
-                f"most urgent first; got {','.join(value)!r}"
-            )
-        return value
-
-    @field_validator("allowed_aets", "destinations", "priority_bands", mode="before")
+    @field_validator("destinations", mode="before")
     @classmethod
     def _split(cls, value: object) -> list[str]:
         return _comma_list(value)
@@ -331,36 +345,117 @@ class Settings(BaseSettings):
             Destination.parse(entry)
         return value
 
-    @field_validator("allowed_aets")
+    @property
+    def destination_list(self) -> list[Destination]:
+        return [Destination.parse(entry) for entry in self.destinations]
+
+
+class WorklistSettings(BaseSettings):
+    """How the worklist orders studies and when it raises an alarm."""
+
+    model_config = _CONFIG
+
+    # Worklist bands, most urgent first (db/priority.py): what a radiologist reads first.
+    priority_bands: Annotated[list[str], NoDecode] = Field(
+        default_factory=lambda: ["positive", "unanswered", "negative"]
+    )
+    # Calling AE titles whose studies go to the urgent queue (emergency department, ICU
+    # scanners): their patients wait for the answer. Empty: only operator `requeue --urgent`
+    # and positive results' deliveries jump the queue.
+    urgent_aets: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    # Time to notification (last instance -> SR acknowledged) above which `stats` and the log
+    # raise an alarm: 15 minutes, the turnaround a triage tool must beat to change reading order.
+    notification_target_seconds: float = Field(900.0, gt=0)
+
+    @field_validator("priority_bands", "urgent_aets", mode="before")
     @classmethod
-    def _check_allowed_aets(cls, value: list[str]) -> list[str]:
-        for entry in value:
-            title, _, host = entry.partition("@")
-            if not 0 < len(title.strip()) <= 16 or ("@" in entry and not host.strip()):
-                raise ValueError(f"HRCT_ALLOWED_AETS entry {entry!r} is not AE or AE@host")
+    def _split(cls, value: object) -> list[str]:
+        return _comma_list(value)
+
+    @field_validator("priority_bands")
+    @classmethod
+    def _check_bands(cls, value: list[str]) -> list[str]:
+        if sorted(value) != sorted(["positive", "unanswered", "negative"]):
+            raise ValueError(
+                "HRCT_PRIORITY_BANDS must name positive, unanswered and negative once each, "
+                f"most urgent first; got {','.join(value)!r}"
+            )
         return value
 
-    @model_validator(mode="after")
-    def _check_tls(self) -> Settings:
-        if (self.tls_cert is None) != (self.tls_key is None):
-            raise ValueError("HRCT_TLS_CERT and HRCT_TLS_KEY must be given together")
-        if self.tls_require_client_cert and (self.tls_cert is None or self.tls_ca is None):
-            raise ValueError("HRCT_TLS_REQUIRE_CLIENT_CERT needs HRCT_TLS_CERT, _KEY and _CA")
-        return self
 
-    @property
-    def threshold_override(self) -> float | None:
-        """HRCT_THRESHOLD if it was set (environment, ``.env`` or argument), else None."""
-        return self.threshold if "threshold" in self.model_fields_set else None
+class WebSettings(BaseSettings):
+    """The read-only web worklist (``hrct-triage web``): its bearer token and its address."""
 
-    @property
-    def trim_fraction_override(self) -> float | None:
-        """HRCT_TRIM_FRACTION if it was set (environment, ``.env`` or argument), else None."""
-        return self.trim_fraction if "trim_fraction" in self.model_fields_set else None
+    model_config = _CONFIG
 
-    @property
-    def tls_enabled(self) -> bool:
-        return self.tls_cert is not None
+    web_token: str | None = Field(None, repr=False)
+    web_host: str = "127.0.0.1"
+    web_port: int = Field(8080, ge=1, le=65535)
+
+
+# Each group, by the name ``Settings`` holds it under.
+GROUPS: dict[str, type[BaseSettings]] = {
+    "listener": ListenerSettings,
+    "analysis": AnalysisSettings,
+    "outputs": OutputSettings,
+    "delivery": DeliverySettings,
+    "worklist": WorklistSettings,
+    "web": WebSettings,
+}
+
+
+class Settings(BaseSettings):
+    """Every knob of the gateway, one group per subsystem; the ``HRCT_*`` names are what
+    deployments set, so they stay flat (``HRCT_PORT``, not ``HRCT_LISTENER__PORT``).
+
+    ``Settings(port=..., threshold=...)`` takes any group's field by its name too, which is how
+    tests and the demo override a few settings; each group reads the environment for the rest.
+    """
+
+    model_config = _CONFIG
+
+    data_dir: Path = Path("./var")
+    database_url: str | None = None
+    broker_url: str | None = None
+    # "text" for people at a terminal; "json" (one object per line, with study_uid and
+    # association when known) for a log shipper. Text is the default because `demo` and `up` are
+    # run by hand first.
+    log_format: Literal["text", "json"] = "text"
+
+    listener: ListenerSettings = Field(default_factory=ListenerSettings)
+    analysis: AnalysisSettings = Field(default_factory=AnalysisSettings)
+    outputs: OutputSettings = Field(default_factory=OutputSettings)
+    delivery: DeliverySettings = Field(default_factory=DeliverySettings)
+    worklist: WorklistSettings = Field(default_factory=WorklistSettings)
+    web: WebSettings = Field(default_factory=WebSettings)
+
+    def __init__(self, **values: Any) -> None:
+        # ``_env_file`` (None in tests: no .env) must reach the groups, which read on their own.
+        if "_env_file" in values:
+            for name, group in GROUPS.items():
+                given = {key: values.pop(key) for key in list(values) if key in group.model_fields}
+                if name not in values:
+                    values[name] = group(_env_file=values["_env_file"], **given)
+        super().__init__(**values)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _route_to_groups(cls, data: object) -> object:
+        """Hand each group its fields given by name, built through its own ``__init__`` so that
+        it still reads the environment for the fields not given."""
+        if not isinstance(data, dict):
+            return data
+        data = dict(data)
+        for name, group in GROUPS.items():
+            given = {key: data.pop(key) for key in list(data) if key in group.model_fields}
+            if isinstance(data.get(name), group):
+                if given:  # validated again, with the fields given
+                    data[name] = group(**data[name].model_dump(exclude_unset=True), **given)
+            elif isinstance(data.get(name), dict):
+                data[name] = group(**{**data[name], **given})
+            elif given:
+                data[name] = group(**given)
+        return data
 
     @property
     def spool_dir(self) -> Path:
@@ -382,9 +477,36 @@ class Settings(BaseSettings):
             return self.broker_url
         return f"sqla+sqlite:///{(self.data_dir / 'broker.sqlite').resolve()}"
 
-    @property
-    def destination_list(self) -> list[Destination]:
-        return [Destination.parse(entry) for entry in self.destinations]
+    def explicit_environment(self) -> dict[str, str | None]:
+        """The ``HRCT_*`` variables that give another process the settings that were set here
+        (environment, ``.env`` or arguments; None: set to nothing); those left at their
+        defaults stay unset, so a default that defers to something else (the checkpoint's
+        threshold) still does."""
+        values: dict[str, object] = {
+            key: getattr(self, key) for key in self.model_fields_set if key not in GROUPS
+        }
+        for name in GROUPS:
+            group = getattr(self, name)
+            values.update({key: getattr(group, key) for key in group.model_fields_set})
+        return {f"HRCT_{key.upper()}": _environment_text(value) for key, value in values.items()}
+
+
+def setting_names() -> set[str]:
+    """Every ``HRCT_*`` variable the settings read."""
+    fields = {key for key in Settings.model_fields if key not in GROUPS}
+    for group in GROUPS.values():
+        fields |= set(group.model_fields)
+    return {f"HRCT_{key.upper()}" for key in fields}
+
+
+def _environment_text(value: object) -> str | None:
+    if value is None:
+        return None
+    if isinstance(value, list):
+        return ",".join(str(v) for v in value)
+    if isinstance(value, dict):  # "KEY=value" pairs, as HRCT_QUIET_SECONDS_BY_AET reads
+        return ",".join(f"{k}={v}" for k, v in value.items())
+    return str(value)
 
 
 @lru_cache(maxsize=1)

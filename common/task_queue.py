@@ -65,7 +65,7 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         # minute, and kombu looked for such messages only every ~100 s, so a worker that hung
         # held its study for lease + up to 160 s however short the lease (tests/faults:
         # test_two_workers_and_a_redelivery_after_the_visibility_timeout).
-        lease = float(settings.lease_seconds)
+        lease = float(settings.analysis.lease_seconds)
         margin = min(VISIBILITY_MARGIN_SECONDS, lease)
         config["broker_transport_options"] = {
             "visibility_timeout": math.ceil(lease + margin),

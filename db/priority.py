@@ -51,7 +51,7 @@ def configured_bands() -> tuple[str, ...]:
     """The band order of this process's settings (``HRCT_PRIORITY_BANDS``)."""
     from hrct_triage.common.settings import get_settings
 
-    return tuple(get_settings().priority_bands)
+    return tuple(get_settings().worklist.priority_bands)
 
 
 def priority_for(

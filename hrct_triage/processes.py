@@ -17,18 +17,14 @@ log = logging.getLogger("hrct.up")
 
 
 def settings_env(settings: Settings) -> dict[str, str]:
-    """The environment that gives a child process the same settings as this one."""
+    """The environment that gives a child process the same settings as this one: those set
+    here, and the database and broker this process resolved (so children share them)."""
     env = dict(os.environ)
-    for name, value in settings.model_dump().items():
-        key = f"HRCT_{name.upper()}"
+    for key, value in settings.explicit_environment().items():
         if value is None:
             env.pop(key, None)
-        elif isinstance(value, list):
-            env[key] = ",".join(str(v) for v in value)
-        elif isinstance(value, dict):  # "KEY=value" pairs, as HRCT_QUIET_SECONDS_BY_AET reads
-            env[key] = ",".join(f"{k}={v}" for k, v in value.items())
         else:
-            env[key] = str(value)
+            env[key] = value
     env["HRCT_DATABASE_URL"] = settings.resolved_database_url
     env["HRCT_BROKER_URL"] = settings.resolved_broker_url
     return env

@@ -49,18 +49,18 @@ class Dispatcher:
         with transaction(self.sessions) as session:
             completed = worklist.complete_ready_studies(
                 session,
-                quiet_seconds=self.settings.quiet_seconds,
-                quiet_seconds_by_aet=self.settings.quiet_seconds_by_aet,
+                quiet_seconds=self.settings.listener.quiet_seconds,
+                quiet_seconds_by_aet=self.settings.listener.quiet_seconds_by_aet,
                 now=now,
             )
         for study_id in completed:
             log.info("study %d complete, queued for analysis", study_id)
         with transaction(self.sessions) as session:
             due = worklist.due_publications(
-                session, now=now, republish_seconds=self.settings.republish_seconds
+                session, now=now, republish_seconds=self.settings.listener.republish_seconds
             )
             urgent = worklist.urgent_publications(
-                session, due, urgent_aets=self.settings.urgent_aets
+                session, due, urgent_aets=self.settings.worklist.urgent_aets
             )
         # Urgent first; within each group the worklist priority order of ``due_publications``.
         due.sort(key=lambda publication: publication.outbox_id not in urgent)
@@ -102,4 +102,4 @@ class Dispatcher:
                 self.run_once()
             except Exception:
                 log.exception("dispatcher round failed; trying again")
-            stop.wait(self.settings.poll_seconds)
+            stop.wait(self.settings.listener.poll_seconds)

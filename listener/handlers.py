@@ -323,7 +323,7 @@ def begin_instance(state: ListenerState, request: StoreRequest) -> Streaming | N
     try:
         sop_uid = validate_uid(request.requested_sop_uid, "SOPInstanceUID")
         sop_class = validate_uid(request.abstract_syntax, "SOPClassUID")
-        if free_bytes(state.spool_dir) < state.settings.min_free_disk_bytes:
+        if free_bytes(state.spool_dir) < state.settings.listener.min_free_disk_bytes:
             return None
     except (InvalidUID, OSError):
         return None
@@ -401,11 +401,11 @@ def _store(
     streamed: Streaming | None,
 ) -> int:
     settings = state.settings
-    if size > settings.max_instance_bytes:  # the reader keeps no more than that of it
+    if size > settings.listener.max_instance_bytes:  # the reader keeps no more than that of it
         raise _Refused(
             OUT_OF_RESOURCES,
             f"data set of {size} bytes exceeds HRCT_MAX_INSTANCE_BYTES "
-            f"({settings.max_instance_bytes})",
+            f"({settings.listener.max_instance_bytes})",
             "too_large",
         )
     transfer_syntax = request.transfer_syntax
@@ -514,7 +514,7 @@ def _check_free_space(state: ListenerState, size: int) -> None:
             "spool_unavailable",
             transient=True,
         ) from None
-    if free - size < state.settings.min_free_disk_bytes:
+    if free - size < state.settings.listener.min_free_disk_bytes:
         raise _Refused(
             OUT_OF_RESOURCES,
             f"spool has {free} bytes free, below HRCT_MIN_FREE_DISK_BYTES after this instance",

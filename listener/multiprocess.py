@@ -153,7 +153,11 @@ def follower_main(
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: stop.set())
     listener = Listener(
-        settings.model_copy(update={"port": port}), run_dispatcher=False, follower_index=index
+        settings.model_copy(
+            update={"listener": settings.listener.model_copy(update={"port": port})}
+        ),
+        run_dispatcher=False,
+        follower_index=index,
     )
     try:
         listener.start()

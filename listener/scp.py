@@ -55,16 +55,16 @@ ACCEPTED_TRANSFER_SYNTAXES = [
 
 def build_ae(settings: Settings) -> AE:
     """The AE with every storage SOP class, our transfer syntaxes and the limits in settings."""
-    ae = AE(ae_title=settings.ae_title)
+    ae = AE(ae_title=settings.listener.ae_title)
     ae.add_supported_context(Verification)
     for context in AllStoragePresentationContexts:
         if context.abstract_syntax is not None:
             ae.add_supported_context(context.abstract_syntax, ACCEPTED_TRANSFER_SYNTAXES)
-    ae.maximum_associations = settings.max_associations
-    ae.maximum_pdu_size = settings.max_pdu_bytes
-    ae.acse_timeout = settings.acse_timeout_seconds
-    ae.dimse_timeout = settings.dimse_timeout_seconds
-    ae.network_timeout = settings.network_timeout_seconds
+    ae.maximum_associations = settings.listener.max_associations
+    ae.maximum_pdu_size = settings.listener.max_pdu_bytes
+    ae.acse_timeout = settings.listener.acse_timeout_seconds
+    ae.dimse_timeout = settings.listener.dimse_timeout_seconds
+    ae.network_timeout = settings.listener.network_timeout_seconds
     # The access policy (called AE, AE@host allow list) runs in handle_requested; this is the
     # same called-AE check kept as a second line.
     ae.require_called_aet = True
@@ -137,16 +137,16 @@ class Listener:
         self.follower_index = follower_index
         self.primary = follower_index == 0
         self.run_dispatcher = run_dispatcher and self.primary
-        self.shared_port = settings.listener_processes > 1
+        self.shared_port = settings.listener.listener_processes > 1
         self.sessions = sessions or make_sessionmaker(
             make_engine(settings.resolved_database_url, take_turns=True)
         )
         self.state = handlers.ListenerState(
             settings,
             self.sessions,
-            AccessPolicy.from_settings(settings.ae_title, settings.allowed_aets),
+            AccessPolicy.from_settings(settings.listener.ae_title, settings.listener.allowed_aets),
             settings.spool_dir.resolve(),
-            tls=settings.tls_enabled,
+            tls=settings.listener.tls_enabled,
         )
         self.dispatcher = Dispatcher(settings, self.sessions)
         metrics = self.state.metrics
@@ -155,9 +155,11 @@ class Listener:
             metrics.registry.register(WorklistCollector(self.sessions))
         self.metrics_server = (
             MetricsServer(
-                metrics.registry, settings.bind_address, settings.metrics_port + follower_index
+                metrics.registry,
+                settings.listener.bind_address,
+                settings.listener.metrics_port + follower_index,
             )
-            if settings.metrics_port
+            if settings.listener.metrics_port
             else None
         )
         # Set when a follower process died: the listener must stop (see listener.multiprocess).
@@ -183,7 +185,7 @@ class Listener:
             self.reconciliation = reconcile(self.state.spool_dir, self.sessions)
             with transaction(self.sessions) as session:
                 # HRCT_PRIORITY_BANDS may have changed since the priorities were stored.
-                changed = reprioritise(session, self.settings.priority_bands)
+                changed = reprioritise(session, self.settings.worklist.priority_bands)
             if changed:
                 log.info("worklist priorities recomputed for %d studies", changed)
         self._server = self._serve()
@@ -200,16 +202,16 @@ class Listener:
             self._thread.start()
         if self.primary and self.shared_port:
             self._followers = Followers(
-                self.settings, self.port, self.settings.listener_processes - 1
+                self.settings, self.port, self.settings.listener.listener_processes - 1
             )
             self.failed = self._followers.failed
         log.info(
             "listening as %s on %s:%d%s%s",
-            self.settings.ae_title,
-            self.settings.bind_address,
+            self.settings.listener.ae_title,
+            self.settings.listener.bind_address,
             self.port,
             " (TLS)" if self.state.tls else "",
-            f" (process {self.follower_index + 1} of {self.settings.listener_processes})"
+            f" (process {self.follower_index + 1} of {self.settings.listener.listener_processes})"
             if self.shared_port
             else "",
         )
@@ -225,14 +227,14 @@ class Listener:
         server = cast(  # make_server returns an instance of server_class
             HandshakeInThreadServer,
             ae.make_server(
-                (self.settings.bind_address, self.settings.port),
+                (self.settings.listener.bind_address, self.settings.listener.port),
                 ssl_context=server_context(self.settings),
                 evt_handlers=event_handlers(self.state),
                 server_class=server_class,
                 request_handler=StreamingRequestHandler,
             ),
         )
-        server.handshake_timeout = self.settings.acse_timeout_seconds
+        server.handshake_timeout = self.settings.listener.acse_timeout_seconds
         server.contexts = SupportedContexts(server.contexts)
         state = self.state
         server.data_phase = DataPhase(  # type: ignore[attr-defined]  # StreamingRequestHandler's
@@ -240,7 +242,7 @@ class Listener:
             begin=partial(handlers.begin_instance, state),
             prepare=partial(handlers.prepare_instance, state),
             aborting=partial(handlers.record_abort, state),
-            keep_at_most=self.settings.max_instance_bytes,
+            keep_at_most=self.settings.listener.max_instance_bytes,
         )
         server.on_handshake_failure = lambda host, port, reason: handlers.record_failed_handshake(
             state, host, port, reason

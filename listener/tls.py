@@ -32,16 +32,16 @@ _HUNG_UP = (ssl.SSLEOFError, ConnectionResetError, BrokenPipeError)
 
 def server_context(settings: Settings) -> ssl.SSLContext | None:
     """The TLS context of the listener socket, or None for plain TCP."""
-    if settings.tls_cert is None or settings.tls_key is None:
+    if settings.listener.tls_cert is None or settings.listener.tls_key is None:
         return None
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     # TLS 1.2 is the oldest version the current profiles (PS3.15 B.9 onwards) allow.
     context.minimum_version = ssl.TLSVersion.TLSv1_2
-    context.load_cert_chain(settings.tls_cert, settings.tls_key)
-    if settings.tls_ca is not None:
-        context.load_verify_locations(cafile=settings.tls_ca)
+    context.load_cert_chain(settings.listener.tls_cert, settings.listener.tls_key)
+    if settings.listener.tls_ca is not None:
+        context.load_verify_locations(cafile=settings.listener.tls_ca)
         context.verify_mode = (
-            ssl.CERT_REQUIRED if settings.tls_require_client_cert else ssl.CERT_OPTIONAL
+            ssl.CERT_REQUIRED if settings.listener.tls_require_client_cert else ssl.CERT_OPTIONAL
         )
     return context
 

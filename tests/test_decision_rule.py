@@ -98,13 +98,13 @@ def test_a_setting_overrides_only_when_set_even_to_the_papers_value(
     hrct_env: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # given no HRCT_THRESHOLD or HRCT_TRIM_FRACTION, then neither overrides the checkpoint
-    unset = Settings()
+    unset = Settings().analysis
     assert (unset.threshold_override, unset.trim_fraction_override) == (None, None)
     # given HRCT_THRESHOLD set in the environment to the paper's own value, and the trim
     # fraction in a .env file, then both override: set is set
     monkeypatch.setenv("HRCT_THRESHOLD", str(paper.THRESHOLD))
     (hrct_env / ".env").write_text("HRCT_TRIM_FRACTION=0.2\n")
-    both = Settings()
+    both = Settings().analysis
     assert (both.threshold_override, both.trim_fraction_override) == (paper.THRESHOLD, 0.2)
 
 

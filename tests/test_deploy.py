@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 import yaml
 
-from hrct_triage.common.settings import Settings
+from hrct_triage.common.settings import setting_names
 
 DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
 # The settings every deployment sets; each deployment file must offer all of them.
@@ -28,7 +28,7 @@ CORE_SETTINGS = {
     "HRCT_MODEL_PATH",
     "HRCT_THRESHOLD",
 }
-KNOWN_SETTINGS = {f"HRCT_{name.upper()}" for name in Settings.model_fields}
+KNOWN_SETTINGS = setting_names()
 
 
 def _names(text: str) -> set[str]:

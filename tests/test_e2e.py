@@ -197,7 +197,7 @@ def test_study_travels_from_scanner_to_pacs_and_back(
 
     # when a scanner sends them
     for folder in (covid_dir, phantom_dir / "non_ct", tmp_path / "broken"):
-        result = storescu(gateway.settings.port, folder)
+        result = storescu(gateway.settings.listener.port, folder)
         assert result.returncode == 0, result.stderr
     studies = gateway.wait_for([covid_uid, non_ct_uid, broken_uid])
 

@@ -81,7 +81,7 @@ def test_study_completes_only_after_the_quiet_period(
     with transaction(sessions) as session:
         last = session.scalars(select(Study)).one().last_instance_at
     assert last is not None
-    quiet = listener.settings.quiet_seconds
+    quiet = listener.settings.listener.quiet_seconds
     assert listener.dispatcher.run_once(now=last + timedelta(seconds=quiet - 0.5))[0] == 0
     assert listener.dispatcher.run_once(now=last + timedelta(seconds=quiet + 0.5))[0] == 1
     with transaction(sessions) as session:

@@ -191,7 +191,7 @@ def test_low_disk_refuses_before_writing_and_holds_the_study_open(
     assoc = ae.associate("127.0.0.1", small_listener.port, ae_title="HRCT_TRIAGE")
     assert assoc.send_c_store(first).Status == 0x0000
     # when the spool's free space falls below HRCT_MIN_FREE_DISK_BYTES
-    small_listener.settings.min_free_disk_bytes = 1 << 62
+    small_listener.settings.listener.min_free_disk_bytes = 1 << 62
     refused = assoc.send_c_store(second).Status
     assoc.release()
     wait_until_no_open_association(sqlite_sessions)
@@ -206,7 +206,7 @@ def test_low_disk_refuses_before_writing_and_holds_the_study_open(
     much_later = last + timedelta(hours=1)
     assert small_listener.dispatcher.run_once(now=much_later)[0] == 0
     # until the scanner's retry is stored, once there is room again
-    small_listener.settings.min_free_disk_bytes = 0
+    small_listener.settings.listener.min_free_disk_bytes = 0
     retry = AE(ae_title="CT_SCANNER")
     retry.add_requested_context(first.SOPClassUID, first.file_meta.TransferSyntaxUID)
     assoc = retry.associate("127.0.0.1", small_listener.port, ae_title="HRCT_TRIAGE")

@@ -45,7 +45,7 @@ def _client(listener: Listener) -> ClientAssociation:
     ae = AE(ae_title="STREAMTEST")
     ae.add_requested_context(Verification)
     ae.add_requested_context(CTImageStorage, [ExplicitVRLittleEndian])
-    assoc = ae.associate("127.0.0.1", listener.port, ae_title=listener.settings.ae_title)
+    assoc = ae.associate("127.0.0.1", listener.port, ae_title=listener.settings.listener.ae_title)
     assert assoc.is_established
     return assoc
 

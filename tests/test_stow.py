@@ -122,13 +122,13 @@ def test_dicomweb_destinations_are_urls_without_credentials() -> None:
         _env_file=None,  # type: ignore[call-arg]
         destinations="PACS@10.0.0.5:104,https://vna.example.org:8443/dicom-web/",
     )
-    web = settings.destination_list[1]
+    web = settings.delivery.destination_list[1]
     assert (web.is_dicomweb, web.host, web.port, str(web)) == (
         True,
         "vna.example.org",
         8443,
         "https://vna.example.org:8443/dicom-web",
     )
-    assert not settings.destination_list[0].is_dicomweb
+    assert not settings.delivery.destination_list[0].is_dicomweb
     with pytest.raises(ValueError, match="credentials"):
         Settings(_env_file=None, destinations="https://user:secret@vna.example.org/dicom-web")  # type: ignore[call-arg]

@@ -488,8 +488,8 @@ def test_time_to_notification_ignores_a_late_wave_that_changed_nothing(
 
 def test_quiet_seconds_by_aet_setting() -> None:
     settings = Settings(_env_file=None, quiet_seconds_by_aet="CT1=60, CT_ER=0")
-    assert settings.quiet_seconds_by_aet == {"CT1": 60.0, "CT_ER": 0.0}
-    assert [settings.quiet_seconds_for(ae) for ae in ("CT1", "CT_ER", "CT9", None)] == [
+    assert settings.listener.quiet_seconds_by_aet == {"CT1": 60.0, "CT_ER": 0.0}
+    assert [settings.listener.quiet_seconds_for(ae) for ae in ("CT1", "CT_ER", "CT9", None)] == [
         60.0,
         0.0,
         10.0,

@@ -30,8 +30,8 @@ from hrct_triage.web.app import (
     COOKIE,
     WebConfigError,
     create_app,
+    required_token,
     slice_plot_svg,
-    token_from_environment,
 )
 from hrct_triage.worker.outputs import Analysed, write_outputs
 from tests.conftest import _wait_for_port, free_port
@@ -354,7 +354,7 @@ def test_heatmap_is_served_as_a_png_thumbnail(served: Worklist) -> None:
 
 def test_missing_token_setting_is_a_clear_error() -> None:
     with pytest.raises(WebConfigError, match="HRCT_WEB_TOKEN is not set"):
-        token_from_environment({})
+        required_token(None)
 
 
 def test_slice_plot_marks_threshold_and_heatmap_slices() -> None:

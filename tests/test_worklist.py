@@ -310,7 +310,7 @@ def test_priority_bands_follow_the_setting_and_reprioritise_applies_a_new_order(
 def test_band_order_setting_must_name_each_band_once() -> None:
     assert Settings(
         _env_file=None, priority_bands="negative, positive,unanswered"
-    ).priority_bands == [  # type: ignore[call-arg]
+    ).worklist.priority_bands == [  # type: ignore[call-arg]
         "negative",
         "positive",
         "unanswered",

@@ -55,7 +55,7 @@ def deliver_round(
     """Send ``pending``, one association per destination, and record every answer as it
     comes. Returns the most attempts any delivery still pending has had (0: none is), which
     sets the backoff; a permanent failure is final and sets none."""
-    configured = {str(d): d for d in settings.destination_list}
+    configured = {str(d): d for d in settings.delivery.destination_list}
     by_destination: dict[str, list[Pending]] = defaultdict(list)
     for item in pending:
         by_destination[item.destination].append(item)
@@ -67,10 +67,10 @@ def deliver_round(
         sent = send_files(
             destination,
             outgoing,
-            calling_ae=settings.ae_title,
-            timeout=settings.delivery_timeout_seconds,
-            dicomweb_token=settings.dicomweb_token,
-            dicomweb_ca=settings.dicomweb_ca,
+            calling_ae=settings.listener.ae_title,
+            timeout=settings.delivery.delivery_timeout_seconds,
+            dicomweb_token=settings.delivery.dicomweb_token,
+            dicomweb_ca=settings.delivery.dicomweb_ca,
         ) if outgoing else []  # fmt: skip
         results = _merge(offers, sent)
         if any(r.refused_classes or r.permanent for r in results):
@@ -82,7 +82,7 @@ def deliver_round(
                     item.delivery_id,
                     status_code=result.status,
                     error=result.error,
-                    max_attempts=settings.delivery_attempts,
+                    max_attempts=settings.delivery.delivery_attempts,
                     now=now(),
                     permanent=result.permanent,
                     sop_class_uid=result.sop_class_uid,
@@ -153,7 +153,9 @@ def _check_again(
     if not permanent and kept is not None and _refusals_known(kept[0], results):
         return results
     fresh = check_capabilities(
-        destination, calling_ae=settings.ae_title, timeout=settings.delivery_timeout_seconds
+        destination,
+        calling_ae=settings.listener.ae_title,
+        timeout=settings.delivery.delivery_timeout_seconds,
     )
     with transaction() as session:
         worklist.save_capabilities(

@@ -274,8 +274,10 @@ def record_if_unchanged(
             study = session.get(Study, claim.study_id)
             assert study is not None
             calling_ae = study.calling_ae
-        newer = look(rows, min_slices=settings.min_slices, known=view.known)
-        why = _why_not_record(tx, claim, view, newer, settings.quiet_seconds_for(calling_ae), now)
+        newer = look(rows, min_slices=settings.analysis.min_slices, known=view.known)
+        why = _why_not_record(
+            tx, claim, view, newer, settings.listener.quiet_seconds_for(calling_ae), now
+        )
         if why is not None:
             return _reopen(tx, claim, why, now=now, during=True)
         view = newer

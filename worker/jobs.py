@@ -190,13 +190,13 @@ def run_triage(ctx: WorkerContext, study_id: int) -> str:
     if claim is None:
         log.info("study %d is not waiting for analysis; message ignored", study_id)
         return "ignored"
-    if claim.attempts > settings.max_attempts:
+    if claim.attempts > settings.analysis.max_attempts:
         with _transaction(ctx) as session:
             worklist.give_up(
                 session,
                 claim,
                 now=_now(),
-                reason=f"analysis did not finish in {settings.max_attempts} attempts "
+                reason=f"analysis did not finish in {settings.analysis.max_attempts} attempts "
                 "(the worker was lost each time)",
             )
         return "failed"
@@ -212,7 +212,7 @@ def run_triage(ctx: WorkerContext, study_id: int) -> str:
                 session,
                 claim,
                 reason=reason,
-                max_attempts=settings.max_attempts,
+                max_attempts=settings.analysis.max_attempts,
                 retry_after_seconds=RETRY_AFTER_SECONDS,
                 now=_now(),
             )
@@ -225,7 +225,11 @@ def run_triage(ctx: WorkerContext, study_id: int) -> str:
 def _claim(ctx: WorkerContext, study_id: int) -> worklist.Claim | None:
     with _transaction(ctx) as session:
         return worklist.claim(
-            session, study_id, worker=ctx.name, lease_seconds=ctx.settings.lease_seconds, now=_now()
+            session,
+            study_id,
+            worker=ctx.name,
+            lease_seconds=ctx.settings.analysis.lease_seconds,
+            now=_now(),
         )
 
 
@@ -235,10 +239,10 @@ def _analyse_and_record(ctx: WorkerContext, claim: worklist.Claim) -> str:
     settings = ctx.settings
     tx = partial(_transaction, ctx)
     started = time.perf_counter()
-    view = input_check.read_input(tx, claim.study_id, min_slices=settings.min_slices)
+    view = input_check.read_input(tx, claim.study_id, min_slices=settings.analysis.min_slices)
     if claim.analysed_input is not None:
         checked = input_check.check_late_wave(
-            tx, claim, view, min_slices=settings.min_slices, now=_now
+            tx, claim, view, min_slices=settings.analysis.min_slices, now=_now
         )
         if isinstance(checked, str):
             return checked
@@ -259,7 +263,7 @@ def _analyse_and_record(ctx: WorkerContext, claim: worklist.Claim) -> str:
             claim,
             analysis=record,
             outputs=outputs,
-            destinations=[str(d) for d in settings.destination_list],
+            destinations=[str(d) for d in settings.delivery.destination_list],
             now=_now(),
             delivery_grace_seconds=DELIVERY_GRACE_SECONDS,
         )
@@ -306,11 +310,11 @@ def _analyse(
         claim.study_uid,
         list(series.paths),
         model,
-        threshold=settings.threshold_override,
-        trim_fraction=settings.trim_fraction_override,
-        heatmaps=settings.heatmaps,
-        min_slices=settings.min_slices,
-        batch_size=settings.batch_size,
+        threshold=settings.analysis.threshold_override,
+        trim_fraction=settings.analysis.trim_fraction_override,
+        heatmaps=settings.analysis.heatmaps,
+        min_slices=settings.analysis.min_slices,
+        batch_size=settings.analysis.batch_size,
     )
     records = write_outputs(
         Analysed(analysis, headers),
@@ -370,9 +374,9 @@ def _record_not_applicable(
     input the verdict was reached on, recorded unless instances arrived that change it.
     """
     settings = ctx.settings
-    destinations = [str(d) for d in settings.destination_list]
+    destinations = [str(d) for d in settings.delivery.destination_list]
     outputs: list[worklist.OutputRecord] = []
-    if settings.not_analysed_sr and destinations:
+    if settings.outputs.not_analysed_sr and destinations:
         try:
             outputs = _not_analysed_outputs(ctx, claim, reason)
         except Exception:
@@ -453,8 +457,8 @@ def run_delivery(ctx: WorkerContext, study_id: int) -> str:
         raise
     delay = delivery_backoff(
         failed_attempts,
-        base=settings.delivery_backoff_seconds,
-        maximum=settings.delivery_backoff_max_seconds,
+        base=settings.delivery.delivery_backoff_seconds,
+        maximum=settings.delivery.delivery_backoff_max_seconds,
     )
     with _transaction(ctx) as session:
         outcome = worklist.settle_delivery(
@@ -465,7 +469,7 @@ def run_delivery(ctx: WorkerContext, study_id: int) -> str:
             token=token,
         )
         if outcome in (StudyStatus.DONE, StudyStatus.FAILED):
-            _alarm_if_slow(session, study_id, settings.notification_target_seconds)
+            _alarm_if_slow(session, study_id, settings.worklist.notification_target_seconds)
     return outcome or "ignored"
 
 
@@ -476,7 +480,7 @@ def _hold_delivery(ctx: WorkerContext, study_id: int) -> tuple[str | None, list[
             session,
             study_id,
             worker=ctx.name,
-            lease_seconds=ctx.settings.delivery_lease_seconds,
+            lease_seconds=ctx.settings.delivery.delivery_lease_seconds,
             now=_now(),
         )
         if token is None:

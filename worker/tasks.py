@@ -39,9 +39,9 @@ def _loaded_model() -> LoadedModel:
     settings = get_settings()
     with _model_lock:
         model = load_model(
-            settings.model_path or default_checkpoint(),
-            allow_untrained=settings.allow_untrained,
-            compile_features=settings.compile_model,
+            settings.analysis.model_path or default_checkpoint(),
+            allow_untrained=settings.analysis.allow_untrained,
+            compile_features=settings.analysis.compile_model,
         )
     # The model and the modules imported so far live as long as the process: out of the cyclic
     # collector's reach, each collection during an analysis walks only the study's own objects

@@ -50,12 +50,12 @@ def echo_all(settings: Settings, timeout: float | None) -> list[EchoResult]:
     return [
         c_echo(
             d,
-            calling_ae=settings.ae_title,
-            timeout=timeout or settings.delivery_timeout_seconds,
-            dicomweb_token=settings.dicomweb_token,
-            dicomweb_ca=settings.dicomweb_ca,
+            calling_ae=settings.listener.ae_title,
+            timeout=timeout or settings.delivery.delivery_timeout_seconds,
+            dicomweb_token=settings.delivery.dicomweb_token,
+            dicomweb_ca=settings.delivery.dicomweb_ca,
         )
-        for d in settings.destination_list
+        for d in settings.delivery.destination_list
     ]
 
 
@@ -261,7 +261,7 @@ def _check_workers(settings: Settings, timeout: float) -> Check:
 
 
 def _check_destinations(settings: Settings, timeout: float | None) -> list[Check]:
-    if not settings.destination_list:
+    if not settings.delivery.destination_list:
         return [Check("destinations", None, "none configured (HRCT_DESTINATIONS)")]
     return [
         Check(
@@ -278,7 +278,7 @@ def _check_disk(settings: Settings) -> Check:
     while not folder.exists() and folder != folder.parent:
         folder = folder.parent  # not made yet: the file system it will be made on
     free = shutil.disk_usage(folder).free
-    wanted = settings.min_free_disk_bytes
+    wanted = settings.listener.min_free_disk_bytes
     detail = f"{free / 2**30:.1f} GiB free at {folder}, listener refuses below {wanted / 2**30:.1f}"
     return Check("disk", free >= wanted, detail)
 
@@ -290,8 +290,8 @@ def _check_model(settings: Settings) -> Check:
         from hrct_triage.worker.method.model import load_model
 
         loaded = load_model(
-            settings.model_path or default_checkpoint(),
-            allow_untrained=settings.allow_untrained,
+            settings.analysis.model_path or default_checkpoint(),
+            allow_untrained=settings.analysis.allow_untrained,
             device="cpu",
         )
     except Exception as error:

@@ -350,7 +350,7 @@ def echo(
     which class the SR would go as; exit 1 if a destination would refuse an output.
     """
     settings = get_settings()
-    if not settings.destination_list:
+    if not settings.delivery.destination_list:
         console.print("no destinations configured (HRCT_DESTINATIONS)")
         raise typer.Exit(NOTHING_MATCHED)
     if capabilities:
@@ -359,7 +359,7 @@ def echo(
         code = capabilities_command(settings, timeout, as_json=as_json, console=console)
         raise typer.Exit(code)
     results = ops_admin.echo_all(settings, timeout)
-    table = Table(title=f"C-ECHO from {settings.ae_title}")
+    table = Table(title=f"C-ECHO from {settings.listener.ae_title}")
     for column in ("destination", "result", "status", "seconds"):
         table.add_column(column, overflow="fold")
     for result in results:
@@ -634,8 +634,8 @@ def evaluate(
             labels=labels,
             output_dir=output_dir,
             splits=tuple(split or ()),
-            threshold=settings.threshold_override if threshold is None else threshold,
-            trim_fraction=settings.trim_fraction_override
+            threshold=settings.analysis.threshold_override if threshold is None else threshold,
+            trim_fraction=settings.analysis.trim_fraction_override
             if trim_fraction is None
             else trim_fraction,
             reader=reader,

@@ -36,10 +36,10 @@ def capabilities_command(
     reports = [
         check_capabilities(
             destination,
-            calling_ae=settings.ae_title,
-            timeout=timeout or settings.delivery_timeout_seconds,
+            calling_ae=settings.listener.ae_title,
+            timeout=timeout or settings.delivery.delivery_timeout_seconds,
         )
-        for destination in settings.destination_list
+        for destination in settings.delivery.destination_list
     ]
     kept = _keep(settings, reports)
     if as_json:

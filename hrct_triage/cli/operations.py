@@ -24,15 +24,11 @@ from hrct_triage.db.session import make_engine, make_sessionmaker, transaction
 # Off a terminal (CI logs, pipes) rich would fold 64-character UIDs at 80 columns.
 console = Console(width=None if sys.stdout.isatty() else 180)
 BAD_USAGE = 2
-TARGET_ENV = "HRCT_NOTIFICATION_TARGET_SECONDS"
 
 
 def _target_seconds(given: float | None, settings: Settings) -> float:
-    """The option, else the setting (once ``common.settings`` has it), else the default."""
-    if given is not None:
-        return given
-    configured = getattr(settings, "notification_target_seconds", None)
-    return float(configured) if configured is not None else stats.DEFAULT_TARGET_SECONDS
+    """The option, else HRCT_NOTIFICATION_TARGET_SECONDS."""
+    return given if given is not None else settings.worklist.notification_target_seconds
 
 
 def _aware(moment: datetime | None) -> datetime | None:
@@ -127,9 +123,8 @@ def stats_command(
     target_seconds: Annotated[
         float | None,
         typer.Option(
-            envvar=TARGET_ENV,
             min=1,
-            help=f"time to notification target [default {stats.DEFAULT_TARGET_SECONDS:g}]",
+            help="time to notification target [HRCT_NOTIFICATION_TARGET_SECONDS]",
         ),
     ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="one JSON document")] = False,
@@ -166,30 +161,30 @@ def stats_command(
 
 
 def web_command(
-    host: Annotated[
-        str, typer.Option(envvar="HRCT_WEB_HOST", help="address to listen on")
-    ] = "127.0.0.1",
+    host: Annotated[str | None, typer.Option(help="address to listen on [HRCT_WEB_HOST]")] = None,
     port: Annotated[
-        int, typer.Option(envvar="HRCT_WEB_PORT", min=0, max=65535, help="TCP port")
-    ] = 8080,
+        int | None, typer.Option(min=0, max=65535, help="TCP port [HRCT_WEB_PORT]")
+    ] = None,
     target_seconds: Annotated[
         float | None,
-        typer.Option(envvar=TARGET_ENV, min=1, help="flag studies slower than this"),
+        typer.Option(
+            min=1, help="flag studies slower than this [HRCT_NOTIFICATION_TARGET_SECONDS]"
+        ),
     ] = None,
     log_level: str = "info",
 ) -> None:
     """Serve the read-only web worklist and JSON API (token in HRCT_WEB_TOKEN)."""
-    from hrct_triage.web.app import WebConfigError, serve, token_from_environment
+    from hrct_triage.web.app import WebConfigError, required_token, serve
 
     settings = get_settings()
     try:
-        token = token_from_environment()
+        token = required_token(settings.web.web_token)
     except WebConfigError as error:
         console.print(str(error), style="red")
         raise typer.Exit(BAD_USAGE) from error
     serve(
-        host=host,
-        port=port,
+        host=settings.web.web_host if host is None else host,
+        port=settings.web.web_port if port is None else port,
         database_url=settings.resolved_database_url,
         token=token,
         target_seconds=_target_seconds(target_seconds, settings),

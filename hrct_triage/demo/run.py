@@ -14,7 +14,12 @@ from pathlib import Path
 from rich.console import Console
 from rich.progress import Progress
 
-from hrct_triage.common.settings import Settings
+from hrct_triage.common.settings import (
+    AnalysisSettings,
+    DeliverySettings,
+    ListenerSettings,
+    Settings,
+)
 from hrct_triage.db import queries
 from hrct_triage.db.migrate import upgrade
 from hrct_triage.db.models import StudyStatus
@@ -50,13 +55,14 @@ def run_demo(
         data_dir=out_dir / "var",
         database_url=None,
         broker_url=None,
-        port=free_port(),
-        quiet_seconds=DEMO_QUIET_SECONDS,
-        metrics_port=0,  # the demo must not need (or take) the production metrics port
-        poll_seconds=0.5,
-        destinations=[f"{pacs.ae_title}@127.0.0.1:{pacs_port}"],
-        model_path=checkpoint,
-        allow_untrained=checkpoint is None,
+        listener=ListenerSettings(
+            port=free_port(),
+            quiet_seconds=DEMO_QUIET_SECONDS,
+            metrics_port=0,  # the demo must not need (or take) the production metrics port
+            poll_seconds=0.5,
+        ),
+        delivery=DeliverySettings(destinations=[f"{pacs.ae_title}@127.0.0.1:{pacs_port}"]),
+        analysis=AnalysisSettings(model_path=checkpoint, allow_untrained=checkpoint is None),
     )
     if checkpoint is None:
         console.print(
@@ -78,8 +84,8 @@ def run_demo(
                     send_folder(
                         study.folder,
                         host="127.0.0.1",
-                        port=settings.port,
-                        called_ae=settings.ae_title,
+                        port=settings.listener.port,
+                        called_ae=settings.listener.ae_title,
                         progress=lambda n: progress.advance(sending, n),
                     )
                 waiting = progress.add_task("triage", total=len(studies))

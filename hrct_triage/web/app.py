@@ -18,8 +18,7 @@ from __future__ import annotations
 import hmac
 import io
 import logging
-import os
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from functools import lru_cache
@@ -66,9 +65,10 @@ class WebConfigError(ConfigurationError):
     """The web worklist cannot start as configured (no token, for one)."""
 
 
-def token_from_environment(environ: Mapping[str, str] = os.environ) -> str:
-    """``HRCT_WEB_TOKEN``, required: a worklist reachable without one would show every study."""
-    token = environ.get(TOKEN_ENV, "").strip()
+def required_token(setting: str | None) -> str:
+    """``HRCT_WEB_TOKEN`` (``WebSettings.web_token``), required: a worklist reachable without
+    one would show every study."""
+    token = (setting or "").strip()
     if not token:
         raise WebConfigError(
             f"{TOKEN_ENV} is not set: the web worklist needs a shared secret. Make one with "
@@ -536,7 +536,7 @@ def serve(
     host: str,
     port: int,
     database_url: str,
-    token: str | None = None,
+    token: str,
     target_seconds: float = stats.DEFAULT_TARGET_SECONDS,
     log_level: str = "info",
 ) -> None:
@@ -547,7 +547,7 @@ def serve(
 
     app = create_app(
         make_sessionmaker(make_engine(database_url)),
-        token=token or token_from_environment(),
+        token=required_token(token),
         target_seconds=target_seconds,
     )
     logging.basicConfig(

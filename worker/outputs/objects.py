@@ -61,10 +61,10 @@ class SeriesLabels:
     def from_settings(cls, settings: Settings) -> SeriesLabels:
         """The labels ``HRCT_SR_SERIES_*`` and ``HRCT_SC_SERIES_*`` ask for."""
         return cls(
-            sr_number=settings.sr_series_number,
-            sr_description=settings.sr_series_description,
-            sc_number=settings.sc_series_number,
-            sc_description=settings.sc_series_description,
+            sr_number=settings.outputs.sr_series_number,
+            sr_description=settings.outputs.sr_series_description,
+            sc_number=settings.outputs.sc_series_number,
+            sc_description=settings.outputs.sc_series_description,
         )
 
 
