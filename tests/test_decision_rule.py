@@ -29,6 +29,7 @@ from hrct_triage.db.models import StudyStatus
 from hrct_triage.db.session import make_engine, make_sessionmaker, transaction
 from hrct_triage.listener import spool
 from hrct_triage.listener.reconcile import reconcile
+from hrct_triage.processes import settings_env
 from hrct_triage.worker.jobs import WorkerContext, run_triage
 from hrct_triage.worker.method.decision import DecisionRule, decision_rule
 from hrct_triage.worker.method.inference import study_probability
@@ -106,6 +107,23 @@ def test_a_setting_overrides_only_when_set_even_to_the_papers_value(
     (hrct_env / ".env").write_text("HRCT_TRIM_FRACTION=0.2\n")
     both = Settings().analysis
     assert (both.threshold_override, both.trim_fraction_override) == (paper.THRESHOLD, 0.2)
+
+
+def test_up_hands_its_workers_only_the_settings_that_were_set(
+    hrct_env: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # given up's own settings with the threshold unset and the trim fraction set
+    monkeypatch.delenv("HRCT_THRESHOLD", raising=False)
+    monkeypatch.setenv("HRCT_TRIM_FRACTION", "0.2")
+    env = settings_env(Settings(port=4242))
+    # when a worker reads its settings from the environment up gives it
+    for key in [key for key in env if key.startswith("HRCT_")]:
+        monkeypatch.setenv(key, env[key])
+    child = Settings().analysis
+    # then the checkpoint's threshold still applies there, and what was set is passed on
+    assert "HRCT_THRESHOLD" not in env
+    assert (child.threshold_override, child.trim_fraction_override) == (None, 0.2)
+    assert env["HRCT_PORT"] == "4242"
 
 
 def _queued_study(spool_dir: Path, url: str, paths: list[Path]) -> int:
