@@ -1,17 +1,22 @@
-"""The CT Image attributes a single-frame series shares: study, acquisition, geometry, padding."""
+"""The CT Image attributes a single-frame series shares (study, acquisition, geometry, padding),
+and the stored values of its pixels."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
+import numpy as np
+from numpy.typing import NDArray
 from pydicom.dataset import Dataset
 from pydicom.uid import CTImageStorage
 
-from hrct_triage.phantoms.anatomy import Anatomy
 from hrct_triage.phantoms.encoders import Syntax, decimal_string
-from hrct_triage.phantoms.geometry import Grid, Mask
+from hrct_triage.phantoms.geometry import Grid
 from hrct_triage.phantoms.identity import STUDY_DATE, Identity, patient_study
-from hrct_triage.phantoms.rendering import PADDING, outside_circle
+
+Mask = NDArray[np.bool_]
+PADDING = -2000  # GE-like Pixel Padding Value outside the reconstruction circle (signed pixels)
 
 
 @dataclass(frozen=True)
@@ -25,12 +30,11 @@ class Series:
     image_type: str  # "AXIAL" or "LOCALIZER"
     window: tuple[float, float]  # centre, width
     offset_s: float  # seconds after the study started
-    blur_passes: int = 1  # the reconstruction kernel's smoothing (see rendering.Detail)
-    noise: float = 1.0  # noise standard deviation relative to the patient's noise_sigma
 
 
-def ct_series_dataset(ids: Identity, anat: Anatomy, series: Series, uid: str) -> Dataset:
-    """Everything of a CT image that is the same across one series."""
+def ct_series_dataset(ids: Identity, series: Series, uid: str, *, signed: bool) -> Dataset:
+    """Everything of a CT image that is the same across one series; ``signed`` pixels are
+    16-bit signed (GE-like), others 12-bit unsigned."""
     ds = Dataset()
     ds.SOPClassUID = CTImageStorage
     patient_study(ds, ids)
@@ -57,9 +61,9 @@ def ct_series_dataset(ids: Identity, anat: Anatomy, series: Series, uid: str) ->
     ds.SamplesPerPixel = 1
     ds.PhotometricInterpretation = "MONOCHROME2"
     ds.BitsAllocated = 16
-    ds.BitsStored = 16 if anat.signed_pixels else 12
+    ds.BitsStored = 16 if signed else 12
     ds.HighBit = ds.BitsStored - 1
-    ds.PixelRepresentation = 1 if anat.signed_pixels else 0
+    ds.PixelRepresentation = 1 if signed else 0
     ds.RescaleIntercept = "-1024"
     ds.RescaleSlope = "1"
     if series.image_type != "LOCALIZER":  # a scout's values are no Hounsfield units
@@ -110,11 +114,8 @@ def _ct_acquisition(ds: Dataset, series: Series) -> None:
 def axial_plane(ds: Dataset, grid: Grid) -> None:
     """Geometry shared by every image of an axial series."""
     ds.ImageOrientationPatient = ["1", "0", "0", "0", "1", "0"]
-    ds.PixelSpacing = [
-        decimal_string(float(grid.y[1] - grid.y[0])),
-        decimal_string(float(grid.x[1] - grid.x[0])),
-    ]
-    ds.ReconstructionDiameter = decimal_string(float(grid.x[1] - grid.x[0]) * grid.x.size)
+    ds.PixelSpacing = [decimal_string(grid.spacing), decimal_string(grid.spacing)]
+    ds.ReconstructionDiameter = decimal_string(grid.spacing * grid.n)
     ds.Rows, ds.Columns = grid.shape
 
 
@@ -123,22 +124,19 @@ def axial_image(uid: str, grid: Grid, z: float, instance: int) -> Dataset:
     own = Dataset()
     own.SOPInstanceUID = uid
     own.InstanceNumber = instance
-    own.ImagePositionPatient = [
-        decimal_string(float(grid.x[0])),
-        decimal_string(float(grid.y[0])),
-        decimal_string(z),
-    ]
+    corner = decimal_string(float(grid.coords[0]))
+    own.ImagePositionPatient = [corner, corner, decimal_string(z)]
     own.SliceLocation = decimal_string(z)
     return own
 
 
-def declare_padding(ds: Dataset, grid: Grid, anat: Anatomy, syntax: Syntax) -> Mask | None:
+def declare_padding(ds: Dataset, grid: Grid, syntax: Syntax, *, signed: bool) -> Mask | None:
     """Declare GE-like padding outside the reconstruction circle; where it goes (signed only).
 
     Near-lossless compression moves the padding by up to NEAR, so a lossy syntax declares a
     padding range (value and range limit) around it instead of one value.
     """
-    if not anat.signed_pixels:
+    if not signed:
         return None
     outside = outside_circle(grid)
     spread = syntax.jls_error
@@ -146,3 +144,22 @@ def declare_padding(ds: Dataset, grid: Grid, anat: Anatomy, syntax: Syntax) -> M
     if spread:
         ds.add_new(0x00280121, "SS", PADDING + spread)  # Pixel Padding Range Limit
     return outside
+
+
+def outside_circle(grid: Grid) -> Mask:
+    """Pixels outside the reconstruction circle (the image's inscribed circle)."""
+    x, y = grid.xy()
+    radius = grid.n / 2.0 * grid.spacing
+    return np.asarray(x**2 + y**2 > radius**2)
+
+
+def stored_pixels(hu: NDArray[Any], *, signed: bool, outside: Mask | None = None) -> bytes:
+    """Stored values for HU = stored - 1024: 12-bit unsigned, or GE-like signed 16-bit with
+    the padding value outside the reconstruction circle."""
+    stored = np.clip(np.rint(hu) + 1024.0, 0.0, 4095.0)
+    if not signed:
+        return stored.astype("<u2").tobytes()
+    out = stored.astype("<i2")
+    if outside is not None:
+        out[outside] = PADDING
+    return out.tobytes()

@@ -9,23 +9,21 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-import numpy as np
 from pydicom.dataset import Dataset
 from pydicom.uid import EnhancedCTImageStorage
 
-from hrct_triage.phantoms.anatomy import CHEST_LENGTH_MM, Anatomy
-from hrct_triage.phantoms.ct_image import Series, axial_plane, ct_series_dataset, declare_padding
-from hrct_triage.phantoms.encoders import SeriesWriter, Syntax, decimal_string
-from hrct_triage.phantoms.geometry import Grid, Mask
-from hrct_triage.phantoms.identity import STUDY_DATE, Identity, patient_study
-from hrct_triage.phantoms.rendering import (
-    KERNEL_LOOK,
-    MATRIX,
-    Detail,
-    render_series,
-    slice_positions,
+from hrct_triage.phantoms.ct_image import (
+    Series,
+    axial_plane,
+    ct_series_dataset,
+    declare_padding,
     stored_pixels,
 )
+from hrct_triage.phantoms.encoders import SeriesWriter, Syntax, decimal_string
+from hrct_triage.phantoms.generator import Phantom
+from hrct_triage.phantoms.geometry import Grid
+from hrct_triage.phantoms.identity import STUDY_DATE, Identity, patient_study
+from hrct_triage.phantoms.kernels import KERNEL_TABLE
 
 # Value 3 (image flavor) VOLUME: Enhanced CT has no AXIAL term; the orientation says axial.
 _ENHANCED_IMAGE_TYPE = ["ORIGINAL", "PRIMARY", "VOLUME", "NONE"]
@@ -72,14 +70,17 @@ def _code(value: str, scheme: str, meaning: str) -> Dataset:
     return _item(CodeValue=value, CodingSchemeDesignator=scheme, CodeMeaning=meaning)
 
 
-def _enhanced_ct_dataset(ids: Identity, anat: Anatomy, series: Series, uid: str) -> Dataset:
+def _enhanced_ct_dataset(
+    ids: Identity, series: Series, uid: str, *, signed: bool, length_mm: float
+) -> Dataset:
     """The Enhanced CT Image modules of a series, with the functional groups all frames share.
 
     Values are those of the single-frame images (``ct_series_dataset``), moved where the
     Enhanced CT IOD keeps them: Pixel Measures, Plane Orientation, Pixel Value Transformation,
     Frame VOI LUT, CT Image Frame Type and the CT acquisition, reconstruction and exposure macros.
+    ``length_mm`` is the table travel the series covers.
     """
-    single = ct_series_dataset(ids, anat, series, uid)
+    single = ct_series_dataset(ids, series, uid, signed=signed)
     ds = Dataset()
     ds.SOPClassUID = EnhancedCTImageStorage
     patient_study(ds, ids)
@@ -88,14 +89,14 @@ def _enhanced_ct_dataset(ids: Identity, anat: Anatomy, series: Series, uid: str)
     ds.ImageType = _ENHANCED_IMAGE_TYPE
     ds.InstanceNumber = 1
     ds.AcquisitionDateTime = STUDY_DATE + ids.time(series.offset_s)
-    ds.AcquisitionDuration = CHEST_LENGTH_MM / float(single.TableSpeed)
+    ds.AcquisitionDuration = length_mm / float(single.TableSpeed)
     ds.ContentQualification = "PRODUCT"
     ds.PresentationLUTShape = "IDENTITY"
     ds.PixelPresentation = "MONOCHROME"
     ds.VolumetricProperties = "VOLUME"
     ds.VolumeBasedCalculationTechnique = "NONE"
     ds.AcquisitionContextSequence = []
-    look = KERNEL_LOOK.get(series.kernel, KERNEL_LOOK["STANDARD"])
+    group = KERNEL_TABLE[series.kernel].group if series.kernel in KERNEL_TABLE else "SOFT_TISSUE"
     shared = _item(
         PlaneOrientationSequence=[_item(ImageOrientationPatient=["1", "0", "0", "0", "1", "0"])],
         PixelValueTransformationSequence=[
@@ -172,7 +173,7 @@ def _enhanced_ct_dataset(ids: Identity, anat: Anatomy, series: Series, uid: str)
         _item(
             ReconstructionAlgorithm="FILTER_BACK_PROJ",
             ConvolutionKernel=series.kernel,
-            ConvolutionKernelGroup=look.group,
+            ConvolutionKernelGroup=group,
             ReconstructionAngle=360.0,
             ImageFilter="NONE",
         )
@@ -182,7 +183,12 @@ def _enhanced_ct_dataset(ids: Identity, anat: Anatomy, series: Series, uid: str)
 
 
 def _enhanced_frames(
-    ds: Dataset, ids: Identity, series: Series, grid: Grid, positions: Sequence[float]
+    ds: Dataset,
+    ids: Identity,
+    series: Series,
+    grid: Grid,
+    positions: Sequence[float],
+    length_mm: float,
 ) -> None:
     """Image size, dimensions and the per-frame groups: frame k is at ``positions[k - 1]``.
 
@@ -214,8 +220,8 @@ def _enhanced_frames(
         for pointer, label in ((0x00209056, "Stack ID"), (0x00209057, "In-Stack Position"))
     ]
     table_speed = float(ds.SharedFunctionalGroupsSequence[0].CTTableDynamicsSequence[0].TableSpeed)
-    step_s = CHEST_LENGTH_MM / len(positions) / table_speed
-    x0, y0 = decimal_string(float(grid.x[0])), decimal_string(float(grid.y[0]))
+    step_s = length_mm / len(positions) / table_speed
+    x0 = y0 = decimal_string(float(grid.coords[0]))
     frames = []
     for k, z in enumerate(positions, start=1):
         when = STUDY_DATE + ids.time(series.offset_s + (k - 1) * step_s)
@@ -247,32 +253,34 @@ def _enhanced_frames(
 
 def write_enhanced_series(
     folder: Path,
-    anat: Anatomy,
+    phantom: Phantom,
     ids: Identity,
     series: Series,
     *,
-    count: int,
-    detail: Detail,
+    signed: bool,
     syntax: Syntax,
     variant: tuple[str, ...],
-) -> tuple[str, Mask]:
-    """Render the series as one Enhanced CT Image instance; returns its UID and lesion masks.
+) -> str:
+    """Write a generated series as one Enhanced CT Image instance; returns its UID.
 
     Frame k (1-based) is slice k of the single-frame series: same table position, same pixels.
     """
-    grid = Grid.square(MATRIX, anat.pixel_spacing)
-    positions = slice_positions(anat, count)
-    ds = _enhanced_ct_dataset(ids, anat, series, ids.uid("series", series.number, *variant))
-    _enhanced_frames(ds, ids, series, grid, positions)
-    outside = declare_padding(ds, grid, anat, syntax)
-    masks = np.zeros((count, *grid.shape), dtype=bool)
-    frames: list[bytes] = []
-    for k, _, hu, lesions in render_series(
-        anat, grid, count, detail, blur_passes=series.blur_passes, noise=series.noise
-    ):
-        masks[k] = lesions
-        frames.append(stored_pixels(hu, anat, outside))
+    grid = Grid(phantom.hu.shape[-1], phantom.pixel_spacing)
+    positions = [float(z) for z in phantom.z]
+    length = _covered_mm(positions)
+    uid = ids.uid("series", series.number, *variant)
+    ds = _enhanced_ct_dataset(ids, series, uid, signed=signed, length_mm=length)
+    _enhanced_frames(ds, ids, series, grid, positions, length)
+    outside = declare_padding(ds, grid, syntax, signed=signed)
+    frames = [stored_pixels(hu, signed=signed, outside=outside) for hu in phantom.hu]
     own = Dataset()
     own.SOPInstanceUID = ids.uid("image", series.number, 1, *variant)
     SeriesWriter(ds, syntax).write(folder / f"CT_{series.number:02d}_enhanced.dcm", own, frames)
-    return str(own.SOPInstanceUID), masks
+    return str(own.SOPInstanceUID)
+
+
+def _covered_mm(positions: Sequence[float]) -> float:
+    """Table travel of a series: from the first slice centre to the last, plus one step."""
+    if len(positions) < 2:
+        return 0.0
+    return abs(positions[-1] - positions[0]) * len(positions) / (len(positions) - 1)

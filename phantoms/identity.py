@@ -41,9 +41,15 @@ class Identity:
         index: int,
         rng: np.random.Generator,
         cohort: tuple[str, ...] = (),
+        age: int | None = None,
+        sex: str | None = None,
     ) -> Identity:
-        age = int(rng.integers(24, 82))
+        """The patient and study of (seed, label, index); ``age`` and ``sex`` (F or M), when
+        given, are the generated body's, so the header agrees with the images."""
+        drawn_age = int(rng.integers(24, 82))
+        age = drawn_age if age is None else age
         month, day = int(rng.integers(1, 13)), int(rng.integers(1, 29))
+        drawn_sex = str(rng.choice(["F", "M"]))
         tag = label[0].upper()
         # another cohort is other patients: they must not share an ID with the default one's
         suffix = f"-{zlib.crc32('|'.join(cohort).encode()):08x}" if cohort else ""
@@ -52,7 +58,7 @@ class Identity:
             patient_name=f"PHANTOM^{label.upper()}^{index:03d}",
             patient_id=f"PHANTOM-S{seed}-{tag}{index:03d}{suffix}",
             birth_date=f"{2025 - age:04d}{month:02d}{day:02d}",
-            sex=str(rng.choice(["F", "M"])),
+            sex=drawn_sex if sex is None else sex,
             age=f"{age:03d}Y",
             accession=f"PH{seed % 10000:04d}{tag}{index:05d}",
             study_id=f"{index % 100000}",

@@ -6,6 +6,7 @@ The gateway must keep such a study but mark it ``not_applicable``; this one lets
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from numpy.typing import NDArray
@@ -13,10 +14,8 @@ from pydicom.dataset import Dataset
 from pydicom.uid import SecondaryCaptureImageStorage
 
 from hrct_triage.phantoms.encoders import save_file
-from hrct_triage.phantoms.geometry import F32
+from hrct_triage.phantoms.generator import draw_body, frontal_projection
 from hrct_triage.phantoms.identity import STUDY_DATE, Identity, patient_study
-from hrct_triage.phantoms.patient import draw_anatomy
-from hrct_triage.phantoms.rendering import projection
 
 
 def write_non_ct_study(out_dir: Path, *, seed: int = 0) -> Path:
@@ -26,11 +25,11 @@ def write_non_ct_study(out_dir: Path, *, seed: int = 0) -> Path:
     study but mark it ``not_applicable`` because it has no axial CT series to analyse.
     """
     rng = np.random.default_rng([seed, 7, 0])
-    anat = draw_anatomy(rng, label="healthy", slices=64)
+    body = draw_body(int(rng.integers(1 << 31)), label="healthy", findings=())
     ids = Identity.make(seed=seed, label="nonct", index=1, rng=rng)
     folder = out_dir / f"non_ct_{seed:03d}"
     folder.mkdir(parents=True, exist_ok=True)
-    picture = projection(anat, width_mm=400.0, height_mm=400.0, z_top=anat.z_top + 80.0)
+    picture = frontal_projection(body, width_mm=400.0, height_mm=400.0, top_depth=-90.0)
     series_uid = ids.uid("series", 1)
     for number in (1, 2, 3):
         gamma = (1.0, 0.8, 1.25)[number - 1]
@@ -72,6 +71,6 @@ def _sc_dataset(
     return ds
 
 
-def _to_uint8(projection: F32, *, gamma: float) -> NDArray[np.uint8]:
+def _to_uint8(projection: NDArray[np.floating[Any]], *, gamma: float) -> NDArray[np.uint8]:
     scaled = np.clip(projection / max(float(projection.max()), 1e-6), 0.0, 1.0) ** gamma
     return np.round(scaled * 255.0).astype(np.uint8)

@@ -2,107 +2,124 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 from pydicom.dataset import Dataset
 
-from hrct_triage.phantoms.anatomy import Anatomy
 from hrct_triage.phantoms.ct_image import (
     Series,
     axial_image,
     axial_plane,
     ct_series_dataset,
     declare_padding,
-)
-from hrct_triage.phantoms.encoders import SeriesWriter, Syntax, decimal_string, save_file
-from hrct_triage.phantoms.geometry import Grid, Mask
-from hrct_triage.phantoms.identity import Identity
-from hrct_triage.phantoms.options import Options
-from hrct_triage.phantoms.rendering import (
-    KERNEL_LOOK,
-    MATRIX,
-    Detail,
-    projection,
-    render_series,
     stored_pixels,
 )
+from hrct_triage.phantoms.encoders import SeriesWriter, Syntax, decimal_string, save_file
+from hrct_triage.phantoms.generator import Body, Phantom, StudySpec, frontal_projection
+from hrct_triage.phantoms.geometry import Grid
+from hrct_triage.phantoms.identity import Identity
+from hrct_triage.phantoms.options import MATRIX, Acquisition
 
 THIN = Series(2, "CHEST 1.0 LUNG", "LUNG", 1.0, "AXIAL", (-600.0, 1200.0), 40.0)
-
-
 # soft-tissue kernel on 5 mm: smoother, less noise
-THICK = Series(
-    3, "CHEST 5.0 STANDARD", "STANDARD", 5.0, "AXIAL", (40.0, 400.0), 40.0, blur_passes=4, noise=0.4
-)
+THICK = Series(3, "CHEST 5.0 STANDARD", "STANDARD", 5.0, "AXIAL", (40.0, 400.0), 40.0)
 SCOUT = Series(1, "Topogram 0.6 T20s", "T20s", None, "LOCALIZER", (1800.0, 3000.0), 0.0)
 
+THICK_SUB_MM = 2.5
+"""Thin renders per thick slice are one per this many mm: the thick series is never analysed,
+so it is averaged from two sub-slices rather than four, halving its cost."""
+LOCALIZER_MM = 420.0  # width and height the localizer covers
+LOCALIZER_TOP_DEPTH = -80.0  # mm below the lung apex of the localizer's top edge (above it)
 
-def thin_series(options: Options) -> Series:
-    """The thin series as the options reconstruct it (THIN itself for the defaults).
 
-    Quantum noise goes with 1 / sqrt(slice thickness); the kernel sets sharpness and noise.
-    """
-    look = KERNEL_LOOK[options.kernel]
-    mm = options.thickness
+def thin_series(acquisition: Acquisition) -> Series:
+    """The thin series as ``acquisition`` reconstructs it (THIN itself for the defaults)."""
+    mm = acquisition.thickness
     shown = f"{mm:.1f}" if mm == round(mm) else decimal_string(mm)
     return replace(
         THIN,
-        description=f"CHEST {shown} {options.kernel}",
-        kernel=options.kernel,
+        description=f"CHEST {shown} {acquisition.kernel}",
+        kernel=acquisition.kernel,
         thickness=mm,
-        blur_passes=look.blur_passes,
-        noise=look.noise / math.sqrt(mm),
+    )
+
+
+def thin_spec(acquisition: Acquisition, slices: int) -> StudySpec:
+    """What the generator renders for the thin series."""
+    return StudySpec(
+        slices=slices,
+        thickness=acquisition.thickness,
+        matrix=acquisition.matrix,
+        pixel_spacing=acquisition.pixel_spacing,
+        kernel=acquisition.physics,
+        noise_sd=acquisition.noise_sd,
+    )
+
+
+def thick_count(slices: int) -> int:
+    """Slices of the thick series of a study whose thin series has ``slices``."""
+    return max(8, round(slices / 5))
+
+
+def thick_spec(slices: int, matrix: int) -> StudySpec:
+    """What the generator renders for the thick soft-tissue series."""
+    assert THICK.thickness is not None
+    return StudySpec(
+        slices=thick_count(slices),
+        thickness=THICK.thickness,
+        matrix=matrix,
+        kernel="STANDARD",
+        sub_mm=THICK_SUB_MM,
     )
 
 
 def write_axial_series(
     folder: Path,
-    anat: Anatomy,
+    phantom: Phantom,
     ids: Identity,
     series: Series,
     *,
-    count: int,
-    detail: Detail,
-    thin: bool,
+    signed: bool,
     syntax: Syntax,
     variant: tuple[str, ...] = (),
-) -> tuple[list[str], Mask]:
-    """Render and write one axial series; returns its SOP Instance UIDs and lesion masks."""
-    grid = Grid.square(MATRIX, anat.pixel_spacing)
-    shared = ct_series_dataset(ids, anat, series, ids.uid("series", series.number, *variant))
+) -> list[str]:
+    """Write one generated axial series as single-frame images; returns their SOP Instance UIDs
+    in table order (apex first)."""
+    grid = Grid(phantom.hu.shape[-1], phantom.pixel_spacing)
+    shared = ct_series_dataset(
+        ids, series, ids.uid("series", series.number, *variant), signed=signed
+    )
     axial_plane(shared, grid)
-    outside = declare_padding(shared, grid, anat, syntax)
+    outside = declare_padding(shared, grid, syntax, signed=signed)
     writer = SeriesWriter(shared, syntax)
     uids: list[str] = []
-    masks = np.zeros((count if thin else 0, *grid.shape), dtype=bool)
-    for k, z, hu, lesions in render_series(
-        anat, grid, count, detail, blur_passes=series.blur_passes, noise=series.noise
-    ):
-        if thin:
-            masks[k] = lesions
+    for k, z in enumerate(phantom.z):
         uid = ids.uid("image", series.number, k + 1, *variant)
-        own = axial_image(uid, grid, z, k + 1)
+        own = axial_image(uid, grid, float(z), k + 1)
         path = folder / f"CT_{series.number:02d}_{k + 1:04d}.dcm"
-        writer.write(path, own, [stored_pixels(hu, anat, outside)])
+        writer.write(path, own, [stored_pixels(phantom.hu[k], signed=signed, outside=outside)])
         uids.append(uid)
-    return uids, masks
+    return uids
 
 
 def write_localizer(
     folder: Path,
-    anat: Anatomy,
+    body: Body,
     ids: Identity,
+    *,
+    signed: bool,
     syntax: Syntax | None = None,
     variant: tuple[str, ...] = (),
 ) -> None:
-    """A frontal scout image, as the scanner sends first."""
-    width, height = 420.0, 420.0
-    top = anat.z_top + 70.0
-    proj = projection(anat, width_mm=width, height_mm=height, z_top=top)
-    ds = ct_series_dataset(ids, anat, SCOUT, ids.uid("series", SCOUT.number, *variant))
+    """A frontal scout image of the study's patient, as the scanner sends first."""
+    width = height = LOCALIZER_MM
+    top = -LOCALIZER_TOP_DEPTH  # DICOM z of the top edge: the apex is at z = 0
+    proj = frontal_projection(
+        body, width_mm=width, height_mm=height, top_depth=LOCALIZER_TOP_DEPTH, size=MATRIX
+    )
+    ds = ct_series_dataset(ids, SCOUT, ids.uid("series", SCOUT.number, *variant), signed=signed)
     sop_instance_uid = ids.uid("image", SCOUT.number, 1, *variant)
     ds.InstanceNumber = 1
     col, row = width / MATRIX, height / MATRIX
@@ -118,9 +135,9 @@ def write_localizer(
     path = folder / f"CT_{SCOUT.number:02d}_0001.dcm"
     if syntax is None or syntax.encoder == "native":
         ds.SOPInstanceUID = sop_instance_uid
-        ds.PixelData = stored_pixels(hu, anat)
+        ds.PixelData = stored_pixels(hu, signed=signed)
         save_file(ds, path)
         return
     own = Dataset()
     own.SOPInstanceUID = sop_instance_uid
-    SeriesWriter(ds, syntax).write(path, own, [stored_pixels(hu, anat)])
+    SeriesWriter(ds, syntax).write(path, own, [stored_pixels(hu, signed=signed)])

@@ -1,8 +1,9 @@
-"""Tests of the synthetic chest CT phantoms (the phantoms/ package).
+"""Tests of the synthetic chest CT phantoms (the phantoms/ package): the DICOM studies.
 
 The demo, the pipeline tests and the training of the demo weights all stand on these studies, so
 they must be valid DICOM as a scanner sends it, realistic in Hounsfield units, honest in their
-ground truth, and byte-for-byte reproducible from a seed.
+ground truth (labels, groups, findings, masks), and byte-for-byte reproducible from a seed. Most
+studies here are 256 x 256 to keep the file quick; one default study checks 512 x 512.
 """
 
 from __future__ import annotations
@@ -18,27 +19,37 @@ import numpy as np
 import pydicom
 import pytest
 from numpy.typing import NDArray
-from scipy import ndimage
 from typer.testing import CliRunner
 
 from hrct_triage.cli.app import app
 from hrct_triage.phantoms import (
+    CONFOUNDERS,
+    COVID_KINDS,
+    FINDING_NAMES,
+    FINDINGS,
+    GROUPS,
+    KERNELS,
     LABELS_NAME,
     LESION_MASKS_NAME,
     SEVERITY_MIX,
     TRANSFER_SYNTAXES,
     PhantomStudy,
+    parse_negative_mix,
     parse_severity_mix,
     write_non_ct_study,
     write_phantom_studies,
 )
+from hrct_triage.phantoms.options import RANDOM_FOV_MM, RANDOM_MATRICES, RANDOM_THICKNESSES
+from hrct_triage.worker.method.preprocess import lung_mask
 from hrct_triage.worker.method.series import select_series
 from hrct_triage.worker.method.volume import CTVolume, load_volume
 from tests.conftest import dciodvfy_errors
 
 SLICES = 24
 SEED = 0
+MATRIX = 256  # the studies of this file; the default (512) is checked once
 CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
+COVID_IDS = {FINDINGS[kind] for kind in COVID_KINDS}
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +59,9 @@ def out_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def studies(out_dir: Path) -> list[PhantomStudy]:
-    return write_phantom_studies(out_dir, covid=1, healthy=1, slices=SLICES, seed=SEED)
+    return write_phantom_studies(
+        out_dir, covid=1, healthy=1, slices=SLICES, seed=SEED, matrix=MATRIX
+    )
 
 
 @pytest.fixture(scope="module")
@@ -78,19 +91,12 @@ def _thin_slices(study: PhantomStudy) -> list[pydicom.Dataset]:
     return _series(study)[study.lung_series_uid]
 
 
-def _lungs(hu: NDArray[np.float64]) -> NDArray[np.bool_]:
-    """Crude lung segmentation: the two largest air-like regions that do not touch the edge."""
-    labels, count = ndimage.label(hu < -400)
-    border = set(np.unique(np.concatenate([labels[0], labels[-1], labels[:, 0], labels[:, -1]])))
-    sizes = [(int((labels == i).sum()), i) for i in range(1, count + 1) if i not in border]
-    keep = [i for _, i in sorted(sizes, reverse=True)[:2]]
-    return np.isin(labels, keep)
-
-
 def test_same_seed_gives_byte_identical_files(tmp_path: Path, studies: list[PhantomStudy]) -> None:
     # given the studies the fixture wrote with seed 0, one at a time
     # when the same studies are written again elsewhere, two at once in worker processes
-    again = write_phantom_studies(tmp_path, covid=1, healthy=1, slices=SLICES, seed=SEED, workers=2)
+    again = write_phantom_studies(
+        tmp_path, covid=1, healthy=1, slices=SLICES, seed=SEED, matrix=MATRIX, workers=2
+    )
     # then they come back in the same order and every file, UIDs and masks included, is the same
     assert [s.folder.name for s in again] == [s.folder.name for s in studies]
     for first, second in zip(studies, again, strict=True):
@@ -104,11 +110,15 @@ def test_same_seed_gives_byte_identical_files(tmp_path: Path, studies: list[Phan
 
 def test_another_seed_gives_another_patient(tmp_path: Path, covid: PhantomStudy) -> None:
     # given the positive study of seed 0
-    # when the first positive study of another seed is written
+    # when the first positive study of another seed is written with the default options
     other = write_phantom_studies(tmp_path, covid=1, healthy=0, slices=8, seed=SEED + 1)[0]
     # then it is another study of another patient
     assert other.study_uid != covid.study_uid
     assert other.patient_id != covid.patient_id
+    # and its CT images have the default 512 x 512 matrix, as a scanner sends them
+    for path in other.folder.glob("CT_0[23]_*.dcm"):
+        ds = pydicom.dcmread(path, stop_before_pixels=True)
+        assert (ds.Rows, ds.Columns) == (512, 512)
 
 
 def test_every_file_is_ct_or_sc_dicom_that_pydicom_reads(studies: list[PhantomStudy]) -> None:
@@ -124,12 +134,14 @@ def test_every_file_is_ct_or_sc_dicom_that_pydicom_reads(studies: list[PhantomSt
             assert ds.PatientID == study.patient_id
             assert ds.Modality == "CT"
             assert ds.Manufacturer == "hrct-triage phantom"
-            assert (ds.Rows, ds.Columns) == (512, 512)
+            # the localizer keeps 512 x 512, the axial series have the study's matrix
+            size = 512 if ds.ImageType[2] == "LOCALIZER" else MATRIX
+            assert (ds.Rows, ds.Columns) == (size, size)
             assert ds.PhotometricInterpretation == "MONOCHROME2"
             assert ds.BitsAllocated == 16
             assert (ds.BitsStored, ds.PixelRepresentation) in {(12, 0), (16, 1)}
             assert (float(ds.RescaleIntercept), float(ds.RescaleSlope)) == (-1024.0, 1.0)
-            assert ds.pixel_array.shape == (512, 512)
+            assert ds.pixel_array.shape == (size, size)
 
 
 @pytest.mark.dcmtk
@@ -182,7 +194,8 @@ def test_the_three_series_a_scanner_sends(covid: PhantomStudy) -> None:
             assert float(ds.SliceThickness) == thickness
             assert ds.ConvolutionKernel == kernel
             assert [float(v) for v in ds.ImageOrientationPatient] == [1, 0, 0, 0, 1, 0]
-            assert 0.6 < float(ds.PixelSpacing[0]) < 0.8
+            # a field of view of 307-461 mm, fitted to the patient
+            assert 0.6 * 512 <= float(ds.PixelSpacing[0]) * MATRIX <= 0.9 * 512
     assert list(kinds["LOCALIZER"][0].ImageType) == ["ORIGINAL", "PRIMARY", "LOCALIZER"]
     frames = {ds.FrameOfReferenceUID for dss in series.values() for ds in dss}
     assert len(frames) == 1
@@ -193,34 +206,50 @@ def test_thin_slices_spread_over_the_chest_in_table_order(covid: PhantomStudy) -
     thin = _thin_slices(covid)
     # when their positions are read in InstanceNumber order
     z = np.array([float(ds.ImagePositionPatient[2]) for ds in thin])
-    # then they run from apex to bases, evenly, over about 260 mm, SliceLocation agreeing
-    assert np.allclose(np.diff(z), -260.0 / SLICES, atol=1e-3)
+    # then they run from apex to bases, evenly, over the patient's chest (its lungs and a margin:
+    # 24-36 cm), SliceLocation agreeing
+    step = np.diff(z)
+    assert np.allclose(step, step[0], atol=1e-3) and step[0] < 0
+    assert 240.0 <= -step[0] * SLICES <= 360.0
     assert [float(ds.SliceLocation) for ds in thin] == pytest.approx(list(z))
     assert [int(ds.InstanceNumber) for ds in thin] == list(range(1, SLICES + 1))
 
 
+def _thin_hu(study: PhantomStudy) -> NDArray[np.float64]:
+    return np.stack([_hu(ds) for ds in _thin_slices(study)])
+
+
 def test_lung_parenchyma_is_about_minus_850_hu(healthy: PhantomStudy) -> None:
-    # given a slice through the middle of a healthy chest
-    hu = _hu(_thin_slices(healthy)[SLICES // 2])
-    # when the lungs are segmented from it
-    lungs = _lungs(hu)
-    # then both lungs are there and their parenchyma is about -850 HU
-    assert lungs.sum() > 20_000
-    assert -900.0 < float(np.median(hu[lungs])) < -790.0
-    # and soft tissue and air outside the patient are where they belong
-    assert float(np.median(hu[:20, :20])) < -950.0
+    # given a healthy chest and its ground-truth lung
+    hu = _thin_hu(healthy)
+    lung = np.load(healthy.folder / LESION_MASKS_NAME)["lung"]
+    # then the lungs fill a good part of the middle slices and their parenchyma is about -850 HU
+    assert lung[SLICES // 2].mean() > 0.05
+    assert -900.0 < float(np.median(hu[lung])) < -800.0
+    # and what the model reads as lung is the lung: the worker's segmentation agrees
+    spacing = float(_thin_slices(healthy)[0].PixelSpacing[0])
+    found = lung_mask(hu.astype(np.float32), pixel_spacing=(spacing, spacing))
+    middle = slice(SLICES // 3, 2 * SLICES // 3)
+    overlap = (found[middle] & lung[middle]).sum() / lung[middle].sum()
+    assert overlap > 0.8
+    # and air outside the patient (or the padding outside the reconstruction circle) is below
+    # any tissue
+    assert float(np.median(hu[:, :10, :10])) < -950.0
 
 
-def test_ground_glass_lesions_are_between_minus_700_and_minus_300_hu(covid: PhantomStudy) -> None:
+def test_covid_lesions_are_ground_glass_or_denser(covid: PhantomStudy) -> None:
     # given the positive study and its ground-truth lesion masks
     masks = np.load(covid.folder / LESION_MASKS_NAME)["masks"]
-    thin = _thin_slices(covid)
+    hu = _thin_hu(covid)
+    lung = np.load(covid.folder / LESION_MASKS_NAME)["lung"]
     # when the HU under the masks is gathered
-    values = np.concatenate([_hu(thin[n - 1])[masks[n - 1]] for n in covid.lesion_instances])
-    # then the lesions are mostly ground glass
-    assert values.size > 50
-    assert -700.0 <= float(np.median(values)) <= -300.0
-    assert float(np.mean((values >= -700.0) & (values <= -300.0))) > 0.5
+    values = hu[masks]
+    # then the lesions are mostly ground glass (vessels and consolidation through them), well
+    # above the aerated lung around them
+    assert values.size > 200
+    assert -750.0 <= float(np.median(values)) <= -300.0
+    assert float(np.mean((values >= -800.0) & (values <= -200.0))) > 0.5
+    assert float(np.median(values)) > float(np.median(hu[lung & ~masks])) + 150.0
 
 
 def test_lesion_ground_truth_agrees_with_the_masks(
@@ -231,7 +260,7 @@ def test_lesion_ground_truth_agrees_with_the_masks(
         saved = np.load(study.folder / LESION_MASKS_NAME)
         masks = saved["masks"]
         # then there is one boolean mask per thin slice, in InstanceNumber order
-        assert masks.shape == (SLICES, 512, 512)
+        assert masks.shape == (SLICES, MATRIX, MATRIX)
         assert masks.dtype == bool
         assert list(saved["instance_numbers"]) == list(range(1, SLICES + 1))
         uids = [ds.SOPInstanceUID for ds in _thin_slices(study)]
@@ -239,6 +268,15 @@ def test_lesion_ground_truth_agrees_with_the_masks(
         # and lesion_instances lists exactly the slices whose mask is not empty
         expected = [i + 1 for i in range(SLICES) if masks[i].any()]
         assert study.lesion_instances == expected
+        # and beside them: every finding's id per voxel with its names, and the lung
+        assert saved["findings"].shape == masks.shape and saved["findings"].dtype == np.uint8
+        assert tuple(saved["finding_names"]) == FINDING_NAMES
+        assert saved["lung"].shape == masks.shape and saved["lung"].dtype == bool
+        # where the lesions lie inside the lung and are COVID-19 findings
+        assert not (masks & ~saved["lung"]).any()
+        if masks.any():
+            ids = saved["findings"][masks]
+            assert np.isin(ids, list(COVID_IDS)).mean() > 0.9
     assert covid.lesion_instances
     assert healthy.lesion_instances == []
 
@@ -257,8 +295,12 @@ def test_labels_csv_lists_every_study_folder(out_dir: Path, studies: list[Phanto
             "patient_id",
             "lesion_instances",
             "severity",
+            "group",
+            "findings",
         ]
         assert row["severity"] == study.severity
+        assert row["group"] == study.group
+        assert row["findings"] == ";".join(study.findings)
         assert (out_dir / row["folder"]) == study.folder
         assert study.folder.is_dir()
         assert row["label"] == study.label
@@ -270,6 +312,8 @@ def test_labels_csv_lists_every_study_folder(out_dir: Path, studies: list[Phanto
     assert {r["label"] for r in rows} == {"covid", "healthy"}
     assert {r["label"]: r["severity"] for r in rows}["healthy"] == "none"
     assert {r["label"]: r["severity"] for r in rows}["covid"] in SEVERITY_MIX
+    assert {r["label"]: r["group"] for r in rows}["covid"] == "covid"
+    assert {r["label"]: r["group"] for r in rows}["healthy"] in GROUPS[1:]
 
 
 def test_a_severity_mix_draws_other_patients_of_that_severity(
@@ -277,8 +321,9 @@ def test_a_severity_mix_draws_other_patients_of_that_severity(
 ) -> None:
     # given the fixture's seed written again with every positive mild
     mild = write_phantom_studies(
-        tmp_path, covid=3, healthy=1, slices=SLICES, seed=SEED, severity_mix={"mild": 1.0}
-    )
+        tmp_path, covid=3, healthy=1, slices=8, seed=SEED, matrix=MATRIX,
+        severity_mix={"mild": 1.0},
+    )  # fmt: skip
     # then every positive is mild and says so in labels.csv
     assert [s.severity for s in mild if s.label == "covid"] == ["mild"] * 3
     with (tmp_path / LABELS_NAME).open(newline="") as handle:
@@ -291,7 +336,7 @@ def test_a_severity_mix_draws_other_patients_of_that_severity(
         assert drawn[label].patient_id != default[label].patient_id
     # while the default shares, written out in full, change nothing
     again = write_phantom_studies(
-        tmp_path / "default", covid=1, healthy=1, slices=SLICES, seed=SEED,
+        tmp_path / "default", covid=1, healthy=1, slices=SLICES, seed=SEED, matrix=MATRIX,
         severity_mix=dict(SEVERITY_MIX),
     )  # fmt: skip
     assert [s.study_uid for s in again] == [s.study_uid for s in studies]
@@ -357,17 +402,18 @@ def test_non_ct_study_has_secondary_captures_only(tmp_path: Path) -> None:
 
 # --- options: transfer syntax, thickness, kernel, Enhanced CT --------------------------------
 
-# Seed 3: covid_001 stores 12-bit unsigned values, healthy_001 16-bit signed ones with padding,
+# Seed 5: covid_001 stores 12-bit unsigned values, healthy_001 16-bit signed ones with padding,
 # so every encoder sees both kinds of pixel data.
-OPTION_SEED = 3
+OPTION_SEED = 5
 OPTION_SLICES = 8
 LOSSLESS = [name for name in TRANSFER_SYNTAXES if name not in ("explicit", "jpeg-ls-near")]
 
 
 def _write(folder: Path, **options: Any) -> list[PhantomStudy]:
     return write_phantom_studies(
-        folder, covid=1, healthy=1, slices=OPTION_SLICES, seed=OPTION_SEED, **options
-    )
+        folder, covid=1, healthy=1, slices=OPTION_SLICES, seed=OPTION_SEED, matrix=MATRIX,
+        **options,
+    )  # fmt: skip
 
 
 def _volume(study: PhantomStudy) -> CTVolume:
@@ -469,10 +515,12 @@ def test_options_keep_the_files_byte_identical_by_seed(tmp_path: Path) -> None:
         "kernel": "BONE",
         "transfer_syntax": "rle",
         "enhanced": True,
+        "matrix": MATRIX,
     }
     first = write_phantom_studies(tmp_path / "a", covid=1, healthy=0, slices=8, seed=5, **options)
     # when it is written again with the same seed and options
     again = write_phantom_studies(tmp_path / "b", covid=1, healthy=0, slices=8, seed=5, **options)
+    assert pydicom.dcmread(first[0].folder / "CT_02_enhanced.dcm").Rows == MATRIX
     # then every file is byte-identical
     names = sorted(p.name for p in first[0].folder.iterdir())
     assert "CT_02_enhanced.dcm" in names
@@ -505,7 +553,8 @@ def test_thickness_and_kernel_are_in_the_thin_series_headers(
 
 def _grain(ds: pydicom.Dataset) -> float:
     """Pixel-to-pixel variation inside the body: higher for sharper, noisier kernels."""
-    hu = _hu(ds)[160:352, 160:352]
+    middle = slice(MATRIX * 5 // 16, MATRIX * 11 // 16)
+    hu = _hu(ds)[middle, middle]
     return float(np.median(np.abs(np.diff(hu, axis=1))))
 
 
@@ -540,7 +589,9 @@ def test_series_selection_prefers_the_thinnest_then_the_lung_kernel(
     assert (chosen.slice_thickness, chosen.kernel) == (0.625, "BONE")
 
 
-def test_enhanced_ct_headers_carry_thickness_kernel_and_frame_mapping(tmp_path: Path) -> None:
+def test_enhanced_ct_headers_carry_thickness_kernel_and_frame_mapping(
+    tmp_path: Path, plain: list[PhantomStudy]
+) -> None:
     # when a study is written with its thin series as one Enhanced CT instance, 2 mm SOFT
     study = write_phantom_studies(
         tmp_path,
@@ -551,6 +602,7 @@ def test_enhanced_ct_headers_carry_thickness_kernel_and_frame_mapping(tmp_path: 
         thickness=2,
         kernel="SOFT",
         enhanced=True,
+        matrix=MATRIX,
     )[0]
     paths = sorted(study.folder.glob("CT_02_*.dcm"))
     assert [p.name for p in paths] == ["CT_02_enhanced.dcm"]
@@ -573,7 +625,8 @@ def test_enhanced_ct_headers_carry_thickness_kernel_and_frame_mapping(tmp_path: 
         float(f.PlanePositionSequence[0].ImagePositionPatient[2])
         for f in ds.PerFrameFunctionalGroupsSequence
     ]
-    assert np.allclose(np.diff(z), -260.0 / 8, atol=1e-3)
+    single = [float(ds.ImagePositionPatient[2]) for ds in _thin_slices(plain[0])]
+    assert z == pytest.approx(single)
     stacks = [f.FrameContentSequence[0] for f in ds.PerFrameFunctionalGroupsSequence]
     assert [int(c.InStackPositionNumber) for c in stacks] == list(range(1, 9))
     saved = np.load(study.folder / LESION_MASKS_NAME)
@@ -605,6 +658,7 @@ def test_dciodvfy_finds_no_error_in_option_outputs(
         seed=OPTION_SEED,
         transfer_syntax=name,
         enhanced=enhanced,
+        matrix=MATRIX,
     )[0]
     # then dciodvfy finds no error in the thin series, the thick series or the localizer
     first_two = sorted(study.folder.glob("CT_0[12]_*.dcm"))[:2]
@@ -614,10 +668,14 @@ def test_dciodvfy_finds_no_error_in_option_outputs(
 
 def test_bad_options_are_refused_before_anything_is_written(tmp_path: Path) -> None:
     for options, message in (
-        ({"thickness": 5.0}, "thickness"),
+        ({"thickness": 5.5}, "thickness"),
         ({"thickness": 0.0}, "thickness"),
+        ({"thickness": 5.0}, "needs more slices than it"),  # 8 thin slices, 8 thick ones
         ({"kernel": "B70f"}, "kernel must be one of LUNG, BONE, STANDARD, SOFT"),
         ({"transfer_syntax": "jpeg-baseline"}, "transfer syntax must be one of"),
+        ({"matrix": 100}, "matrix must be even and 128-1024"),
+        ({"randomise_acquisition": True, "thickness": 2.0}, "randomised acquisition"),
+        ({"negative_mix": {"normal": 0.5}}, "sum to 1"),
     ):
         with pytest.raises(ValueError, match=message):
             write_phantom_studies(tmp_path / "out", covid=1, healthy=0, slices=8, **options)
@@ -625,18 +683,142 @@ def test_bad_options_are_refused_before_anything_is_written(tmp_path: Path) -> N
 
 
 def test_cli_passes_the_options_through(tmp_path: Path) -> None:
-    # when the CLI writes one study with every option
-    args = ["phantom", str(tmp_path), "--covid", "1", "--healthy", "0", "--slices", "8"]
+    # when the CLI writes one study of each label with every option (--negative is --healthy)
+    args = ["phantom", str(tmp_path), "--covid", "1", "--negative", "1", "--slices", "8"]
     args += ["--seed", str(OPTION_SEED), "--thickness", "0.75", "--kernel", "bone"]
-    args += ["--transfer-syntax", "jpeg-ls", "--enhanced"]
+    args += ["--transfer-syntax", "jpeg-ls", "--enhanced", "--matrix", "128"]
+    args += ["--negative-mix", "other_pneumonia=1"]
     result = CliRunner().invoke(app, args, catch_exceptions=False)
     # then it succeeds and the files say what was asked
     assert result.exit_code == 0, result.output
     ds = pydicom.dcmread(tmp_path / "covid_001" / "CT_02_enhanced.dcm", stop_before_pixels=True)
     assert ds.file_meta.TransferSyntaxUID == TRANSFER_SYNTAXES["jpeg-ls"]
+    assert (ds.Rows, ds.Columns) == (128, 128)
     shared = ds.SharedFunctionalGroupsSequence[0]
     assert float(shared.PixelMeasuresSequence[0].SliceThickness) == 0.75
     assert shared.CTReconstructionSequence[0].ConvolutionKernel == "BONE"
+    with (tmp_path / LABELS_NAME).open(newline="") as handle:
+        groups = {r["folder"]: r["group"] for r in csv.DictReader(handle)}
+    assert groups == {"covid_001": "covid", "healthy_001": "other_pneumonia"}
     # and a bad option is a usage error (exit 2) naming the choices
     bad = CliRunner().invoke(app, [*args[:2], "--kernel", "fuzzy"])
     assert bad.exit_code == 2 and "LUNG, BONE, STANDARD, SOFT" in bad.output
+    bad = CliRunner().invoke(app, [*args[:2], "--negative-mix", "pneumothorax=1"])
+    assert bad.exit_code == 2 and "unknown negative group pneumothorax" in bad.output
+
+
+# --- negatives: groups and confounders ---------------------------------------------------------
+
+SMALL = {"slices": 12, "matrix": 128}  # enough lung slices to cut every finding
+
+
+def _labels(folder: Path) -> list[dict[str, str]]:
+    with (folder / LABELS_NAME).open(newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def _finding_ids(study: PhantomStudy) -> set[int]:
+    return {int(v) for v in np.unique(np.load(study.folder / LESION_MASKS_NAME)["findings"])}
+
+
+def test_a_negative_mix_draws_its_groups_and_labels_them(tmp_path: Path) -> None:
+    # when negatives are written with a mix of the three groups
+    mix = {"normal": 0.4, "other_pneumonia": 0.2, "other_finding": 0.4}
+    studies = write_phantom_studies(
+        tmp_path, covid=0, healthy=8, seed=SEED, negative_mix=mix, **SMALL
+    )
+    # then every group of the mix is drawn, each study labelled healthy with its group
+    assert {s.group for s in studies} == set(mix)
+    for study, row in zip(studies, _labels(tmp_path), strict=True):
+        assert (row["label"], row["group"], row["severity"]) == ("healthy", study.group, "none")
+        assert row["lesion_instances"] == "" and study.lesion_instances == []
+        # and its findings agree with its group, in labels.csv and in the masks' findings map
+        assert row["findings"] == ";".join(study.findings)
+        shown = {FINDING_NAMES[i] for i in _finding_ids(study)} - {""}
+        assert not shown & set(COVID_KINDS)
+        if study.group == "normal":
+            assert study.findings == () and shown == set()
+        elif study.group == "other_pneumonia":
+            assert study.findings == ("other_pneumonia",) and shown == {"other_pneumonia"}
+        else:
+            assert study.findings and "other_pneumonia" not in study.findings
+            assert shown <= set(study.findings)
+
+
+def test_without_a_negative_mix_the_group_follows_the_drawn_findings(tmp_path: Path) -> None:
+    # when negatives and positives are written with the generator's own draw of confounders
+    studies = write_phantom_studies(tmp_path, covid=2, healthy=6, seed=SEED, **SMALL)
+    # then each study's group is what its findings make it
+    for study in studies:
+        if study.label == "covid":
+            assert study.group == "covid"
+        elif "other_pneumonia" in study.findings:
+            assert study.group == "other_pneumonia"
+        else:
+            assert study.group == ("other_finding" if study.findings else "normal")
+        assert set(study.findings) <= set(CONFOUNDERS)
+    # and some negatives show findings while others are normal
+    negatives = {s.group for s in studies if s.label == "healthy"}
+    assert "normal" in negatives and negatives - {"normal"}
+
+
+@pytest.mark.parametrize("name", CONFOUNDERS)
+def test_each_confounder_is_drawn_and_labelled(tmp_path: Path, name: str) -> None:
+    # when a negative is written with all its share on one confounder
+    (study,) = write_phantom_studies(
+        tmp_path, covid=0, healthy=1, seed=SEED, negative_mix={name: 1.0}, **SMALL
+    )
+    # then labels.csv names it, in the group it belongs to
+    (row,) = _labels(tmp_path)
+    group = "other_pneumonia" if name == "other_pneumonia" else "other_finding"
+    assert (row["group"], row["findings"]) == (group, name)
+    assert (study.group, study.findings) == (group, (name,))
+    # and the findings map shows it in the lung (motion is in the image, not in the lung)
+    ids = _finding_ids(study) - {0}
+    assert ids == (set() if name == "motion" else {FINDINGS[name]})
+
+
+def test_negative_mix_shares_are_read_in_a_fixed_order() -> None:
+    assert list(parse_negative_mix("nodule=0.1, other_finding=0.2,normal=0.7")) == [
+        "normal",
+        "other_finding",
+        "nodule",
+    ]
+    for text, message in (
+        ("normal=0.5,other_pneumonia=0.4", "sum to 1"),
+        ("normal=1,covid=0", "unknown negative group covid"),
+        ("normal", "not NAME=SHARE"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            parse_negative_mix(text)
+
+
+# --- domain randomisation of the thin series ----------------------------------------------------
+
+
+def test_randomised_acquisition_varies_the_thin_series_not_the_patient(
+    tmp_path: Path, plain: list[PhantomStudy]
+) -> None:
+    # when the plain fixture's studies are written again with a randomised acquisition
+    studies = write_phantom_studies(
+        tmp_path, covid=1, healthy=1, slices=10, seed=OPTION_SEED, matrix=MATRIX,
+        randomise_acquisition=True,
+    )  # fmt: skip
+    seen = set()
+    for study, ref in zip(studies, plain, strict=True):
+        # then the thin series carries a drawn kernel, thickness, matrix and field of view
+        thin = _thin_slices(study)
+        ds = thin[0]
+        assert ds.ConvolutionKernel in KERNELS
+        assert float(ds.SliceThickness) in RANDOM_THICKNESSES
+        assert ds.Rows in RANDOM_MATRICES
+        fov = float(ds.PixelSpacing[0]) * ds.Rows
+        assert RANDOM_FOV_MM[0] - 1.0 <= fov <= RANDOM_FOV_MM[1] + 1.0
+        seen.add((ds.ConvolutionKernel, float(ds.SliceThickness), ds.Rows, round(fov)))
+        # under UIDs of its own, in the same study of the same patient
+        assert study.lung_series_uid != ref.lung_series_uid
+        assert (study.study_uid, study.patient_id) == (ref.study_uid, ref.patient_id)
+        assert (study.group, study.findings) == (ref.group, ref.findings)
+        # and it is still the series the worker picks
+        assert _volume(study).series_uid == study.lung_series_uid
+    assert len(seen) == 2  # each study drew its own acquisition

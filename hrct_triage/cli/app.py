@@ -378,15 +378,27 @@ def echo(
 def phantom(
     out_dir: Path,
     covid: Annotated[int, typer.Option(help="COVID-19-like studies")] = 2,
-    healthy: Annotated[int, typer.Option(help="healthy studies (with confounders)")] = 2,
+    healthy: Annotated[
+        int,
+        typer.Option(
+            "--healthy",
+            "--negative",
+            help="non-COVID studies: normal lungs, other pneumonia, other findings",
+        ),
+    ] = 2,
     slices: Annotated[int, typer.Option(help="slices of the thin lung series")] = 64,
     seed: Annotated[int, typer.Option(help="same seed, same files")] = 0,
     thickness: Annotated[
-        float, typer.Option(help="SliceThickness (mm) of the thin series, below 5")
+        float, typer.Option(help="SliceThickness (mm) of the thin series, at most 5")
     ] = 1.0,
     kernel: Annotated[
-        str, typer.Option(help="ConvolutionKernel of the thin series: LUNG, BONE, STANDARD, SOFT")
+        str,
+        typer.Option(
+            help="ConvolutionKernel of the thin series: LUNG, BONE, STANDARD, SOFT, DETAIL, "
+            "or RANDOM (one drawn per study)"
+        ),
     ] = "LUNG",
+    matrix: Annotated[int, typer.Option(help="rows and columns of the CT images")] = 512,
     transfer_syntax: Annotated[
         str,
         typer.Option(
@@ -398,23 +410,45 @@ def phantom(
         bool,
         typer.Option("--enhanced", help="thin series as one multi-frame Enhanced CT instance"),
     ] = False,
+    randomise_acquisition: Annotated[
+        bool,
+        typer.Option(
+            "--randomise-acquisition",
+            help="draw the thin series' kernel, noise, field of view, thickness and matrix per "
+            "study (domain randomisation for training sets)",
+        ),
+    ] = False,
     workers: Annotated[int, typer.Option(help="studies written at once (processes)")] = 1,
     severity_mix: Annotated[
         str | None,
         typer.Option(
             help="shares of the positives' severities, e.g. "
-            "focal=0.05,mild=0.5,moderate=0.25,severe=0.2 [default: the paper-like cohort, "
-            "focal=0.03,mild=0.22,moderate=0.4,severe=0.35]"
+            "focal=0.05,mild=0.5,moderate=0.25,severe=0.2 [default: "
+            "focal=0.05,mild=0.3,moderate=0.4,severe=0.25]"
+        ),
+    ] = None,
+    negative_mix: Annotated[
+        str | None,
+        typer.Option(
+            help="shares of the negatives' groups, e.g. "
+            "normal=0.4,other_pneumonia=0.2,other_finding=0.4; a confounder's name (nodule, "
+            "mass, atelectasis, plate_atelectasis, effusion, fibrosis, bronchiectasis, "
+            "emphysema, mosaic, motion) forces that one [default: the generator's own draw]"
         ),
     ] = None,
 ) -> None:
     """Write synthetic chest CT studies, one folder each, and labels.csv."""
     from rich.progress import Progress
 
-    from hrct_triage.phantoms import parse_severity_mix, write_phantom_studies
+    from hrct_triage.phantoms import (
+        parse_negative_mix,
+        parse_severity_mix,
+        write_phantom_studies,
+    )
 
     try:
         mix = None if severity_mix is None else parse_severity_mix(severity_mix)
+        negatives = None if negative_mix is None else parse_negative_mix(negative_mix)
         with Progress(console=console) as progress:
             task = progress.add_task("phantoms", total=covid + healthy)
             studies = write_phantom_studies(
@@ -430,6 +464,9 @@ def phantom(
                 enhanced=enhanced,
                 workers=workers,
                 severity_mix=mix,
+                negative_mix=negatives,
+                matrix=matrix,
+                randomise_acquisition=randomise_acquisition,
             )
     except ValueError as exc:  # checked before any file is written
         raise typer.BadParameter(str(exc)) from exc
