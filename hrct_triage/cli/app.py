@@ -21,6 +21,7 @@ from rich.table import Table
 
 from hrct_triage.cli import admin as ops_admin
 from hrct_triage.cli import operations as ops_cli
+from hrct_triage.cli import realism as realism_cli
 from hrct_triage.common import paper
 from hrct_triage.common.errors import HrctTriageError
 from hrct_triage.common.settings import Settings, get_settings
@@ -700,6 +701,7 @@ app.command("doctor")(ops_admin.doctor_command)
 # Operations commands live in their own module; registered here so `hrct-triage --help` lists them.
 app.command("stats")(ops_cli.stats_command)
 app.command("web")(ops_cli.web_command)
+app.command("realism")(realism_cli.realism_command)
 
 
 def main() -> None:
