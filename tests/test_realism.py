@@ -91,6 +91,13 @@ def test_realism_prints_a_table_and_measures_against_the_reference(
     assert "LUNG/healthy_001" in text and "STANDARD/healthy_001" in text
     assert "lung histogram EMD to STANDARD/healthy_001" in text
     assert "vessel fraction 0-10 mm from pleura" in text
+    # and as markdown, one row per measure with a cell per series
+    result = CliRunner().invoke(app, [*args, "--markdown"], catch_exceptions=False)
+    lines = result.output.splitlines()
+    assert lines[0] == "| measure | LUNG/healthy_001 | STANDARD/healthy_001 |"
+    assert lines[1] == "| --- | --- | --- |"
+    assert all(line.count("|") == 4 for line in lines[2:])
+    assert any(line.startswith("| lung HU p50 | -") for line in lines)
 
 
 def test_a_folder_without_a_ct_series_is_reported_not_measured(

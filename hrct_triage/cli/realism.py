@@ -30,6 +30,9 @@ def realism_command(
     json_output: Annotated[
         bool, typer.Option("--json", help="the measurements as JSON instead of a table")
     ] = False,
+    markdown: Annotated[
+        bool, typer.Option("--markdown", help="the table as markdown, for documents")
+    ] = False,
     min_slices: Annotated[int, typer.Option(help="as the worker's HRCT_MIN_SLICES")] = 20,
 ) -> None:
     """Measure each folder's analysed series as the worker loads it and print them side by side.
@@ -41,6 +44,7 @@ def realism_command(
     from hrct_triage.worker.training.realism import (
         Realism,
         load_series,
+        markdown_table,
         measure,
         summary,
         table_rows,
@@ -65,6 +69,8 @@ def realism_command(
         against = results[ref] if ref is not None else None
         series = [summary(r, reference=against) for r in results.values()]
         typer.echo(json.dumps({"reference": ref, "series": series}, indent=2))
+    elif markdown and results:
+        typer.echo(markdown_table(results, reference=ref))
     elif results:
         table = Table(title="Realism: lung, vessels, airways and noise of each series")
         table.add_column("measure")
