@@ -25,11 +25,11 @@ MATRIX = 512  # rows and columns of the CT images by default, and of the localiz
 MATRIX_RANGE = (128, 1024)
 """Rows and columns a study's CT images may have; below 512 for quick tests only."""
 
-# Domain randomisation of the thin series: slice thicknesses (mm), reconstruction matrices and
-# fields of view (mm) a chest CT is commonly sent with, and how far the noise may stray from
-# the kernel's usual range.
+# Domain randomisation of the thin series: slice thicknesses (mm), reconstruction matrices (as
+# shares of the study's matrix: 384, 512 or 768 for the default) and fields of view (mm) a chest
+# CT is commonly sent with, and how far the noise may stray from the kernel's usual range.
 RANDOM_THICKNESSES = (0.625, 0.8, 1.0, 1.25, 1.5, 2.0, 2.5, 3.0, 5.0)
-RANDOM_MATRICES = {384: 0.1, 512: 0.8, 768: 0.1}
+RANDOM_MATRICES = {0.75: 0.1, 1.0: 0.8, 1.5: 0.1}
 RANDOM_FOV_MM = (330.0, 460.0)
 RANDOM_NOISE_SPREAD = (0.75, 1.25)
 
@@ -124,8 +124,9 @@ class Options:
             return Acquisition(kernel, self.thickness, self.matrix, None, None)
         kernel = random_kernel(float(rng.random()))
         thickness = float(RANDOM_THICKNESSES[int(rng.integers(len(RANDOM_THICKNESSES)))])
-        sizes = list(RANDOM_MATRICES)
-        matrix = sizes[int(rng.choice(len(sizes), p=list(RANDOM_MATRICES.values())))]
+        scales = list(RANDOM_MATRICES)
+        scale = scales[int(rng.choice(len(scales), p=list(RANDOM_MATRICES.values())))]
+        matrix = min(max(2 * round(self.matrix * scale / 2), MATRIX_RANGE[0]), MATRIX_RANGE[1])
         fov = float(rng.uniform(*RANDOM_FOV_MM))
         low, high = LOOKS[KERNEL_TABLE[kernel].physics].noise_5mm
         noise = float(rng.uniform(low * RANDOM_NOISE_SPREAD[0], high * RANDOM_NOISE_SPREAD[1]))
