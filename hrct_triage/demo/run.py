@@ -6,6 +6,7 @@ embedded broker analyses them; the SR and heat maps land at a PACS stand-in; the
 
 from __future__ import annotations
 
+import os
 import shutil
 import socket
 import time
@@ -71,9 +72,12 @@ def run_demo(
         )
     upgrade(settings.resolved_database_url)
     console.print(f"making {covid + healthy} phantom studies ({slices} thin slices each)")
+    # a study takes seconds of one core: one process per core
+    workers = max(1, min(covid + healthy, os.cpu_count() or 1))
     studies = write_phantom_studies(
-        out_dir / "phantoms", covid=covid, healthy=healthy, slices=slices, seed=2026
-    )
+        out_dir / "phantoms", covid=covid, healthy=healthy, slices=slices, seed=2026,
+        workers=workers,
+    )  # fmt: skip
     sessions = make_sessionmaker(make_engine(settings.resolved_database_url))
     try:
         with running_gateway(settings, quiet_workers=True):
