@@ -1,1 +1,2 @@
-"""hrct-triage, installed as one package: the rooms below, linked in, and the process starter."""
+"""hrct-triage, installed as one package: the rooms below, linked in, the process starter
+and the worklist table."""

@@ -24,9 +24,10 @@ import threading
 from multiprocessing.connection import Connection, wait
 from multiprocessing.process import BaseProcess
 from pathlib import Path
-from typing import IO
+from typing import IO, Protocol
 
 from hrct_triage.common.errors import ListenerError
+from hrct_triage.common.logs import configure_logging
 from hrct_triage.common.settings import Settings
 
 log = logging.getLogger("hrct.listener")
@@ -34,6 +35,19 @@ log = logging.getLogger("hrct.listener")
 # How long a follower may take to import, connect and bind before the start counts as failed.
 START_TIMEOUT_SECONDS = 60.0
 _STOP_TIMEOUT_SECONDS = 15.0
+
+
+class FollowerListener(Protocol):
+    """What a follower runs: a listener, given as its class so that this module need not import
+    ``listener.scp`` (which imports this one)."""
+
+    def __init__(
+        self, settings: Settings, *, run_dispatcher: bool, follower_index: int
+    ) -> None: ...
+
+    def start(self) -> None: ...
+
+    def stop(self) -> None: ...
 
 
 class DataFolderLock:
@@ -62,9 +76,12 @@ class DataFolderLock:
 
 
 class Followers:
-    """The primary's follower processes: started together, watched, stopped together."""
+    """The primary's follower processes: started together, watched, stopped together. Each
+    runs a ``listener_class`` (the primary's own class, which ``spawn`` pickles by name)."""
 
-    def __init__(self, settings: Settings, port: int, count: int) -> None:
+    def __init__(
+        self, settings: Settings, port: int, count: int, listener_class: type[FollowerListener]
+    ) -> None:
         self.failed = threading.Event()
         self._stopping = threading.Event()
         self._processes: list[BaseProcess] = []
@@ -76,7 +93,7 @@ class Followers:
             ours, theirs = context.Pipe(duplex=False)
             process = context.Process(
                 target=follower_main,
-                args=(settings, port, index, level, theirs),
+                args=(listener_class, settings, port, index, level, theirs),
                 name=f"hrct-listener-{index}",
                 daemon=True,
             )
@@ -142,17 +159,19 @@ class Followers:
 
 
 def follower_main(
-    settings: Settings, port: int, index: int, level: int, answer: Connection
+    listener_class: type[FollowerListener],
+    settings: Settings,
+    port: int,
+    index: int,
+    level: int,
+    answer: Connection,
 ) -> None:
     """A follower's whole life (the target of its process)."""
-    from hrct_triage.common.logs import configure_logging
-    from hrct_triage.listener.scp import Listener
-
     configure_logging(settings, level)
     stop = threading.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: stop.set())
-    listener = Listener(
+    listener = listener_class(
         settings.model_copy(
             update={"listener": settings.listener.model_copy(update={"port": port})}
         ),

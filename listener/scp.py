@@ -202,7 +202,10 @@ class Listener:
             self._thread.start()
         if self.primary and self.shared_port:
             self._followers = Followers(
-                self.settings, self.port, self.settings.listener.listener_processes - 1
+                self.settings,
+                self.port,
+                self.settings.listener.listener_processes - 1,
+                type(self),
             )
             self.failed = self._followers.failed
         log.info(

@@ -1,6 +1,6 @@
 """Every Specific Character Set a scanner sends, without the network: how it is resolved
 (``common.charsets``), read by the listener (``listener.dicom_header``) and carried into the SR
-and SC (``worker.outputs``), over the matrix of tests/charset_cases.py.
+and SC (``worker.outputs``), over the matrix of tests/helpers/charset_cases.py.
 
 The end-to-end run of the same matrix through the listener, the worker and a PACS is
 tests/test_charsets_e2e.py.
@@ -34,8 +34,8 @@ from hrct_triage.worker.method.results import HeatMap, ModelInfo, SliceResult, S
 from hrct_triage.worker.outputs.files import write_output
 from hrct_triage.worker.outputs.objects import build_outputs
 from hrct_triage.worker.outputs.sr import build_not_analysed_sr
-from tests.charset_cases import ALL, MISTAKES, STANDARD, Case, apply_case
-from tests.conftest import dciodvfy_errors, require_tool
+from tests.helpers.charset_cases import ALL, MISTAKES, STANDARD, Case, apply_case
+from tests.helpers.dicom_peers import dciodvfy_errors, require_tool
 
 WHEN = datetime(2024, 3, 4, 11, 12, 13)
 SIZE = 32

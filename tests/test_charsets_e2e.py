@@ -1,10 +1,10 @@
-"""Every Specific Character Set end to end: one phantom study per case of tests/charset_cases.py
-(every Defined Term, the multi-valued forms, scanners' mistakes), its headers rewritten as a
-scanner of that language writes them, all sent by DCMTK storescu to one ``hrct-triage up`` whose
-results go to DCMTK storescp and to Orthanc. Then, per study: analysed and delivered; every
-output valid for dciodvfy and carrying the source's name and description; the worklist
-(``show``, the JSON API, the web page) showing the descriptions and any substitution; Orthanc's
-REST API showing the name and description the scanner sent.
+"""Every Specific Character Set end to end: one phantom study per case of
+tests/helpers/charset_cases.py (every Defined Term, the multi-valued forms, scanners' mistakes), its
+headers rewritten as a scanner of that language writes them, all sent by DCMTK storescu to one
+``hrct-triage up`` whose results go to DCMTK storescp and to Orthanc. Then, per study: analysed and
+delivered; every output valid for dciodvfy and carrying the source's name and description; the
+worklist (``show``, the JSON API, the web page) showing the descriptions and any substitution;
+Orthanc's REST API showing the name and description the scanner sent.
 
 The studies are the phantom's thin series at half resolution (256 x 256), so that all 48
 analyses fit one run on two CPU cores (about six minutes).
@@ -39,17 +39,11 @@ from sqlalchemy import select
 from hrct_triage.db.models import Study, StudyStatus
 from hrct_triage.db.session import make_engine, make_sessionmaker, transaction
 from hrct_triage.web.app import create_app
-from tests.charset_cases import ALL, Case, apply_case
-from tests.conftest import (
-    Orthanc,
-    StoreSCP,
-    _wait_for_port,
-    dciodvfy_errors,
-    free_port,
-    storescu,
-)
+from tests.helpers.charset_cases import ALL, Case, apply_case
+from tests.helpers.dicom_peers import Orthanc, StoreSCP, dciodvfy_errors, storescu
+from tests.helpers.ports import free_port, wait_for_port
 
-pytestmark = [pytest.mark.dcmtk, pytest.mark.timeout(1800)]
+pytestmark = [pytest.mark.dcmtk, pytest.mark.orthanc, pytest.mark.timeout(1800)]
 
 TERMINAL = (StudyStatus.DONE, StudyStatus.FAILED, StudyStatus.NOT_APPLICABLE)
 SR_CLASS = "1.2.840.10008.5.1.4.1.1.88.34"  # Comprehensive 3D SR
@@ -125,7 +119,7 @@ class Gateway:
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )
-        _wait_for_port(self.port, timeout=60)
+        wait_for_port(self.port, timeout=60)
         self.sessions = make_sessionmaker(make_engine(self.database_url))
 
     def wait_for(self, uids: list[str], timeout: float) -> dict[str, Study]:
@@ -182,7 +176,7 @@ class Web:
         )
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.thread.start()
-        _wait_for_port(self.port)
+        wait_for_port(self.port)
 
     def get(self, path: str) -> bytes:
         request = urllib.request.Request(f"http://127.0.0.1:{self.port}{path}")

@@ -30,7 +30,8 @@ from hrct_triage.db.models import (
 )
 from hrct_triage.db.priority import priority_for
 from hrct_triage.db.session import transaction
-from tests.conftest import free_port, shipped_model_version
+from tests.helpers.checkpoints import shipped_model_version
+from tests.helpers.ports import free_port
 
 NOW = datetime.now(UTC)
 OLD = NOW - timedelta(days=60)

@@ -14,7 +14,7 @@ from hrct_triage.db import worklist
 from hrct_triage.db.models import Study, UTCDateTime
 from hrct_triage.db.raw_statements import Prepared
 from hrct_triage.db.session import transaction
-from tests.test_worklist import T0, facts
+from tests.helpers.worklist import T0, facts
 
 
 def test_a_missing_parameter_is_refused_before_the_database_sees_it(

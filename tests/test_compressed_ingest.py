@@ -17,7 +17,9 @@ from sqlalchemy.orm import Session, sessionmaker
 from hrct_triage.db.models import Instance
 from hrct_triage.db.session import transaction
 from hrct_triage.listener.scp import Listener
-from tests.conftest import require_tool, storescu
+from tests.helpers.dicom_peers import require_tool, storescu
+
+pytestmark = pytest.mark.dcmtk  # DCMTK compresses the studies and sends them
 
 # (compressor: a DCMTK tool with its options, or "pydicom" for the encoders pydicom has (JPEG
 # 2000 through pylibjpeg-openjpeg, which DCMTK's free toolkit lacks), storescu proposal,

@@ -15,8 +15,8 @@ import subprocess
 import sys
 import threading
 from collections import Counter
-from collections.abc import Callable, Iterator
-from datetime import UTC, datetime, timedelta
+from collections.abc import Iterator
+from datetime import datetime, timedelta
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -27,53 +27,26 @@ from pynetdicom import AE, AllStoragePresentationContexts, evt
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from hrct_triage.common.settings import Settings
 from hrct_triage.db import worklist
-from hrct_triage.db.migrate import upgrade
-from hrct_triage.db.models import Delivery, OutboxRow, Output, Study, StudyStatus
-from hrct_triage.db.session import make_engine, make_sessionmaker, transaction
+from hrct_triage.db.models import OutboxRow, Output, StudyStatus
+from hrct_triage.db.session import transaction
 from hrct_triage.worker.delivery.backoff import DELIVERY_JITTER, delivery_backoff
-from hrct_triage.worker.jobs import WorkerContext, run_delivery, run_triage
-from hrct_triage.worker.outputs import Analysed, write_outputs
-from tests.conftest import Orthanc, StoreSCP, dciodvfy_errors, free_port
-from tests.test_outputs import WHEN, ct_series, make_analysis
+from hrct_triage.worker.jobs import run_delivery, run_triage
+from tests.helpers.deliveries import (
+    analysed_study,
+    deliveries_of,
+    sessions_for,
+    settings_for,
+    worker_context,
+)
+from tests.helpers.dicom_peers import Orthanc, StoreSCP, dciodvfy_errors
+from tests.helpers.ports import free_port
+from tests.helpers.worklist import T0, study_row
 
 SR_CLASS = "1.2.840.10008.5.1.4.1.1.88.34"
-T0 = datetime(2026, 1, 1, 12, 0, tzinfo=UTC)
 
 
 # ---------------------------------------------------------------- worklist and worker
-
-
-def _sessions(url: str) -> sessionmaker[Session]:
-    upgrade(url)
-    return make_sessionmaker(make_engine(url))
-
-
-def _settings(tmp_path: Path, url: str, **overrides: Any) -> Settings:
-    """Short backoff and few attempts, so a test drives every round itself."""
-    values: dict[str, Any] = {
-        "data_dir": tmp_path / "var",
-        "database_url": url,
-        "allow_untrained": True,
-        "delivery_attempts": 3,
-        "delivery_backoff_seconds": 0.5,
-        "delivery_timeout_seconds": 5,
-        "heatmaps": 2,
-        "min_slices": 16,
-        **overrides,
-    }
-    return Settings(_env_file=None, **values)
-
-
-def _no_model() -> Any:
-    raise AssertionError("delivery must not need the model")
-
-
-def _context(settings: Settings, model: Callable[[], Any] = _no_model) -> WorkerContext:
-    """A worker as ``worker.tasks`` builds one: its own engine, settings and model loader."""
-    sessions = make_sessionmaker(make_engine(settings.resolved_database_url))
-    return WorkerContext(settings=settings, sessions=sessions, model=model, name="test-worker")
 
 
 def _record_files(sessions: sessionmaker[Session], paths: list[Path]) -> int:
@@ -99,66 +72,6 @@ def _record_files(sessions: sessionmaker[Session], paths: list[Path]) -> int:
             session, quiet_seconds=0, now=T0 + timedelta(seconds=1)
         )
     return study_id
-
-
-def _analysed_study(
-    sessions: sessionmaker[Session], out_dir: Path, destinations: list[str]
-) -> tuple[int, list[str]]:
-    """A study analysed by hand (fake CT, no model) whose SR and SCs are owed to
-    ``destinations``; returns its id and its output SOP Instance UIDs."""
-    headers = ct_series(20, 32, pixels=False)
-    records = write_outputs(
-        Analysed(make_analysis(headers), headers),
-        generation=1,
-        content_datetime=WHEN,
-        predecessor=None,
-        out_dir=out_dir,
-    )
-    uid = str(headers[0].StudyInstanceUID)
-    with transaction(sessions) as session:
-        facts = worklist.InstanceFacts(
-            study_uid=uid,
-            series_uid=str(headers[0].SeriesInstanceUID),
-            sop_instance_uid=str(headers[0].SOPInstanceUID),
-            sop_class_uid=str(headers[0].SOPClassUID),
-            transfer_syntax_uid="1.2.840.10008.1.2.1",
-            path="/spool/not-read.dcm",
-            size_bytes=1,
-            sha256="0" * 64,
-        )
-        worklist.record_instance(session, facts, association_id=None, now=T0)
-    with transaction(sessions) as session:
-        (study_id,) = worklist.complete_ready_studies(session, quiet_seconds=0, now=T0)
-    with transaction(sessions) as session:
-        claim = worklist.claim(session, study_id, worker="w", lease_seconds=60, now=T0)
-        assert claim is not None
-        assert worklist.finish_analysis(
-            session,
-            claim,
-            analysis=worklist.AnalysisRecord(0.93, True, 0.8, "v", uid, [], {}),
-            outputs=records,
-            destinations=destinations,
-            now=T0,
-            delivery_grace_seconds=60,
-        )
-    return study_id, [r.sop_instance_uid for r in records]
-
-
-def _study(sessions: sessionmaker[Session], study_id: int) -> Study:
-    with transaction(sessions) as session:
-        study = session.get(Study, study_id)
-        assert study is not None
-        session.expunge(study)
-        return study
-
-
-def _deliveries(sessions: sessionmaker[Session], study_id: int) -> list[Delivery]:
-    with transaction(sessions) as session:
-        rows = session.scalars(
-            select(Delivery).join(Output).where(Output.study_id == study_id)
-        ).all()
-        session.expunge_all()
-        return list(rows)
 
 
 def _next_round(sessions: sessionmaker[Session], study_id: int) -> datetime:
@@ -248,13 +161,13 @@ def test_analysis_is_delivered_to_storescp_and_orthanc(
 ) -> None:
     # given a complete phantom study in the worklist and two PACS, DCMTK and Orthanc
     url = f"sqlite:///{tmp_path / 'worklist.sqlite'}"
-    sessions = _sessions(url)
+    sessions = sessions_for(url)
     study_id = _record_files(sessions, phantom_study)
-    settings = _settings(tmp_path, url, destinations=[pacs.destination, orthanc.destination])
+    settings = settings_for(tmp_path, url, destinations=[pacs.destination, orthanc.destination])
     # when a worker runs the triage task
-    outcome = run_triage(_context(settings, _model), study_id)
+    outcome = run_triage(worker_context(settings, _model), study_id)
     # then the study is done and both PACS hold every output exactly once
-    study = _study(sessions, study_id)
+    study = study_row(sessions, study_id)
     assert (outcome, study.status) == (StudyStatus.DONE, StudyStatus.DONE), study.reason
     with transaction(sessions) as session:
         outputs = {
@@ -267,7 +180,7 @@ def test_analysis_is_delivered_to_storescp_and_orthanc(
     (orthanc_study,) = orthanc.get("/studies?expand")
     assert orthanc_study["MainDicomTags"]["StudyInstanceUID"] == study.study_uid
     # and every delivery is recorded as acknowledged with a success status
-    assert {(d.state, d.status_code) for d in _deliveries(sessions, study_id)} == {("sent", 0)}
+    assert {(d.state, d.status_code) for d in deliveries_of(sessions, study_id)} == {("sent", 0)}
     # and what the PACS received is valid, the SR readable by DCMTK
     for path in pacs.files():
         assert dciodvfy_errors(path) == [], path
@@ -285,17 +198,17 @@ def test_not_analysed_sr_is_delivered_and_the_study_stays_not_applicable(
 
     folder = write_non_ct_study(tmp_path / "non_ct", seed=3)
     url = f"sqlite:///{tmp_path / 'worklist.sqlite'}"
-    sessions = _sessions(url)
+    sessions = sessions_for(url)
     study_id = _record_files(sessions, sorted(folder.rglob("*.dcm")))
-    settings = _settings(tmp_path, url, destinations=[pacs.destination], not_analysed_sr=True)
+    settings = settings_for(tmp_path, url, destinations=[pacs.destination], not_analysed_sr=True)
     # when a worker runs the triage task
-    outcome = run_triage(_context(settings, _model), study_id)
+    outcome = run_triage(worker_context(settings, _model), study_id)
     # then the study is not_applicable with its reason, and its SR was delivered
-    study = _study(sessions, study_id)
+    study = study_row(sessions, study_id)
     assert outcome == study.status == StudyStatus.NOT_APPLICABLE
     assert study.reason and "no axial CT series" in study.reason
     assert study.delivered_at is not None
-    assert {d.state for d in _deliveries(sessions, study_id)} == {"sent"}
+    assert {d.state for d in deliveries_of(sessions, study_id)} == {"sent"}
     # and the PACS holds one valid SR that says why, with no finding
     (path,) = pacs.files()
     assert dciodvfy_errors(path) == []
@@ -310,12 +223,12 @@ def test_not_applicable_study_gets_no_sr_unless_asked(tmp_path: Path) -> None:
 
     folder = write_non_ct_study(tmp_path / "non_ct", seed=3)
     url = f"sqlite:///{tmp_path / 'worklist.sqlite'}"
-    sessions = _sessions(url)
+    sessions = sessions_for(url)
     study_id = _record_files(sessions, sorted(folder.rglob("*.dcm")))
-    settings = _settings(tmp_path, url, destinations=["PACS@127.0.0.1:9"])
+    settings = settings_for(tmp_path, url, destinations=["PACS@127.0.0.1:9"])
     # when it is triaged / then it ends not_applicable with nothing to deliver
-    assert run_triage(_context(settings, _model), study_id) == StudyStatus.NOT_APPLICABLE
-    assert _deliveries(sessions, study_id) == []
+    assert run_triage(worker_context(settings, _model), study_id) == StudyStatus.NOT_APPLICABLE
+    assert deliveries_of(sessions, study_id) == []
 
 
 # ---------------------------------------------------------------- retries
@@ -326,28 +239,29 @@ def test_refusing_destination_receives_everything_once_it_is_back(
     tmp_path: Path, database_url: str
 ) -> None:
     # given a study owed to a PACS that is not running (connection refused)
-    sessions = _sessions(database_url)
+    sessions = sessions_for(database_url)
     down = StoreSCP(tmp_path / "pacs")
-    study_id, uids = _analysed_study(sessions, tmp_path / "out", [down.destination])
-    settings = _settings(tmp_path, database_url)
+    study_id, records = analysed_study(sessions, tmp_path / "out", [down.destination])
+    uids = [r.sop_instance_uid for r in records]
+    settings = settings_for(tmp_path, database_url)
     # when a worker delivers
-    assert run_delivery(_context(settings), study_id) == StudyStatus.DELIVERING
+    assert run_delivery(worker_context(settings), study_id) == StudyStatus.DELIVERING
     # then the study waits in delivering, each attempt recorded, the next round in the worklist
-    assert {(d.state, d.attempts) for d in _deliveries(sessions, study_id)} == {("pending", 1)}
-    assert all("not established" in (d.error or "") for d in _deliveries(sessions, study_id))
+    assert {(d.state, d.attempts) for d in deliveries_of(sessions, study_id)} == {("pending", 1)}
+    assert all("not established" in (d.error or "") for d in deliveries_of(sessions, study_id))
     _next_round(sessions, study_id)
     # when the PACS starts and a freshly started worker runs the due round
     down.start()
     try:
-        assert run_delivery(_context(settings), study_id) == StudyStatus.DONE
+        assert run_delivery(worker_context(settings), study_id) == StudyStatus.DONE
         # and the round is handed out once more (a broker redelivery)
-        assert run_delivery(_context(settings), study_id) == "ignored"
+        assert run_delivery(worker_context(settings), study_id) == "ignored"
     finally:
         down.stop()
     # then the PACS holds every output exactly once and the study is done
     assert Counter(_sop_uids(down.files())) == Counter(uids)
-    assert _study(sessions, study_id).status == StudyStatus.DONE
-    assert {(d.state, d.attempts) for d in _deliveries(sessions, study_id)} == {("sent", 2)}
+    assert study_row(sessions, study_id).status == StudyStatus.DONE
+    assert {(d.state, d.attempts) for d in deliveries_of(sessions, study_id)} == {("sent", 2)}
 
 
 @pytest.mark.dcmtk
@@ -355,19 +269,20 @@ def test_destination_down_for_good_fails_with_reason_and_resend_delivers(
     tmp_path: Path, sqlite_url: str
 ) -> None:
     # given a study owed to a PACS that never answers, two attempts allowed
-    sessions = _sessions(sqlite_url)
+    sessions = sessions_for(sqlite_url)
     down = StoreSCP(tmp_path / "pacs")
-    study_id, uids = _analysed_study(sessions, tmp_path / "out", [down.destination])
-    settings = _settings(tmp_path, sqlite_url, delivery_attempts=2)
+    study_id, records = analysed_study(sessions, tmp_path / "out", [down.destination])
+    uids = [r.sop_instance_uid for r in records]
+    settings = settings_for(tmp_path, sqlite_url, delivery_attempts=2)
     # when both rounds fail
-    assert run_delivery(_context(settings), study_id) == StudyStatus.DELIVERING
+    assert run_delivery(worker_context(settings), study_id) == StudyStatus.DELIVERING
     _next_round(sessions, study_id)
-    assert run_delivery(_context(settings), study_id) == StudyStatus.FAILED
+    assert run_delivery(worker_context(settings), study_id) == StudyStatus.FAILED
     # then the study is failed with a reason naming the destination, and no round is owed
-    study = _study(sessions, study_id)
+    study = study_row(sessions, study_id)
     assert study.status == StudyStatus.FAILED
     assert study.reason and down.destination in study.reason and "2 attempts" in study.reason
-    assert {d.state for d in _deliveries(sessions, study_id)} == {"failed"}
+    assert {d.state for d in deliveries_of(sessions, study_id)} == {"failed"}
     with transaction(sessions) as session:
         assert (
             worklist.due_publications(session, now=T0 + timedelta(days=9), republish_seconds=1)
@@ -387,13 +302,13 @@ def test_destination_down_for_good_fails_with_reason_and_resend_delivers(
             check=False,
         )
         assert resent.returncode == 0, resent.stderr
-        assert _study(sessions, study_id).status == StudyStatus.DELIVERING
-        assert run_delivery(_context(settings), study_id) == StudyStatus.DONE
+        assert study_row(sessions, study_id).status == StudyStatus.DELIVERING
+        assert run_delivery(worker_context(settings), study_id) == StudyStatus.DONE
     finally:
         down.stop()
     # then the PACS holds every output once and the study is done, its reason cleared
     assert Counter(_sop_uids(down.files())) == Counter(uids)
-    assert _study(sessions, study_id).reason is None
+    assert study_row(sessions, study_id).reason is None
 
 
 def test_warning_status_counts_as_delivered_and_is_recorded(
@@ -402,16 +317,19 @@ def test_warning_status_counts_as_delivered_and_is_recorded(
     # given a PACS that answers every C-STORE with 0xB000
     pacs = WarningSCP()
     try:
-        sessions = _sessions(sqlite_url)
-        study_id, uids = _analysed_study(sessions, tmp_path / "out", [pacs.destination])
+        sessions = sessions_for(sqlite_url)
+        study_id, records = analysed_study(sessions, tmp_path / "out", [pacs.destination])
+        uids = [r.sop_instance_uid for r in records]
         # when the study is delivered
-        outcome = run_delivery(_context(_settings(tmp_path, sqlite_url)), study_id)
+        outcome = run_delivery(worker_context(settings_for(tmp_path, sqlite_url)), study_id)
     finally:
         pacs.server.shutdown()
     # then it is done, each object sent once, with the warning recorded
     assert outcome == StudyStatus.DONE
     assert Counter(pacs.received) == Counter(uids)
-    assert {(d.state, d.status_code) for d in _deliveries(sessions, study_id)} == {("sent", 0xB000)}
+    assert {(d.state, d.status_code) for d in deliveries_of(sessions, study_id)} == {
+        ("sent", 0xB000)
+    }
 
 
 @pytest.mark.dcmtk
@@ -419,14 +337,15 @@ def test_two_workers_delivering_one_study_send_it_once(
     tmp_path: Path, database_url: str, pacs: StoreSCP
 ) -> None:
     # given a study owed to one PACS, and two workers handed it at the same moment
-    sessions = _sessions(database_url)
-    study_id, uids = _analysed_study(sessions, tmp_path / "out", [pacs.destination])
-    settings = _settings(tmp_path, database_url)
+    sessions = sessions_for(database_url)
+    study_id, records = analysed_study(sessions, tmp_path / "out", [pacs.destination])
+    uids = [r.sop_instance_uid for r in records]
+    settings = settings_for(tmp_path, database_url)
     barrier = threading.Barrier(2)
     outcomes: list[str] = []
 
     def deliver() -> None:
-        context = _context(settings)
+        context = worker_context(settings)
         barrier.wait()
         outcomes.append(run_delivery(context, study_id))
 
@@ -443,8 +362,8 @@ def test_two_workers_delivering_one_study_send_it_once(
 
 def test_delivery_hold_is_exclusive_until_it_lapses(database_url: str, tmp_path: Path) -> None:
     # given a study owed to a destination
-    sessions = _sessions(database_url)
-    study_id, _ = _analysed_study(sessions, tmp_path / "out", ["PACS@127.0.0.1:9"])
+    sessions = sessions_for(database_url)
+    study_id, _ = analysed_study(sessions, tmp_path / "out", ["PACS@127.0.0.1:9"])
     # when one worker holds its delivery
     with transaction(sessions) as session:
         first = worklist.claim_delivery(session, study_id, worker="a", lease_seconds=60, now=T0)
@@ -460,20 +379,21 @@ def test_delivery_hold_is_exclusive_until_it_lapses(database_url: str, tmp_path:
 
 def test_lost_output_file_is_a_failed_attempt_not_a_crash(tmp_path: Path, sqlite_url: str) -> None:
     # given a study whose SR file was deleted from the outputs folder
-    sessions = _sessions(sqlite_url)
+    sessions = sessions_for(sqlite_url)
     pacs = WarningSCP()
     try:
-        study_id, uids = _analysed_study(sessions, tmp_path / "out", [pacs.destination])
+        study_id, records = analysed_study(sessions, tmp_path / "out", [pacs.destination])
+        uids = [r.sop_instance_uid for r in records]
         with transaction(sessions) as session:
             sr = session.scalars(select(Output).where(Output.kind == "sr")).one()
             Path(sr.path).unlink()
         # when it is delivered
-        outcome = run_delivery(_context(_settings(tmp_path, sqlite_url)), study_id)
+        outcome = run_delivery(worker_context(settings_for(tmp_path, sqlite_url)), study_id)
     finally:
         pacs.server.shutdown()
     # then the SCs went, the SR's attempt is recorded with why, and a retry is scheduled
     assert outcome == StudyStatus.DELIVERING
-    by_state = {d.state: d for d in _deliveries(sessions, study_id)}
+    by_state = {d.state: d for d in deliveries_of(sessions, study_id)}
     assert "cannot read" in (by_state["pending"].error or "")
     assert len(pacs.received) == len(uids) - 1
 

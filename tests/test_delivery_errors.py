@@ -30,21 +30,23 @@ from hrct_triage.db.session import transaction
 from hrct_triage.web.app import create_app
 from hrct_triage.worker.delivery.dimse import echo
 from hrct_triage.worker.jobs import run_delivery
-from tests.conftest import free_port
-from tests.pacs_peers import (
+from tests.helpers.deliveries import (
+    analysed_study,
+    delivery_rows,
+    sessions_for,
+    settings_for,
+    worker_context,
+)
+from tests.helpers.pacs_peers import (
     ConfiguredStoreSCP,
     PynetdicomPeer,
     QueryRetrieveSCP,
-    Served,
     SilentPeer,
-    analysed_study,
-    delivery_rows,
     hold_association,
-    sessions_for,
-    settings_for,
-    study_row,
-    worker_context,
 )
+from tests.helpers.ports import free_port
+from tests.helpers.web_server import Served
+from tests.helpers.worklist import study_row
 
 TOKEN = "delivery-errors-token"
 

@@ -35,19 +35,17 @@ from hrct_triage.db.session import transaction
 from hrct_triage.worker.jobs import run_delivery, run_triage
 from hrct_triage.worker.outputs.sr import COVID_19
 from hrct_triage.worker.outputs.uids import sr_uid_for_class
-from tests.conftest import Orthanc, dciodvfy_errors
-from tests.pacs_peers import (
-    T0,
-    ConfiguredStoreSCP,
-    PynetdicomPeer,
+from tests.helpers.deliveries import (
     analysed_study,
     delivery_rows,
     sessions_for,
     settings_for,
     sop_classes_of,
-    study_row,
     worker_context,
 )
+from tests.helpers.dicom_peers import Orthanc, dciodvfy_errors
+from tests.helpers.pacs_peers import ConfiguredStoreSCP, PynetdicomPeer
+from tests.helpers.worklist import T0, study_row
 
 
 @pytest.fixture(scope="module")
@@ -271,6 +269,8 @@ end
 """
 
 
+@pytest.mark.dcmtk
+@pytest.mark.orthanc
 def test_orthanc_that_drops_3d_sr_gets_the_sr_once_pinned_to_comprehensive(tmp_path: Path) -> None:
     # given Orthanc with a filter that drops Comprehensive 3D SR yet answers success
     script = tmp_path / "drop.lua"
@@ -321,6 +321,7 @@ def _answers(document: dict[str, Any]) -> dict[str, set[str]]:
 
 
 @pytest.mark.dcmtk
+@pytest.mark.orthanc
 def test_echo_capabilities_shows_what_each_pacs_accepts_and_keeps_it(tmp_path: Path) -> None:
     # given storescp as shipped (+xa), storescp without Comprehensive 3D SR, one without any SR
     # class, and Orthanc as installed
@@ -404,6 +405,7 @@ def test_a_refusal_already_known_costs_no_second_check_and_purge_finds_the_rewri
     assert str(rewritten) in candidate.paths and sent.path in candidate.paths
 
 
+@pytest.mark.orthanc
 def test_dicomweb_destination_pinned_to_comprehensive_gets_a_comprehensive_sr(
     tmp_path: Path,
 ) -> None:

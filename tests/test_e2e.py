@@ -29,15 +29,10 @@ from hrct_triage.common.task_queue import TRIAGE_TASK
 from hrct_triage.db.models import Event, Output, Study, StudyStatus
 from hrct_triage.db.session import make_engine, make_sessionmaker, transaction
 from hrct_triage.listener.dispatch import publisher_app
-from tests.conftest import (
-    REDIS_URL,
-    StoreSCP,
-    _wait_for_port,
-    dciodvfy_errors,
-    free_port,
-    shipped_model_version,
-    storescu,
-)
+from tests.helpers.checkpoints import shipped_model_version
+from tests.helpers.databases import REDIS_URL
+from tests.helpers.dicom_peers import StoreSCP, dciodvfy_errors, storescu
+from tests.helpers.ports import free_port, wait_for_port
 
 TERMINAL = (StudyStatus.DONE, StudyStatus.FAILED, StudyStatus.NOT_APPLICABLE)
 SR_CLASS = "1.2.840.10008.5.1.4.1.1.88.34"  # Comprehensive 3D SR
@@ -130,12 +125,12 @@ def _start_gateway(
         stderr=subprocess.STDOUT,
         start_new_session=True,
     )
-    _wait_for_port(port, timeout=60)
+    wait_for_port(port, timeout=60)
     sessions = make_sessionmaker(make_engine(settings.resolved_database_url))
     return Gateway(settings, env, sessions, process, log)
 
 
-@pytest.fixture(params=["embedded", "redis+postgresql"])
+@pytest.fixture(params=["embedded", pytest.param("redis+postgresql", marks=pytest.mark.services)])
 def gateway(request: pytest.FixtureRequest, tmp_path: Path, pacs: StoreSCP) -> Iterator[Gateway]:
     if request.param == "embedded":
         gw = _start_gateway(tmp_path, pacs, None, None)

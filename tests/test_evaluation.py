@@ -34,11 +34,7 @@ from hrct_triage.worker.training.metrics import (
     threshold_sweep,
 )
 from hrct_triage.worker.training.report import markdown_report, percent
-from tests.training_fixtures import (  # noqa: F401 (fixtures)
-    TrainedRun,
-    tiny_phantoms,
-    trained_run,
-)
+from tests.helpers.training import TrainedRun
 
 
 def _scores(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -184,7 +180,7 @@ def test_a_reader_call_on_an_unknown_study_is_refused(tmp_path: Path) -> None:
 
 
 def test_evaluation_scores_a_study_exactly_as_the_worker_does(
-    trained_run: TrainedRun,  # noqa: F811
+    trained_run: TrainedRun,
 ) -> None:
     # Given the trained checkpoint and one phantom study
     model = load_model(trained_run.result.checkpoint, allow_untrained=False, device="cpu")
@@ -200,7 +196,7 @@ def test_evaluation_scores_a_study_exactly_as_the_worker_does(
 
 
 def test_evaluate_command_writes_tables_json_and_plots(
-    trained_run: TrainedRun,  # noqa: F811
+    trained_run: TrainedRun,
     tmp_path: Path,
 ) -> None:
     # Given the trained run's split and a reader who read every study, correctly but one

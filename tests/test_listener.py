@@ -10,6 +10,7 @@ from datetime import timedelta
 from pathlib import Path
 
 import pydicom
+import pytest
 from pynetdicom import AE
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
@@ -17,15 +18,11 @@ from sqlalchemy.orm import Session, sessionmaker
 from hrct_triage.db.models import Association, Instance, Study, StudyStatus
 from hrct_triage.db.session import transaction
 from hrct_triage.listener.scp import Listener, SupportedContexts
-from tests.conftest import (
-    dcmtk_env,
-    require_tool,
-    storescu,
-    thin_series,
-    wait_until_no_open_association,
-)
+from tests.helpers.dicom_peers import dcmtk_env, require_tool, storescu
+from tests.helpers.listeners import thin_series, wait_until_no_open_association
 
 
+@pytest.mark.dcmtk
 def test_echo_answers(listener: Listener) -> None:
     require_tool("echoscu")
     result = subprocess.run(
@@ -39,6 +36,7 @@ def test_echo_answers(listener: Listener) -> None:
     assert result.returncode == 0, result.stderr
 
 
+@pytest.mark.dcmtk
 def test_every_acknowledged_instance_is_on_disk_and_in_the_worklist(
     listener: Listener, phantom_dir: Path, sessions: sessionmaker[Session]
 ) -> None:
@@ -73,6 +71,7 @@ def test_every_acknowledged_instance_is_on_disk_and_in_the_worklist(
         assert audit[0].instances == len(sent)
 
 
+@pytest.mark.dcmtk
 def test_study_completes_only_after_the_quiet_period(
     listener: Listener, phantom_dir: Path, sessions: sessionmaker[Session]
 ) -> None:

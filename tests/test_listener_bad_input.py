@@ -25,7 +25,7 @@ from hrct_triage.db.models import Association, Instance, InstanceReplacement, Re
 from hrct_triage.db.session import transaction
 from hrct_triage.listener import spool
 from hrct_triage.listener.scp import Listener
-from tests.conftest import listener_settings, thin_series, wait_until_no_open_association
+from tests.helpers.listeners import listener_settings, thin_series, wait_until_no_open_association
 
 MAX_INSTANCE_BYTES = 2_000_000  # a 512x512 CT slice (~0.5 MB) fits, a 3 MB private element not
 

@@ -11,6 +11,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pydicom
+import pytest
 from pydicom import uid
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
@@ -20,13 +21,8 @@ from hrct_triage.db.models import Association, Instance, Study
 from hrct_triage.db.session import transaction
 from hrct_triage.listener.scp import Listener
 from hrct_triage.listener.spool import content_hash
-from tests.conftest import (
-    listener_settings,
-    require_tool,
-    storescu,
-    thin_series,
-    wait_until_no_open_association,
-)
+from tests.helpers.dicom_peers import require_tool, storescu
+from tests.helpers.listeners import listener_settings, thin_series, wait_until_no_open_association
 
 
 def _dcmtk(tool: str, *args: str | Path) -> None:
@@ -56,6 +52,7 @@ ENCODINGS = [
 ]
 
 
+@pytest.mark.dcmtk
 def test_compressed_instances_are_stored_as_received(
     sqlite_listener: Listener,
     phantom_dir: Path,
@@ -99,6 +96,7 @@ def test_compressed_instances_are_stored_as_received(
             assert (pydicom.dcmread(row.path).pixel_array == original).all()
 
 
+@pytest.mark.dcmtk
 def test_one_study_over_several_associations_and_several_studies_in_one(
     listener: Listener, phantom_dir: Path, sessions: sessionmaker[Session]
 ) -> None:
@@ -130,6 +128,7 @@ def test_one_study_over_several_associations_and_several_studies_in_one(
     assert listener.dispatcher.run_once(now=latest + timedelta(seconds=60))[0] == 2
 
 
+@pytest.mark.dcmtk
 def test_eight_scanners_at_once(
     listener: Listener, phantom_dir: Path, tmp_path: Path, sessions: sessionmaker[Session]
 ) -> None:
@@ -162,6 +161,7 @@ def test_eight_scanners_at_once(
     assert {row.state for row in audit} == {"released"}
 
 
+@pytest.mark.dcmtk
 def test_restart_reconciles_the_spool_with_the_worklist(
     tmp_path: Path, database_url: str, sessions: sessionmaker[Session], phantom_dir: Path
 ) -> None:

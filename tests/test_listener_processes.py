@@ -31,14 +31,14 @@ from hrct_triage.db.sqlite_turns import TurnTakingConnection
 from hrct_triage.listener import group_commit as commits
 from hrct_triage.listener.group_commit import GroupCommit
 from hrct_triage.listener.scp import Listener
-from tests.conftest import (
-    free_port,
+from tests.helpers.dicom_peers import storescu
+from tests.helpers.listeners import (
     listener_settings,
-    storescu,
+    scrape,
     thin_series,
     wait_until_no_open_association,
 )
-from tests.test_metrics import scrape
+from tests.helpers.ports import free_port
 
 ASSOCIATIONS = 12
 
@@ -92,6 +92,7 @@ def _alive(pid: int) -> bool:
     return "\nState:\tZ" not in status
 
 
+@pytest.mark.dcmtk
 def test_two_processes_share_the_port_and_record_each_instance_once(
     tmp_path: Path, database_url: str, sessions: sessionmaker[Session], phantom_dir: Path
 ) -> None:

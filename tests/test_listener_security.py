@@ -21,7 +21,8 @@ from hrct_triage.common.settings import Settings
 from hrct_triage.db.models import Association
 from hrct_triage.db.session import transaction
 from hrct_triage.listener.scp import Listener
-from tests.conftest import listener_settings, require_tool, wait_until_no_open_association
+from tests.helpers.dicom_peers import require_tool
+from tests.helpers.listeners import listener_settings, wait_until_no_open_association
 
 VERIFICATION = "1.2.840.10008.1.1"
 

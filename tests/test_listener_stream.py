@@ -37,8 +37,11 @@ from hrct_triage.listener.store_stream import (
     fragments,
     parse_command,
 )
-from tests.conftest import thin_series, wait_until_no_open_association
-from tests.test_spool import nameless_files_open
+from tests.helpers.listeners import (
+    nameless_files_open,
+    thin_series,
+    wait_until_no_open_association,
+)
 
 
 def _client(listener: Listener) -> ClientAssociation:

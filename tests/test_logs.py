@@ -19,7 +19,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from hrct_triage.common.logs import JsonFormatter, configure_logging, make_formatter
 from hrct_triage.common.settings import Settings
 from hrct_triage.listener.scp import Listener
-from tests.conftest import listener_settings, thin_series, wait_until_no_open_association
+from tests.helpers.listeners import listener_settings, thin_series, wait_until_no_open_association
 
 PATIENT_NAME = "Zzyzx^Philomena^Quintessa"
 PATIENT_ID = "PID-8675309-XQ"

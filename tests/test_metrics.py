@@ -3,40 +3,28 @@ worklist collector on SQLite and PostgreSQL."""
 
 from __future__ import annotations
 
-import urllib.request
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
 from prometheus_client import CollectorRegistry
-from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy.orm import Session, sessionmaker
 
 from hrct_triage.db.models import Delivery, DeliveryState, Output, Study, StudyStatus
 from hrct_triage.db.session import transaction
 from hrct_triage.listener.scp import Listener
 from hrct_triage.listener.worklist_gauges import WorklistCollector
-from tests.conftest import (
-    free_port,
+from tests.helpers.dicom_peers import storescu
+from tests.helpers.listeners import (
     listener_settings,
-    storescu,
+    scrape,
     thin_series,
     wait_until_no_open_association,
 )
+from tests.helpers.ports import free_port
 
 SR_CLASS = "1.2.840.10008.5.1.4.1.1.88.34"
-
-
-def scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-    """Every sample of the endpoint, keyed by name and sorted labels."""
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
-        text = response.read().decode()
-    return {
-        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
-        for family in text_string_to_metric_families(text)
-        for sample in family.samples
-    }
 
 
 @pytest.fixture
@@ -50,6 +38,7 @@ def metered_listener(
     scp.stop()
 
 
+@pytest.mark.dcmtk
 def test_metrics_endpoint_counts_a_real_store_and_a_rejection(
     metered_listener: Listener, phantom_dir: Path, sessions: sessionmaker[Session]
 ) -> None:
@@ -77,6 +66,7 @@ def test_metrics_endpoint_counts_a_real_store_and_a_rejection(
     assert samples[("hrct_queue_depth", ())] == 0
 
 
+@pytest.mark.dcmtk
 def test_refused_store_is_counted_by_status_and_reason(
     tmp_path: Path, database_url: str, sessions: sessionmaker[Session], phantom_dir: Path
 ) -> None:

@@ -23,7 +23,8 @@ from sqlalchemy import select
 
 from hrct_triage.db.models import Study, StudyStatus
 from hrct_triage.db.session import make_engine, make_sessionmaker, transaction
-from tests.conftest import Orthanc, _wait_for_port, free_port
+from tests.helpers.dicom_peers import Orthanc
+from tests.helpers.ports import free_port, wait_for_port
 
 GATEWAY_AE = "HRCT_TRIAGE"
 PACS_AE = "HOSPITAL_PACS"
@@ -118,7 +119,7 @@ class Gateway:
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )
-        _wait_for_port(port, timeout=60)
+        wait_for_port(port, timeout=60)
 
     def stop(self) -> None:
         self.process.terminate()

@@ -59,7 +59,7 @@ from hrct_triage.worker.method.series import (
     select_series,
 )
 from hrct_triage.worker.method.volume import load_volume
-from tests.conftest import dciodvfy_errors
+from tests.helpers.dicom_peers import dciodvfy_errors
 
 torch.set_num_threads(2)
 

@@ -19,9 +19,11 @@ from hrct_triage.db import worklist
 from hrct_triage.db.priority import URGENT_MARK
 from hrct_triage.db.session import transaction
 from hrct_triage.listener.dispatch import Dispatcher
-from tests.conftest import REDIS_URL
+from tests.helpers.databases import REDIS_URL
 
 T0 = datetime(2026, 1, 1, 12, 0, tzinfo=UTC)
+pytestmark = pytest.mark.services  # the machine's Redis is the broker
+
 REDIS_DB = 12  # this file's own database number, flushed before and after
 
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import _wait_for_port, free_port
+from tests.helpers.ports import free_port, wait_for_port
 
 pytestmark = pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs Linux /proc")
 
@@ -109,7 +109,7 @@ def up(tmp_path: Path) -> Iterator[Up]:
         start_new_session=True,
     )
     try:
-        _wait_for_port(port, timeout=60)
+        wait_for_port(port, timeout=60)
         yield Up(process, log)
     finally:
         left = descendants(process.pid)

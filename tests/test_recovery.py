@@ -21,7 +21,7 @@ from hrct_triage.db.models import Association, Event, OutboxRow, Refusal, StudyS
 from hrct_triage.db.session import transaction
 from hrct_triage.listener.backlog import Backlog
 from hrct_triage.worker.jobs import holder_is_gone, process_identity
-from tests.test_worklist import T0, _queued, facts, study_row
+from tests.helpers.worklist import T0, facts, queued_study, study_row
 
 
 def _identity(pid: int) -> str:
@@ -50,7 +50,7 @@ def test_holder_is_gone_only_for_a_dead_process_of_this_host_and_namespace() -> 
 def test_released_hold_lets_the_study_be_claimed_at_once_and_published_again(
     sessions: sessionmaker[Session],
 ) -> None:
-    study_id = _queued(sessions)
+    study_id = queued_study(sessions)
     now = T0 + timedelta(seconds=11)
     with transaction(sessions) as session:
         worklist.mark_published(session, [session.scalars(select(OutboxRow.id)).one()], now=now)

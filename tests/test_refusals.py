@@ -43,15 +43,10 @@ from hrct_triage.db.refusal_summary import refusals_by_scanner
 from hrct_triage.db.session import make_engine, make_sessionmaker, transaction
 from hrct_triage.listener.scp import Listener
 from hrct_triage.web.app import create_app
-from tests.conftest import (
-    PG_ADMIN,
-    _wait_for_port,
-    free_port,
-    listener_settings,
-    storescu,
-    thin_series,
-    wait_until_no_open_association,
-)
+from tests.helpers.databases import PG_ADMIN
+from tests.helpers.dicom_peers import storescu
+from tests.helpers.listeners import listener_settings, thin_series, wait_until_no_open_association
+from tests.helpers.ports import free_port, wait_for_port
 
 MAX_INSTANCE_BYTES = 2_000_000  # a 512x512 CT slice (~0.5 MB) fits, a 3 MB private element not
 PATIENT_NAME = "SECRETNAME^JANE"
@@ -531,7 +526,7 @@ def _served(sessions: sessionmaker[Session], now: datetime) -> Iterator[str]:
     )
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
-    _wait_for_port(port)
+    wait_for_port(port)
     try:
         yield f"http://127.0.0.1:{port}"
     finally:

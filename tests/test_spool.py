@@ -29,9 +29,9 @@ from hrct_triage.db.session import transaction
 from hrct_triage.listener import spool
 from hrct_triage.listener.group_commit import GroupCommit
 from hrct_triage.listener.reconcile import reconcile
-from tests.conftest import thin_series
-from tests.test_worklist import T0
-from tests.test_worklist import facts as _facts
+from tests.helpers.listeners import nameless_files_open, thin_series
+from tests.helpers.worklist import T0
+from tests.helpers.worklist import facts as _facts
 
 STUDY, SERIES, SOP = "1.2.826.0.1.3680043.10.2", "1.2.826.0.1.3680043.10.2.1", "1.2.3.4.5"
 T_QUIET = timedelta(seconds=1)
@@ -111,20 +111,6 @@ def _streamed(spool_dir: Path, meta: bytes, body: bytes, piece: int) -> spool.St
     for start in range(0, len(body), piece):
         streaming.add(memoryview(body)[start : start + piece])
     return streaming
-
-
-def nameless_files_open(spool_dir: Path) -> list[str]:
-    """This process's open ``O_TMPFILE`` files in ``spool_dir``: ``/proc`` shows each as
-    ``<folder>/#<inode> (deleted)``."""
-    found = []
-    for fd in Path("/proc/self/fd").iterdir():
-        try:
-            target = os.readlink(fd)
-        except OSError:  # closed since the listing
-            continue
-        if target.startswith(f"{spool_dir}/#") and target.endswith(" (deleted)"):
-            found.append(target)
-    return found
 
 
 @pytest.mark.parametrize("overlap", [True, False], ids=["alone", "beside"])

@@ -31,8 +31,8 @@ from hrct_triage.worker.outputs.sr_classes import (
     write_as_class,
 )
 from hrct_triage.worker.outputs.uids import sr_uid_for_class
-from tests.conftest import dciodvfy_errors, require_tool
-from tests.test_outputs import WHEN, ct_series, make_analysis
+from tests.helpers.dicom_peers import dciodvfy_errors, require_tool
+from tests.helpers.fake_study import WHEN, ct_series, make_analysis
 
 _HIGHDICOM_CLASS = {
     COMPREHENSIVE_3D_SR: hd.sr.Comprehensive3DSR,

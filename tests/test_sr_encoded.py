@@ -21,7 +21,7 @@ from hrct_triage.worker.outputs.objects import encode
 from hrct_triage.worker.outputs.sc import build_heatmap_scs
 from hrct_triage.worker.outputs.sr import build_sr
 from hrct_triage.worker.outputs.sr_encoded import content_sequence, is_pre_encoded
-from tests.test_outputs import WHEN, by_uid, ct_series, make_analysis, make_model
+from tests.helpers.fake_study import WHEN, by_uid, ct_series, make_analysis, make_model
 
 
 def _srs(headers: list[Dataset], analysis: StudyAnalysis) -> tuple[Dataset, Dataset]:

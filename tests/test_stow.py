@@ -15,8 +15,14 @@ from hrct_triage.db.models import StudyStatus
 from hrct_triage.worker.delivery.dimse import echo
 from hrct_triage.worker.delivery.stow import _per_instance
 from hrct_triage.worker.jobs import run_delivery
-from tests.conftest import Orthanc
-from tests.test_delivery import _analysed_study, _context, _deliveries, _sessions, _settings
+from tests.helpers.deliveries import (
+    analysed_study,
+    deliveries_of,
+    sessions_for,
+    settings_for,
+    worker_context,
+)
+from tests.helpers.dicom_peers import Orthanc
 
 PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
 
@@ -47,13 +53,14 @@ def stow_peer(tmp_path: Path) -> Iterator[Orthanc]:
 def test_outputs_reach_a_dicomweb_archive_by_stow_rs(tmp_path: Path, stow_peer: Orthanc) -> None:
     # given a study whose SR and heat maps are owed to a DICOMweb destination
     url = f"sqlite:///{tmp_path / 'worklist.sqlite'}"
-    sessions = _sessions(url)
-    study_id, uids = _analysed_study(sessions, tmp_path / "out", [_url(stow_peer)])
+    sessions = sessions_for(url)
+    study_id, records = analysed_study(sessions, tmp_path / "out", [_url(stow_peer)])
+    uids = [r.sop_instance_uid for r in records]
     # when a worker delivers
-    assert run_delivery(_context(_settings(tmp_path, url)), study_id) == StudyStatus.DONE
+    assert run_delivery(worker_context(settings_for(tmp_path, url)), study_id) == StudyStatus.DONE
     # then the archive holds every output once, each delivery recorded as stored
     assert Counter(stow_peer.sop_instance_uids()) == Counter(uids)
-    deliveries = _deliveries(sessions, study_id)
+    deliveries = deliveries_of(sessions, study_id)
     assert {(d.destination, d.state, d.status_code) for d in deliveries} == {
         (_url(stow_peer), "sent", 0)
     }
@@ -62,24 +69,26 @@ def test_outputs_reach_a_dicomweb_archive_by_stow_rs(tmp_path: Path, stow_peer: 
     assert check.ok, check.detail
 
 
+@pytest.mark.orthanc
 def test_dicomweb_archive_down_then_back_gets_everything_once(tmp_path: Path) -> None:
     # given a study owed to a DICOMweb archive that is not running yet
     peer = dicomweb_orthanc(tmp_path / "orthanc")
     url = f"sqlite:///{tmp_path / 'worklist.sqlite'}"
-    sessions = _sessions(url)
-    study_id, uids = _analysed_study(sessions, tmp_path / "out", [_url(peer)])
-    settings = _settings(tmp_path, url)
+    sessions = sessions_for(url)
+    study_id, records = analysed_study(sessions, tmp_path / "out", [_url(peer)])
+    uids = [r.sop_instance_uid for r in records]
+    settings = settings_for(tmp_path, url)
     # when a worker delivers, the study waits with the reason recorded
-    assert run_delivery(_context(settings), study_id) == StudyStatus.DELIVERING
+    assert run_delivery(worker_context(settings), study_id) == StudyStatus.DELIVERING
     assert all(
         d.state == "pending" and "STOW-RS" in (d.error or "")
-        for d in _deliveries(sessions, study_id)
+        for d in deliveries_of(sessions, study_id)
     )
     assert not echo(Destination.parse(_url(peer)), calling_ae="HRCT_TRIAGE", timeout=5).ok
     # when the archive starts and the next round runs
     peer.start()
     try:
-        assert run_delivery(_context(settings), study_id) == StudyStatus.DONE
+        assert run_delivery(worker_context(settings), study_id) == StudyStatus.DONE
         assert Counter(peer.sop_instance_uids()) == Counter(uids)
     finally:
         peer.stop()

@@ -38,13 +38,7 @@ from hrct_triage.worker.training.labels import (
     write_labels,
 )
 from hrct_triage.worker.training.train import load_pretrained, train
-from tests.training_fixtures import (  # noqa: F401 (fixtures)
-    SMALL_INPUT,
-    TrainedRun,
-    tiny_config,
-    tiny_phantoms,
-    trained_run,
-)
+from tests.helpers.training import SMALL_INPUT, TrainedRun, tiny_config
 
 
 def _studies(patients: int, *, studies_per_patient: int = 1) -> list[LabelledStudy]:
@@ -187,7 +181,7 @@ def test_positives_without_slice_labels_use_lung_slices_and_empty_labels_give_no
 
 
 def test_every_study_gets_its_own_cache_files(
-    tiny_phantoms: Path,  # noqa: F811
+    tiny_phantoms: Path,
     tmp_path: Path,
 ) -> None:
     # Given the phantom studies (their UIDs are full of dots, which once made Path.with_suffix
@@ -222,7 +216,7 @@ def test_random_flips_only_mirror_and_repeat_with_the_same_generator() -> None:
 
 
 def test_one_epoch_writes_a_checkpoint_that_load_model_accepts(
-    trained_run: TrainedRun,  # noqa: F811
+    trained_run: TrainedRun,
 ) -> None:
     # Given one epoch of training on phantom DICOM studies
     config, result = trained_run.config, trained_run.result
@@ -248,7 +242,7 @@ def test_one_epoch_writes_a_checkpoint_that_load_model_accepts(
     assert splits == {"train", "validation"}
 
 
-def test_a_damaged_checkpoint_is_refused(trained_run: TrainedRun, tmp_path: Path) -> None:  # noqa: F811
+def test_a_damaged_checkpoint_is_refused(trained_run: TrainedRun, tmp_path: Path) -> None:
     # Given a copy of the checkpoint with one byte changed
     copy = tmp_path / "model.safetensors"
     shutil.copy(trained_run.result.checkpoint, copy)
@@ -263,7 +257,7 @@ def test_a_damaged_checkpoint_is_refused(trained_run: TrainedRun, tmp_path: Path
 
 
 def test_resume_continues_after_the_saved_epoch(
-    trained_run: TrainedRun,  # noqa: F811
+    trained_run: TrainedRun,
     tmp_path: Path,
 ) -> None:
     # Given a copy of a finished one-epoch run (StepLR steps every epoch in this recipe)
@@ -288,7 +282,7 @@ def test_resume_continues_after_the_saved_epoch(
     assert state["epoch"] == 2
 
 
-def test_resume_refuses_a_changed_recipe(trained_run: TrainedRun, tmp_path: Path) -> None:  # noqa: F811
+def test_resume_refuses_a_changed_recipe(trained_run: TrainedRun, tmp_path: Path) -> None:
     # Given a run's state and a different learning rate
     config = tiny_config(
         trained_run.config.data_dir,
@@ -328,7 +322,7 @@ def test_pretrained_imagenet_weights_load_from_a_local_torchvision_file(tmp_path
 
 
 def test_ddp_with_two_cpu_processes_over_gloo(
-    trained_run: TrainedRun,  # noqa: F811
+    trained_run: TrainedRun,
     tmp_path: Path,
 ) -> None:
     # Given the tiny phantoms, already cached by the single-process run

@@ -80,6 +80,7 @@ def test_training_with_cuda_graphs_on_a_cpu_is_refused_before_reading_any_study(
         train(config)
 
 
+@pytest.mark.gpu
 @cuda
 @pytest.mark.parametrize("bf16", [False, True])
 def test_graph_replays_train_as_the_eager_step_does(bf16: bool) -> None:
@@ -115,6 +116,7 @@ def test_graph_replays_train_as_the_eager_step_does(bf16: bool) -> None:
         )
 
 
+@pytest.mark.gpu
 @cuda
 def test_a_thread_pinning_memory_does_not_break_the_capture() -> None:
     # given a thread that pins host memory all along, as a DataLoader's pinning thread does

@@ -32,7 +32,9 @@ from sqlalchemy.orm import Session, sessionmaker
 from hrct_triage.db.models import Event, Output, Study, StudyStatus
 from hrct_triage.db.session import make_engine, make_sessionmaker, transaction
 from hrct_triage.phantoms import PhantomStudy, write_phantom_studies
-from tests.conftest import PG_ADMIN, REDIS_URL, StoreSCP, _wait_for_port, free_port, storescu
+from tests.helpers.databases import PG_ADMIN, REDIS_URL
+from tests.helpers.dicom_peers import StoreSCP, storescu
+from tests.helpers.ports import free_port, wait_for_port
 from tests.helpers_waves import (
     CT_IMAGE_STORAGE,
     changed_version,
@@ -168,7 +170,7 @@ def _start(tmp_path: Path, pacs: StoreSCP, database_url: str | None, broker: str
         stderr=subprocess.STDOUT,
         start_new_session=True,
     )
-    _wait_for_port(port, timeout=60)
+    wait_for_port(port, timeout=60)
     url = database_url or f"sqlite:///{(tmp_path / 'var' / 'worklist.sqlite').resolve()}"
     return Gateway(pacs, port, env, make_sessionmaker(make_engine(url)), process, log)
 

@@ -34,8 +34,9 @@ from hrct_triage.web.app import (
     slice_plot_svg,
 )
 from hrct_triage.worker.outputs import Analysed, write_outputs
-from tests.conftest import _wait_for_port, free_port
-from tests.test_outputs import ct_series, make_analysis
+from tests.helpers.fake_study import ct_series, make_analysis
+from tests.helpers.ports import free_port
+from tests.helpers.ports import wait_for_port as _wait_for_port
 
 TOKEN = "test-token-0123456789abcdef"
 PACS = "PACS@127.0.0.1:104"
@@ -378,6 +379,7 @@ def _png_size(path: Path) -> tuple[int, int]:
         return image.size
 
 
+@pytest.mark.browser
 def test_browser_shows_urgent_first_and_the_study_page(served: Worklist, tmp_path: Path) -> None:
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=_chromium(), args=CHROMIUM_ARGS)

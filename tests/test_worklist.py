@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import threading
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 
 import pytest
 from pydantic import ValidationError
@@ -15,35 +15,8 @@ from hrct_triage.db import queries, worklist
 from hrct_triage.db.models import Event, Instance, OutboxRow, Study, StudyStatus
 from hrct_triage.db.priority import reprioritise
 from hrct_triage.db.session import transaction
-
-T0 = datetime(2026, 1, 1, 12, 0, tzinfo=UTC)
-
-
-def facts(sop: str, *, study: str = "1.2.3", sha: str = "a" * 64) -> worklist.InstanceFacts:
-    return worklist.InstanceFacts(
-        study_uid=study,
-        series_uid=f"{study}.1",
-        sop_instance_uid=sop,
-        sop_class_uid="1.2.840.10008.5.1.4.1.1.2",
-        transfer_syntax_uid="1.2.840.10008.1.2.1",
-        path=f"/spool/{sop}.dcm",
-        size_bytes=10,
-        sha256=sha,
-        modality="CT",
-        calling_ae="CT1",
-    )
-
-
-def study_row(sessions: sessionmaker[Session], uid: str = "1.2.3") -> Study:
-    with transaction(sessions) as session:
-        study = session.scalars(select(Study).where(Study.study_uid == uid)).one()
-        session.expunge(study)
-        return study
-
-
-def complete(sessions: sessionmaker[Session], now: datetime, quiet: float = 10) -> list[int]:
-    with transaction(sessions) as session:
-        return worklist.complete_ready_studies(session, quiet_seconds=quiet, now=now)
+from tests.helpers.worklist import T0, complete, facts, study_row
+from tests.helpers.worklist import queued_study as _queued
 
 
 def test_identical_resend_changes_nothing_and_new_bytes_replace(
@@ -120,12 +93,6 @@ def test_late_instance_reopens_a_finished_study(sessions: sessionmaker[Session])
     assert study_row(sessions).status == StudyStatus.RECEIVING
     complete(sessions, T0 + timedelta(seconds=30))
     assert study_row(sessions).generation == 2
-
-
-def _queued(sessions: sessionmaker[Session]) -> int:
-    with transaction(sessions) as session:
-        worklist.record_instance(session, facts("1.2.3.1.1"), association_id=None, now=T0)
-    return complete(sessions, T0 + timedelta(seconds=10))[0]
 
 
 def test_claim_is_exclusive_until_its_lease_lapses(sessions: sessionmaker[Session]) -> None:

@@ -31,6 +31,7 @@ from hrct_triage.db.migrate import upgrade
 from hrct_triage.db.models import Study, StudyStatus
 from hrct_triage.db.priority import URGENT_MARK
 from hrct_triage.db.session import make_engine, make_sessionmaker, transaction
+from hrct_triage.worklist_table import render_worklist
 
 app = typer.Typer(
     help="PACS-integrated triage of chest HRCT for COVID-19 pneumonia.",
@@ -154,51 +155,6 @@ def _wait_for_signal(failed: threading.Event | None = None) -> bool:
         if failed is not None and failed.is_set() and not stop.wait(0.5):
             return False
     return True
-
-
-def _status_style(status: str) -> str:
-    return {
-        "done": "green",
-        "failed": "red",
-        "not_applicable": "yellow",
-        "processing": "cyan",
-        "delivering": "cyan",
-    }.get(status, "white")
-
-
-def render_worklist(rows: list[dict[str, Any]]) -> Table:
-    table = Table(title="Worklist (urgent first)")
-    for column in (
-        "priority",
-        "study_uid",
-        "status",
-        "probability",
-        "result",
-        "instances",
-        "model",
-        "reason",
-    ):
-        table.add_column(column, overflow="fold")
-    for row in rows:
-        probability = row["probability"]
-        result = (
-            ""
-            if row["positive"] is None
-            else "[bold red]POSITIVE[/]"
-            if row["positive"]
-            else "negative"
-        )
-        table.add_row(
-            str(row["priority"]),
-            row["study_uid"],
-            f"[{_status_style(row['status'])}]{row['status']}[/]",
-            "" if probability is None else f"{probability:.3f}",
-            result,
-            str(row["instances"]),
-            row["model_version"] or "",
-            row["reason"] or "",
-        )
-    return table
 
 
 @app.command("worklist")

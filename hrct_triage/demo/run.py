@@ -28,6 +28,7 @@ from hrct_triage.db.session import make_engine, make_sessionmaker, transaction
 from hrct_triage.demo.pacs import PacsStandIn
 from hrct_triage.demo.scanner import send_folder
 from hrct_triage.processes import running_gateway
+from hrct_triage.worklist_table import render_worklist
 
 TERMINAL = (StudyStatus.DONE, StudyStatus.FAILED, StudyStatus.NOT_APPLICABLE)
 # Short quiet period: the demo's "scanner" sends each study in one association.
@@ -104,8 +105,6 @@ def run_demo(
                     time.sleep(0.5)
     finally:
         pacs.stop()
-    from hrct_triage.cli.app import render_worklist
-
     with transaction(sessions) as session:
         rows = queries.worklist_rows(session)
     console.print(render_worklist(rows))

@@ -53,7 +53,8 @@ from hrct_triage.db.models import (
     StudyStatus,
 )
 from hrct_triage.db.session import make_engine, make_sessionmaker, transaction
-from tests.conftest import StoreSCP, _wait_for_port, dcmtk_env, free_port, require_tool
+from tests.helpers.dicom_peers import StoreSCP, dcmtk_env, require_tool
+from tests.helpers.ports import free_port, wait_for_port
 
 TERMINAL = (StudyStatus.DONE, StudyStatus.FAILED, StudyStatus.NOT_APPLICABLE)
 SR_CLASS = "1.2.840.10008.5.1.4.1.1.88.34"
@@ -469,7 +470,7 @@ class Gateway:
         while time.monotonic() < deadline:
             assert self.listener.poll() is None, self.tail(self.listener_log)
             try:
-                _wait_for_port(self.port, timeout=0.5)
+                wait_for_port(self.port, timeout=0.5)
                 return
             except TimeoutError:
                 continue
