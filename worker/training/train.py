@@ -395,10 +395,14 @@ def _loader(
     sampler: DistributedSampler[int] = DistributedSampler(
         dataset, num_replicas=rank.world, rank=rank.rank, shuffle=True, seed=config.seed
     )
+    per_rank = config.batch_size // rank.world
     loader = DataLoader(
         dataset,
-        batch_size=config.batch_size // rank.world,
+        batch_size=per_rank,
         sampler=sampler,
+        # A last batch of a slice or two makes BatchNorm's batch statistics noise and can send
+        # the weights to NaN; it is dropped unless it is the only batch there is.
+        drop_last=len(sampler) >= per_rank,
         num_workers=config.workers,
         pin_memory=rank.device.type == "cuda",
         persistent_workers=config.workers > 0,
