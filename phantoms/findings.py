@@ -78,14 +78,18 @@ CONFOUNDER_WEIGHTS = {
 # Findings drawn over the whole lung (or all its bases), not round a centre
 WHOLE_LUNG = ("fibrosis", "mosaic", "emphysema", "effusion", "atelectasis", "bronchiectasis")
 FINDINGS: dict[str, int] = {name: i + 1 for i, name in enumerate(COVID_KINDS + CONFOUNDERS)}
-SEVERITIES = {  # lesion count range and envelope radius range (mm)
+# Lesion count range and envelope radius range (mm). Apart from a solitary focus, the COVID-19
+# pneumonia of admitted patients is multilobar and bilateral from apex to base; severity is how
+# large and confluent the lesions are, not how few slices they touch.
+SEVERITIES = {
     "focal": ((1, 1), (8.0, 18.0)),
-    "mild": ((2, 5), (10.0, 24.0)),
-    "moderate": ((5, 10), (16.0, 38.0)),
-    "severe": ((10, 18), (24.0, 55.0)),
+    "mild": ((10, 16), (10.0, 20.0)),
+    "moderate": ((12, 20), (14.0, 30.0)),
+    "severe": ((16, 26), (22.0, 50.0)),
 }
-# The positives of a run: mostly multifocal disease of mild to moderate extent, few single foci
-SEVERITY_MIX = {"focal": 0.05, "mild": 0.3, "moderate": 0.4, "severe": 0.25}
+# The positives of a run follow the paper's cohort of admitted patients: a few solitary foci,
+# the rest multilobar disease of every extent.
+SEVERITY_MIX = {"focal": 0.03, "mild": 0.22, "moderate": 0.40, "severe": 0.35}
 
 
 @dataclass(frozen=True)
@@ -196,8 +200,15 @@ def _covid(rng: np.random.Generator, atlas: Atlas, severity: str) -> list[Findin
     sides = atlas.side()
     side = int(rng.choice([-1, 1]))
     out: list[Finding] = []
-    for _ in range(count):
+    # multilobar disease: each lesion in its own band of lung height, apex to base, so that the
+    # lesions spread over the lungs' length (a solitary focus goes where the weights put it)
+    bands = rng.permutation(count)
+    for k in range(count):
         w = base * (sides == side)
+        if count > 1:
+            band = (atlas.lower >= bands[k] / count) & (atlas.lower < (bands[k] + 1) / count)
+            if np.any(w * band > 0):
+                w = w * band
         i = _pick(rng, w)
         x, y, d = atlas.points[i]
         r = float(rng.uniform(r_lo, r_hi))

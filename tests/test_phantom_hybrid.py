@@ -50,12 +50,12 @@ def test_lesions_are_painted_in_the_lung_and_raise_its_density(background: Phant
 
 
 def test_everything_but_the_lesions_is_left_as_it_was(background: Phantom) -> None:
-    # when lesions are inserted
-    hu, lesion, _, _ = _insert(background, seed=4)
+    # when a solitary focus is inserted (multifocal disease reaches every slice of 16)
+    hu, lesion, _, _ = _insert(background, seed=4, severity="focal")
     assert isinstance(hu, np.ndarray) and isinstance(lesion, np.ndarray)
     # then nothing outside the lung changes
     assert np.array_equal(hu[~background.lung], background.hu[~background.lung])
-    # nor the lung slices far from any lesion
+    # nor the lung slices far from the lesion
     rows = np.flatnonzero(lesion.any(axis=(1, 2)))
     far = [k for k in range(len(hu)) if np.abs(rows - k).min() > 2 and background.lung[k].any()]
     assert far
