@@ -145,6 +145,10 @@ def insert_covid(
             cover += np.float32(w) * les
             touched |= bool(les.any())
         if touched:
-            out[k] = np.clip(np.round(acc), -1024.0, 3071.0)
+            # Only the pixels the painting changed take the painted value: the rest keep the
+            # scanner's, including those the clip would move (padding outside the field of view
+            # at -2048 or -3024 HU, and air whose noise reaches below -1024 HU).
+            painted = np.clip(np.round(acc), -1024.0, 3071.0)
+            out[k] = np.where(np.abs(acc - real) >= 0.5, painted, hu[k])
             lesion[k] = cover > 0.5
     return Hybrid(out, lesion, plan, plan.severity)
