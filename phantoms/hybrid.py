@@ -120,6 +120,7 @@ def insert_covid(
         acc = np.zeros_like(real)
         cover = np.zeros_like(real)
         touched = False
+        pleura = None  # the lung's distance to the pleura: the same for every sub-slice
         for off, w in zip(offsets, weights, strict=True):
             d = float(depths[k] + off * slice_thickness)
             ctx = SliceContext(
@@ -136,11 +137,13 @@ def insert_covid(
                 0.0,
                 100.0,
                 residual=residual,
+                _pleura=pleura,
             )
             les = np.zeros_like(real)
             fnd = np.zeros(real.shape, dtype=np.uint8)
             for phase in PHASES:
                 paint(plan, ctx, les, fnd, phase=phase)
+            pleura = ctx._pleura
             acc += np.float32(w) * ctx.hu
             cover += np.float32(w) * les
             touched |= bool(les.any())
