@@ -120,6 +120,7 @@ def insert_covid(
         acc = np.zeros_like(real)
         cover = np.zeros_like(real)
         touched = False
+        pleura = None  # the lung's distance to the pleura: the same for every sub-slice
         for off, w in zip(offsets, weights, strict=True):
             d = float(depths[k] + off * slice_thickness)
             ctx = SliceContext(
@@ -136,15 +137,21 @@ def insert_covid(
                 0.0,
                 100.0,
                 residual=residual,
+                _pleura=pleura,
             )
             les = np.zeros_like(real)
             fnd = np.zeros(real.shape, dtype=np.uint8)
             for phase in PHASES:
                 paint(plan, ctx, les, fnd, phase=phase)
+            pleura = ctx._pleura
             acc += np.float32(w) * ctx.hu
             cover += np.float32(w) * les
             touched |= bool(les.any())
         if touched:
-            out[k] = np.clip(np.round(acc), -1024.0, 3071.0)
+            # Only the pixels the painting changed take the painted value: the rest keep the
+            # scanner's, including those the clip would move (padding outside the field of view
+            # at -2048 or -3024 HU, and air whose noise reaches below -1024 HU).
+            painted = np.clip(np.round(acc), -1024.0, 3071.0)
+            out[k] = np.where(np.abs(acc - real) >= 0.5, painted, hu[k])
             lesion[k] = cover > 0.5
     return Hybrid(out, lesion, plan, plan.severity)

@@ -20,6 +20,7 @@ from rich.console import Console
 from rich.table import Table
 
 from hrct_triage.cli import admin as ops_admin
+from hrct_triage.cli import hybrids as hybrids_cli
 from hrct_triage.cli import operations as ops_cli
 from hrct_triage.cli import realism as realism_cli
 from hrct_triage.common import paper
@@ -658,6 +659,7 @@ app.command("doctor")(ops_admin.doctor_command)
 app.command("stats")(ops_cli.stats_command)
 app.command("web")(ops_cli.web_command)
 app.command("realism")(realism_cli.realism_command)
+app.command("hybrids")(hybrids_cli.hybrids_command)
 
 
 def main() -> None:

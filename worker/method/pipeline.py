@@ -16,6 +16,7 @@ import logging
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +27,7 @@ from hrct_triage.worker.method.decision import decision_rule
 from hrct_triage.worker.method.inference import (
     DEFAULT_BATCH_SIZE,
     SliceScores,
+    StudyScore,
     cam_image,
     forward,
     study_probability,
@@ -43,7 +45,7 @@ from hrct_triage.worker.method.results import HeatMap, NotApplicable, SliceResul
 from hrct_triage.worker.method.series import select_series
 from hrct_triage.worker.method.volume import CTVolume, load_volume
 
-__all__ = ["analyse_study"]
+__all__ = ["VolumeScores", "analyse_study", "score_volume", "slice_heat_map"]
 
 log = logging.getLogger(__name__)
 
@@ -73,20 +75,16 @@ def analyse_study(
         series = select_series(paths, min_slices=min_slices)
     with _timed(timings, "load"):
         volume = load_volume(series)
-    with _timed(timings, "preprocess"):
-        lung = _lung_indices(volume, lung_settings)
-        inputs = model_input(
-            volume.hu,
-            indices=lung,
-            size=model.info.input_size,
-            width=model.info.window_width,
-            level=model.info.window_level,
-            device=model.device,
-        )
-    with _timed(timings, "forward"):
-        scores = forward(model, inputs, batch_size=batch_size)
+    scored = score_volume(
+        volume,
+        model,
+        trim_fraction=rule.trim_fraction,
+        batch_size=batch_size,
+        lung_settings=lung_settings,
+        timings=timings,
+    )
+    lung, scores, score = scored.lung, scored.scores, scored.study
     probabilities = [float(p) for p in scores.probabilities]
-    score = study_probability(probabilities, trim_fraction=rule.trim_fraction)
     with _timed(timings, "cam"):
         maps = _heatmaps(
             volume, lung, scores, score.kept, count=heatmaps, model=model, settings=lung_settings
@@ -117,6 +115,65 @@ def analyse_study(
         timings["total"],
     )
     return analysis, [volume.headers[i] for i in lung]
+
+
+@dataclass(frozen=True)
+class VolumeScores:
+    """The network's reading of one HU volume: which slices are lung, their scores, the mean."""
+
+    lung: npt.NDArray[np.intp]  # volume indices of the lung slices, in table order
+    scores: SliceScores  # one probability and one raw CAM per lung slice, in the same order
+    study: StudyScore  # the trimmed mean over the lung slices
+
+
+def score_volume(
+    volume: CTVolume,
+    model: LoadedModel,
+    *,
+    trim_fraction: float,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    lung_settings: LungSettings = LungSettings(),
+    timings: dict[str, float] | None = None,
+) -> VolumeScores:
+    """Lung slices, network input, forward pass and trimmed mean of a loaded volume.
+
+    The part of :func:`analyse_study` after the files are read, for callers that hold the volume
+    already (evaluation of altered volumes); ``timings`` gets "preprocess" and "forward".
+    Raises :class:`NotApplicable` when no slice shows lung.
+    """
+    stages = {} if timings is None else timings
+    with _timed(stages, "preprocess"):
+        lung = _lung_indices(volume, lung_settings)
+        inputs = model_input(
+            volume.hu,
+            indices=lung,
+            size=model.info.input_size,
+            width=model.info.window_width,
+            level=model.info.window_level,
+            device=model.device,
+        )
+    with _timed(stages, "forward"):
+        scores = forward(model, inputs, batch_size=batch_size)
+    probabilities = [float(p) for p in scores.probabilities]
+    return VolumeScores(lung, scores, study_probability(probabilities, trim_fraction=trim_fraction))
+
+
+def slice_heat_map(
+    hu: npt.NDArray[np.floating],
+    cam: npt.NDArray[np.float32],
+    *,
+    pixel_spacing: Sequence[float],
+    settings: LungSettings = LungSettings(),
+) -> npt.NDArray[np.float32]:
+    """The heat map of one slice as the secondary capture draws it: the raw CAM upsampled to the
+    slice's rows and columns, zero outside the slice's lung field, scaled to [0, 1]."""
+    rows, columns = hu.shape
+    return cam_image(
+        cam,
+        rows=rows,
+        columns=columns,
+        region=lung_field(hu, pixel_spacing=pixel_spacing, settings=settings),
+    )
 
 
 @contextmanager
@@ -157,7 +214,6 @@ def _heatmaps(
     model: LoadedModel,
     settings: LungSettings,
 ) -> list[HeatMap]:
-    _, rows, columns = volume.shape
     maps: list[HeatMap] = []
     for position, weight in top_slices(scores.probabilities.tolist(), kept, count=count):
         index = int(lung[position])
@@ -169,13 +225,11 @@ def _heatmaps(
                 lung_window=lung_window(
                     volume.hu[index], width=model.info.window_width, level=model.info.window_level
                 ),
-                cam=cam_image(
+                cam=slice_heat_map(
+                    volume.hu[index],
                     scores.cams[position],
-                    rows=rows,
-                    columns=columns,
-                    region=lung_field(
-                        volume.hu[index], pixel_spacing=volume.pixel_spacing, settings=settings
-                    ),
+                    pixel_spacing=volume.pixel_spacing,
+                    settings=settings,
                 ),
                 frame_number=volume.frame_numbers[index] if volume.frame_numbers else None,
             )

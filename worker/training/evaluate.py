@@ -32,12 +32,11 @@ from hrct_triage.worker.memory import keep_freed_memory
 from hrct_triage.worker.method.decision import DecisionRule, decision_rule
 from hrct_triage.worker.method.inference import (
     DEFAULT_BATCH_SIZE,
-    cam_image,
     forward,
     study_probability,
 )
 from hrct_triage.worker.method.model import LoadedModel, load_model
-from hrct_triage.worker.method.preprocess import lung_field, lung_slices, model_input
+from hrct_triage.worker.method.preprocess import lung_slices, model_input
 from hrct_triage.worker.method.results import NotApplicable
 from hrct_triage.worker.method.series import select_series
 from hrct_triage.worker.method.volume import CTVolume, load_volume
@@ -53,6 +52,7 @@ from hrct_triage.worker.training.metrics import (
     threshold_sweep,
 )
 from hrct_triage.worker.training.plots import roc_plot, threshold_plot
+from hrct_triage.worker.training.pointing import DEFAULT_POINTING_TOLERANCE_MM, pointing_game
 from hrct_triage.worker.training.report import markdown_report
 
 __all__ = [
@@ -68,10 +68,6 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 LESION_MASKS_NAME = "lesion_masks.npz"  # as hrct_triage.phantoms writes it next to the DICOM files
-# The CAM is 7 x 7 for a 224 input: one cell spans ~45 mm of a 320 mm field of view, so its
-# upsampled peak cannot be placed closer than a few millimetres; 10 mm (about a pulmonary
-# segment's small lesion radius) separates "points at the lesion" from "points elsewhere".
-DEFAULT_POINTING_TOLERANCE_MM = 10.0
 
 
 @dataclass(frozen=True)
@@ -274,26 +270,21 @@ def _pointing_game(
 ) -> tuple[int, int]:
     """(hits, lesion slices): heat-map peaks within ``tolerance_mm`` of the lesion mask.
 
-    The peak is sought where the worker draws its heat maps, in the slice's lung field.
+    The peak is sought where the worker draws its heat maps, in the slice's lung field
+    (``worker.training.pointing``).
     """
     masks = _lesion_masks(folder, volume)
     if not masks:
         return 0, 0
-    _, rows, columns = volume.shape
-    spacing = np.asarray(volume.pixel_spacing, dtype=np.float64)
-    hits, total = 0, 0
-    for position, index in enumerate(lung.tolist()):
-        mask = masks.get(index)
-        if mask is None or not mask.any():
-            continue
-        field = lung_field(volume.hu[index], pixel_spacing=volume.pixel_spacing)
-        heat = cam_image(cams[position], rows=rows, columns=columns, region=field)
-        peak = np.asarray(np.unravel_index(int(np.argmax(heat)), heat.shape), dtype=np.float64)
-        lesion = np.argwhere(mask).astype(np.float64)
-        distance = float(np.min(np.linalg.norm((lesion - peak) * spacing, axis=1)))
-        hits += distance <= tolerance_mm
-        total += 1
-    return hits, total
+    outcome = pointing_game(
+        volume.hu,
+        lung,
+        cams,
+        masks,
+        pixel_spacing=volume.pixel_spacing,
+        tolerance_mm=tolerance_mm,
+    )
+    return sum(outcome.values()), len(outcome)
 
 
 def _lesion_masks(folder: Path, volume: CTVolume) -> dict[int, npt.NDArray[np.bool_]]:

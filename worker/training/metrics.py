@@ -20,7 +20,7 @@ from typing import Literal
 
 import numpy as np
 import numpy.typing as npt
-from scipy.stats import norm, rankdata
+from scipy.stats import binomtest, norm, rankdata
 from sklearn.metrics import roc_auc_score, roc_curve
 
 __all__ = [
@@ -30,6 +30,7 @@ __all__ = [
     "auc_interval",
     "delong_variance",
     "fourfold",
+    "proportion_interval",
     "roc_points",
     "threshold_sweep",
 ]
@@ -108,6 +109,22 @@ def fourfold(truth: npt.ArrayLike, predicted: npt.ArrayLike) -> Fourfold:
 def at_threshold(truth: npt.ArrayLike, probabilities: npt.ArrayLike, threshold: float) -> Fourfold:
     """The fourfold table of the decision ``probability >= threshold``."""
     return fourfold(truth, np.asarray(probabilities, dtype=float) >= threshold)
+
+
+def proportion_interval(
+    successes: int, trials: int, *, confidence: float = 0.95
+) -> tuple[float, float] | None:
+    """The Wilson score interval of ``successes / trials`` (scipy's ``binomtest``).
+
+    Wilson rather than the normal approximation: with a few dozen trials and a proportion near
+    1 (a sensitivity), the latter reaches past 1 or collapses to zero width. None without trials.
+    """
+    if trials == 0:
+        return None
+    if not 0 <= successes <= trials:
+        raise ValueError(f"successes must be in [0, {trials}], got {successes}")
+    interval = binomtest(successes, trials).proportion_ci(confidence, method="wilson")
+    return float(interval.low), float(interval.high)
 
 
 def threshold_sweep(
