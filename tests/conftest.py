@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 import pytest
 from sqlalchemy.orm import Session, sessionmaker
 
+from hrct_triage.common.settings import get_settings
 from hrct_triage.db.migrate import upgrade
 from hrct_triage.db.session import make_engine, make_sessionmaker
 from hrct_triage.listener.scp import Listener
@@ -30,6 +31,15 @@ if TYPE_CHECKING:
 # ---------------------------------------------------------------- tiers
 
 _audit = TierAudit()
+
+
+@pytest.fixture(autouse=True)
+def _settings_read_afresh() -> Iterator[None]:
+    """Each test reads the settings of the environment it sets: settings cached under an earlier
+    test's environment would outlive that test's monkeypatch."""
+    get_settings.cache_clear()
+    yield
+    get_settings.cache_clear()
 
 
 @pytest.hookimpl(tryfirst=True)
