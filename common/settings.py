@@ -332,13 +332,18 @@ class DeliverySettings(BaseSettings):
     # worker's hold lapses after this. Ten minutes covers a round of ten objects to two slow
     # destinations at the 30 s timeout per answer.
     delivery_lease_seconds: float = Field(600.0, gt=0)
+    # ``live``: results go to ``destinations`` and prioritise the worklist. ``shadow``: studies
+    # are analysed and recorded as usual, but results go to ``shadow_destinations`` only (a QA
+    # archive, or nowhere) and nothing is prioritised; how a hospital tries the model silently.
+    mode: Literal["live", "shadow"] = "live"
+    shadow_destinations: Annotated[list[str], NoDecode] = Field(default_factory=list)
 
-    @field_validator("destinations", mode="before")
+    @field_validator("destinations", "shadow_destinations", mode="before")
     @classmethod
     def _split(cls, value: object) -> list[str]:
         return _comma_list(value)
 
-    @field_validator("destinations")
+    @field_validator("destinations", "shadow_destinations")
     @classmethod
     def _check_destinations(cls, value: list[str]) -> list[str]:
         for entry in value:
@@ -348,6 +353,10 @@ class DeliverySettings(BaseSettings):
     @property
     def destination_list(self) -> list[Destination]:
         return [Destination.parse(entry) for entry in self.destinations]
+
+    @property
+    def shadow_destination_list(self) -> list[Destination]:
+        return [Destination.parse(entry) for entry in self.shadow_destinations]
 
 
 class WorklistSettings(BaseSettings):
@@ -366,6 +375,10 @@ class WorklistSettings(BaseSettings):
     # Time to notification (last instance -> SR acknowledged) above which `stats` and the log
     # raise an alarm: 15 minutes, the turnaround a triage tool must beat to change reading order.
     notification_target_seconds: float = Field(900.0, gt=0)
+    # A positive result on a study outside the model's validated domain stays in the unanswered
+    # band unless this is set: the model was not shown such input, so its "positive" is no
+    # reason to jump the queue.
+    trust_out_of_domain: bool = False
 
     @field_validator("priority_bands", "urgent_aets", mode="before")
     @classmethod

@@ -108,6 +108,19 @@ class Study(Base):
     reopened_from: Mapped[str | None] = mapped_column(String(20))
     reopened_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     slice_probabilities: Mapped[list[Any] | None] = mapped_column(JSON)
+    # ``live`` or ``shadow``: the mode the current result was reached in. A shadow result went
+    # to the QA destinations only and is never prioritised; switching to live does not resend it.
+    mode: Mapped[str | None] = mapped_column(String(8))
+    # How far the analysed input lies from the checkpoint's reference of its training inputs
+    # (bigger is farther), and whether it lies inside the validated domain.
+    domain_score: Mapped[float | None] = mapped_column(Float)
+    in_domain: Mapped[bool | None] = mapped_column(Boolean)
+    # Per-study statistics of the analysed input (lung HU histogram, features) for drift watch.
+    input_stats: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    # The acquisition drift is grouped by, read from the analysed series.
+    station_name: Mapped[str | None] = mapped_column(String(64))
+    convolution_kernel: Mapped[str | None] = mapped_column(String(64))
+    slice_thickness: Mapped[float | None] = mapped_column(Float)
     timings: Mapped[dict[str, Any] | None] = mapped_column(JSON)
 
     first_instance_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
@@ -316,6 +329,27 @@ class DestinationCapabilities(Base):
     checked_at: Mapped[datetime] = mapped_column(UTCDateTime)
     answers: Mapped[list[Any]] = mapped_column(JSON)
     problem: Mapped[str | None] = mapped_column(Text)
+
+
+class ReferenceLabel(Base):
+    """What the hospital's radiologists said a study was (``covid``, ``other``, ``normal`` or
+    ``unknown``), imported from a CSV to validate the model locally; importing again corrects it.
+
+    A label names its study by Study Instance UID or by accession number, whichever the hospital's
+    report system holds; it may arrive before or after the study itself.
+    """
+
+    __tablename__ = "reference_labels"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    study_uid: Mapped[str | None] = mapped_column(UID, unique=True)
+    accession_number: Mapped[str | None] = mapped_column(String(16), unique=True)
+    label: Mapped[str] = mapped_column(String(16))
+    reader: Mapped[str | None] = mapped_column(String(64))
+    reported_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    imported_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    # The file (and line) the label came from, for the audit of a correction.
+    source: Mapped[str | None] = mapped_column(Text)
 
 
 class Event(Base):

@@ -13,6 +13,11 @@ unanswered     the AI has not (yet) answered: still arriving, waiting, in analys
 negative       the AI found no COVID-19 (a 0.7 comes before a 0.1)
 =============  ================================================================================
 
+Two results are not allowed to move a study: one reached in shadow mode (``HRCT_MODE=shadow``:
+the hospital is trying the model silently, so every study keeps the place an unanswered one
+has), and a positive on input outside the model's validated domain (unanswered, unless
+``HRCT_TRUST_OUT_OF_DOMAIN=1``); an out-of-domain negative stays negative, as it would without AI.
+
 ``failed`` and ``not_applicable`` are unanswered on purpose: with the default order they are
 never hidden below the negatives, since nobody else will look at them. Priorities are stored
 with each study; ``reprioritise`` recomputes them when the listener starts, so a changed order
@@ -41,10 +46,28 @@ _BAND_WIDTH = 2000
 URGENT_MARK = "[urgent]"
 
 
-def band_of(status: str, positive: bool | None) -> str:
+def band_of(
+    status: str,
+    positive: bool | None,
+    *,
+    mode: str | None = None,
+    in_domain: bool | None = None,
+    trust_out_of_domain: bool = False,
+) -> str:
     if status in (StudyStatus.FAILED, StudyStatus.NOT_APPLICABLE) or positive is None:
         return "unanswered"
+    if mode == "shadow":
+        return "unanswered"
+    if positive and in_domain is False and not trust_out_of_domain:
+        return "unanswered"
     return "positive" if positive else "negative"
+
+
+def trusts_out_of_domain() -> bool:
+    """This process's ``HRCT_TRUST_OUT_OF_DOMAIN``."""
+    from hrct_triage.common.settings import get_settings
+
+    return get_settings().worklist.trust_out_of_domain
 
 
 def configured_bands() -> tuple[str, ...]:
@@ -59,10 +82,22 @@ def priority_for(
     positive: bool | None,
     probability: float | None,
     bands: Sequence[str] | None = None,
+    *,
+    mode: str | None = None,
+    in_domain: bool | None = None,
+    trust_out_of_domain: bool | None = None,
 ) -> int:
     """The worklist priority of a study in ``status`` with this result (see the bands above)."""
     order = tuple(bands) if bands is not None else configured_bands()
-    band = band_of(status, positive)
+    if trust_out_of_domain is None:
+        trust_out_of_domain = in_domain is False and trusts_out_of_domain()
+    band = band_of(
+        status,
+        positive,
+        mode=mode,
+        in_domain=in_domain,
+        trust_out_of_domain=trust_out_of_domain,
+    )
     base = (len(order) - 1 - order.index(band)) * _BAND_WIDTH
     if band == "unanswered":
         return base
@@ -74,7 +109,14 @@ def reprioritise(session: Session, bands: Sequence[str] | None = None) -> int:
     returns how many changed."""
     changed = 0
     for study in session.scalars(select(Study)):
-        value = priority_for(study.status, study.positive, study.probability, bands)
+        value = priority_for(
+            study.status,
+            study.positive,
+            study.probability,
+            bands,
+            mode=study.mode,
+            in_domain=study.in_domain,
+        )
         if value != study.priority:
             study.priority = value
             changed += 1

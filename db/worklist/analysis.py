@@ -354,6 +354,13 @@ def finish_analysis(
     study.analysed_series_uid = analysis.series_uid
     study.slice_probabilities = analysis.slice_probabilities
     study.timings = analysis.timings
+    study.mode = analysis.mode
+    study.domain_score = analysis.domain_score
+    study.in_domain = analysis.in_domain
+    study.input_stats = analysis.input_stats
+    study.station_name = analysis.station_name
+    study.convolution_kernel = analysis.convolution_kernel
+    study.slice_thickness = analysis.slice_thickness
     study.analysed_at = now
     study.lease_until = None
     study.reason = None

@@ -89,6 +89,13 @@ class AnalysisRecord:
     timings: dict[str, float]
     trim_fraction: float | None = None  # with ``threshold``, the decision rule applied
     input_digest: str | None = None  # what was analysed (see ``Study.analysed_input``)
+    mode: str | None = None  # "live" or "shadow" (see ``Study.mode``)
+    domain_score: float | None = None
+    in_domain: bool | None = None
+    input_stats: dict[str, Any] | None = None
+    station_name: str | None = None
+    convolution_kernel: str | None = None
+    slice_thickness: float | None = None
 
 
 @dataclass(frozen=True)
@@ -123,7 +130,13 @@ def _transition(
         )
     )
     study.status = to_status
-    study.priority = priority_for(to_status, study.positive, study.probability)
+    study.priority = priority_for(
+        to_status,
+        study.positive,
+        study.probability,
+        mode=study.mode,
+        in_domain=study.in_domain,
+    )
 
 
 def _note(session: Session, study: Study, now: datetime, detail: str) -> None:
