@@ -21,8 +21,10 @@ from rich.table import Table
 
 from hrct_triage.cli import admin as ops_admin
 from hrct_triage.cli import hybrids as hybrids_cli
+from hrct_triage.cli import labels as labels_cli
 from hrct_triage.cli import operations as ops_cli
 from hrct_triage.cli import realism as realism_cli
+from hrct_triage.cli import validate as validate_cli
 from hrct_triage.common import paper
 from hrct_triage.common.errors import HrctTriageError
 from hrct_triage.common.settings import Settings, get_settings
@@ -660,6 +662,8 @@ app.command("stats")(ops_cli.stats_command)
 app.command("web")(ops_cli.web_command)
 app.command("realism")(realism_cli.realism_command)
 app.command("hybrids")(hybrids_cli.hybrids_command)
+app.add_typer(labels_cli.app, name="labels")
+app.command("validate")(validate_cli.validate_command)
 
 
 def main() -> None:
