@@ -1,9 +1,10 @@
 """A small read-only web worklist and JSON API, served by ``hrct-triage web``.
 
 Pages: the worklist, urgent first, with the instances each scanner sent that the listener
-refused, and one page per study with its heat-map thumbnails and the per-slice probability plot.
-JSON: ``/api/worklist`` and ``/api/studies/{uid}``, the same documents as ``hrct-triage worklist
---json`` and ``show --json`` (less server file paths), and ``/api/refusals``.
+refused, one page per study with its heat-map thumbnails and the per-slice probability plot, and
+``/validation`` (``web.validation``). JSON: ``/api/worklist`` and ``/api/studies/{uid}``, the
+same documents as ``hrct-triage worklist --json`` and ``show --json`` (less server file paths),
+``/api/refusals`` and ``/api/validation``.
 ``/healthz`` answers without a token, for container health checks.
 
 Every other path needs the token of ``HRCT_WEB_TOKEN``: as ``Authorization: Bearer <token>``
@@ -38,6 +39,7 @@ from hrct_triage.common.errors import ConfigurationError
 from hrct_triage.db import queries, stats
 from hrct_triage.db.models import Output, Study, StudyStatus
 from hrct_triage.db.refusal_summary import ScannerRefusals, refusals_by_scanner
+from hrct_triage.web.validation import register_validation
 
 log = logging.getLogger(__name__)
 
@@ -367,6 +369,8 @@ def create_app(
             },
             status_code=error.status_code,
         )
+
+    register_validation(app, read, templates)
 
     @app.get("/healthz")
     def healthz() -> dict[str, bool]:
