@@ -79,14 +79,14 @@ def labelled_cases(session: Session, selection: CaseFilter) -> Cases:
     by_uid: dict[str, str] = {}
     by_accession: dict[str, str] = {}
     found = Cases()
-    for uid, accession, label in session.execute(
+    for uid, accession, held in session.execute(
         select(ReferenceLabel.study_uid, ReferenceLabel.accession_number, ReferenceLabel.label)
     ):
         found.labels += 1
         if uid is not None:
-            by_uid[uid] = label
+            by_uid[uid] = held
         if accession is not None:
-            by_accession[accession] = label
+            by_accession[accession] = held
     query = select(Study).where(Study.probability.is_not(None), Study.analysed_at.is_not(None))
     if selection.since is not None:
         query = query.where(Study.analysed_at >= selection.since)
@@ -97,7 +97,7 @@ def labelled_cases(session: Session, selection: CaseFilter) -> Cases:
     versions: set[str] = set()
     for study in session.scalars(query.order_by(Study.id)):
         found.analysed += 1
-        label = by_uid.get(study.study_uid)
+        label: str | None = by_uid.get(study.study_uid)
         if label is None and study.accession_number:
             label = by_accession.get(study.accession_number)
         if label is None:
