@@ -216,11 +216,21 @@ def import_labels(
     """Insert or correct every row inside the caller's transaction; LabelImportError (raised
     before anything is written) when a row contradicts the worklist or the labels held."""
     plans, problems = [], []
+    corrected_by: dict[int, int] = {}  # held label id -> the line correcting it
     for row in rows:
         try:
-            plans.append((row, _existing(session, row)))
+            held = _existing(session, row)
         except _Contradiction as error:
             problems.append(LabelProblem(row.line, str(error)))
+            continue
+        if held is not None:
+            earlier = corrected_by.setdefault(held.id, row.line)
+            if earlier != row.line:
+                problems.append(
+                    LabelProblem(row.line, f"names the same imported label as line {earlier}")
+                )
+                continue
+        plans.append((row, held))
     if problems:
         raise LabelImportError(source, problems)
     counts = ImportCounts()

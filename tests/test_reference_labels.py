@@ -152,6 +152,12 @@ def test_identifiers_contradicting_the_worklist_or_held_labels_import_nothing(
     with pytest.raises(LabelImportError) as raised:
         _import(sessions, contradicting)
     assert [p.line for p in raised.value.problems] == [3, 4, 5]
+    twice = "study_uid,accession_number,label\n1.2.826.0.2.5,,covid\n,ACC5,other\n"
+    with pytest.raises(LabelImportError) as raised:  # one held label, corrected two ways
+        _import(sessions, twice)
+    assert [str(p) for p in raised.value.problems] == [
+        "line 3: names the same imported label as line 2"
+    ]
     assert set(_labels(sessions)) == {"1.2.826.0.2.5"}  # line 2 was not written either
 
 
