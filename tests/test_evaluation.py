@@ -21,18 +21,18 @@ from sklearn.metrics import (
 from typer.testing import CliRunner
 
 from hrct_triage.cli.app import app
-from hrct_triage.worker.method.model import load_model
-from hrct_triage.worker.method.pipeline import analyse_study
-from hrct_triage.worker.training.dataset import study_paths
-from hrct_triage.worker.training.evaluate import read_reader, reader_fourfold, score_study
-from hrct_triage.worker.training.labels import read_labels
-from hrct_triage.worker.training.metrics import (
+from hrct_triage.common.diagnostic_metrics import (
     at_threshold,
     auc_interval,
     delong_variance,
     fourfold,
     threshold_sweep,
 )
+from hrct_triage.worker.method.model import load_model
+from hrct_triage.worker.method.pipeline import analyse_study
+from hrct_triage.worker.training.dataset import study_paths
+from hrct_triage.worker.training.evaluate import read_reader, reader_fourfold, score_study
+from hrct_triage.worker.training.labels import read_labels
 from hrct_triage.worker.training.report import markdown_report, percent
 from tests.helpers.training import TrainedRun
 

@@ -17,6 +17,7 @@ import pytest
 from typer.testing import CliRunner
 
 from hrct_triage.cli.app import app
+from hrct_triage.common.diagnostic_metrics import proportion_interval
 from hrct_triage.phantoms import insert_covid, write_phantom_studies
 from hrct_triage.worker.method.checkpoints import DEMO_CHECKPOINT
 from hrct_triage.worker.method.inference import cam_image
@@ -24,7 +25,6 @@ from hrct_triage.worker.method.model import file_sha256, load_model
 from hrct_triage.worker.method.pipeline import analyse_study
 from hrct_triage.worker.training.dataset import study_paths
 from hrct_triage.worker.training.hybrids import load_background
-from hrct_triage.worker.training.metrics import proportion_interval
 from hrct_triage.worker.training.pointing import pointing_game, pointing_hit
 from tests.helpers.checkpoints import shipped_model_version
 

@@ -28,6 +28,16 @@ import numpy.typing as npt
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from hrct_triage.common.diagnostic_metrics import (
+    DEFAULT_BOOTSTRAP,
+    CiMethod,
+    Fourfold,
+    at_threshold,
+    auc_interval,
+    fourfold,
+    threshold_sweep,
+)
+from hrct_triage.common.diagnostic_plots import roc_plot, threshold_plot
 from hrct_triage.worker.memory import keep_freed_memory
 from hrct_triage.worker.method.decision import DecisionRule, decision_rule
 from hrct_triage.worker.method.inference import (
@@ -42,16 +52,6 @@ from hrct_triage.worker.method.series import select_series
 from hrct_triage.worker.method.volume import CTVolume, load_volume
 from hrct_triage.worker.training.dataset import study_paths
 from hrct_triage.worker.training.labels import LabelledStudy, parse_label, read_labels
-from hrct_triage.worker.training.metrics import (
-    DEFAULT_BOOTSTRAP,
-    CiMethod,
-    Fourfold,
-    at_threshold,
-    auc_interval,
-    fourfold,
-    threshold_sweep,
-)
-from hrct_triage.worker.training.plots import roc_plot, threshold_plot
 from hrct_triage.worker.training.pointing import DEFAULT_POINTING_TOLERANCE_MM, pointing_game
 from hrct_triage.worker.training.report import markdown_report
 

@@ -35,6 +35,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from hrct_triage.common.diagnostic_metrics import proportion_interval
 from hrct_triage.worker.method.decision import DecisionRule
 from hrct_triage.worker.method.inference import DEFAULT_BATCH_SIZE
 from hrct_triage.worker.method.model import LoadedModel
@@ -43,7 +44,6 @@ from hrct_triage.worker.method.results import NotApplicable
 from hrct_triage.worker.method.series import read_headers, select_from_headers
 from hrct_triage.worker.method.volume import CTVolume, load_volume
 from hrct_triage.worker.training.dataset import study_paths
-from hrct_triage.worker.training.metrics import proportion_interval
 from hrct_triage.worker.training.pointing import DEFAULT_POINTING_TOLERANCE_MM, pointing_game
 from hrct_triage.worker.training.realism import filled_lung
 

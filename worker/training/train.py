@@ -55,6 +55,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 
 from hrct_triage.common import paper
+from hrct_triage.common.diagnostic_metrics import auc_interval
 from hrct_triage.worker.method.inference import DEFAULT_BATCH_SIZE, forward, study_probability
 from hrct_triage.worker.method.model import (
     MODEL_NAME,
@@ -81,7 +82,6 @@ from hrct_triage.worker.training.labels import (
     read_labels,
     write_labels,
 )
-from hrct_triage.worker.training.metrics import auc_interval
 from hrct_triage.worker.training.steps import EagerStep, GraphedStep, StepOutput
 
 __all__ = ["EpochLog", "TrainConfig", "TrainResult", "load_pretrained", "train"]
