@@ -379,3 +379,34 @@ def test_shadow_labels_keep_not_for_diagnostic_use() -> None:
     # a description with no room for the word stays as configured (a DICOM LO holds 64)
     long = "x" * 38 + " - not for diagnostic use"
     assert SeriesLabels(sr_description=long).for_mode("shadow").sr_description == long
+
+
+def test_doctor_names_the_mode_and_checks_the_shadow_destinations(
+    tmp_path: Path, sqlite_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # given shadow mode with a QA archive where nothing listens
+    from tests.helpers.ports import free_port
+
+    sessions_for(sqlite_url)
+    qa = f"QA@127.0.0.1:{free_port()}"
+    for name, value in {
+        "HRCT_DATA_DIR": str(tmp_path / "var"),
+        "HRCT_DATABASE_URL": sqlite_url,
+        "HRCT_MIN_FREE_DISK_BYTES": "1",
+        "HRCT_MODE": "shadow",
+        "HRCT_SHADOW_DESTINATIONS": qa,
+    }.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.delenv("HRCT_DESTINATIONS", raising=False)
+    monkeypatch.delenv("HRCT_BROKER_URL", raising=False)
+    get_settings.cache_clear()
+    # when the doctor runs
+    result = CliRunner().invoke(
+        cli_app, ["doctor", "--no-model", "--timeout", "2", "--json"], catch_exceptions=False
+    )
+    get_settings.cache_clear()
+    # then it says shadow, and the unreachable QA archive fails it
+    checks = {c["name"]: c for c in json.loads(result.stdout)["checks"]}
+    assert result.exit_code == 1, result.stdout
+    assert checks["mode"]["detail"].startswith(f"shadow: results go to {qa}")
+    assert checks[f"shadow destination {qa}"]["ok"] is False
