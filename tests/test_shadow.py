@@ -410,3 +410,25 @@ def test_doctor_names_the_mode_and_checks_the_shadow_destinations(
     assert result.exit_code == 1, result.stdout
     assert checks["mode"]["detail"].startswith(f"shadow: results go to {qa}")
     assert checks[f"shadow destination {qa}"]["ok"] is False
+
+
+def test_a_verdict_from_before_modes_were_recorded_counts_as_live(
+    tmp_path: Path, sqlite_url: str
+) -> None:
+    from hrct_triage.worker.jobs import _mode_of
+
+    # given a study analysed before the mode was recorded (an upgraded worklist), and one not
+    # analysed yet
+    sessions = sessions_for(sqlite_url)
+    old = _analysed(sessions, "1.6.1", 1, mode="live", positive=True)
+    with transaction(sessions) as session:
+        study = session.get(Study, old)
+        assert study is not None
+        study.mode = None
+        worklist.record_instance(
+            session, facts("1.6.2.1", study="1.6.2"), association_id=None, now=T0
+        )
+    (new,) = complete(sessions, T0 + timedelta(seconds=10))
+    # when the site runs in shadow mode / then the old study stays live, the new one is shadow
+    context = worker_context(settings_for(tmp_path, sqlite_url, mode="shadow"))
+    assert (_mode_of(context, old), _mode_of(context, new)) == ("live", "shadow")

@@ -313,7 +313,7 @@ def _analyse(
         assert study is not None
         content_datetime = study.queued_at or _now()
         predecessor = _previous_sr_path(session, claim)
-        mode = settings.delivery.mode_for(study.mode)
+        mode = settings.delivery.mode_for(_recorded_mode(study))
     model = ctx.model()
     analysis, headers = analyse_study(
         claim.study_uid,
@@ -425,11 +425,19 @@ def _record_not_applicable(
     return status
 
 
+def _recorded_mode(study: Study) -> str | None:
+    """The mode of the study's verdicts so far; one recorded before modes were (no ``mode``,
+    an ``analysed_at``) was live, the only mode there was."""
+    if study.mode is None and study.analysed_at is not None:
+        return "live"
+    return study.mode
+
+
 def _mode_of(ctx: WorkerContext, study_id: int) -> str:
     """The mode the study's next verdict is reached in (``DeliverySettings.mode_for``)."""
     with _transaction(ctx) as session:
         study = session.get(Study, study_id)
-        return ctx.settings.delivery.mode_for(study.mode if study is not None else None)
+        return ctx.settings.delivery.mode_for(_recorded_mode(study) if study else None)
 
 
 def _not_analysed_outputs(
