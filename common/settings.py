@@ -358,6 +358,31 @@ class DeliverySettings(BaseSettings):
     def shadow_destination_list(self) -> list[Destination]:
         return [Destination.parse(entry) for entry in self.shadow_destinations]
 
+    @property
+    def every_destination_list(self) -> list[Destination]:
+        """The clinical destinations, then the shadow ones not among them (for echo, doctor)."""
+        named = {str(d) for d in self.destination_list}
+        extra = [d for d in self.shadow_destination_list if str(d) not in named]
+        return [*self.destination_list, *extra]
+
+    def is_shadow_only(self, destination: Destination) -> bool:
+        """Whether ``destination`` is a shadow destination and no clinical one."""
+        name = str(destination)
+        return name in {str(d) for d in self.shadow_destination_list} and name not in {
+            str(d) for d in self.destination_list
+        }
+
+    def destinations_for(self, mode: str) -> list[Destination]:
+        """Where a result reached in ``mode`` goes: a live one to ``destinations``, a shadow one
+        to ``shadow_destinations`` only (none when that is empty), never to both."""
+        return self.shadow_destination_list if mode == "shadow" else self.destination_list
+
+    def mode_for(self, recorded: str | None) -> str:
+        """The mode a study's next result is reached in: the one its first result was recorded
+        in, whatever ``mode`` says now, so a shadow study never reaches a clinical destination
+        and a live one never goes to the QA archive alone; ``mode`` for a study without one."""
+        return recorded if recorded in ("live", "shadow") else self.mode
+
 
 class WorklistSettings(BaseSettings):
     """How the worklist orders studies and when it raises an alarm."""

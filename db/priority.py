@@ -130,18 +130,20 @@ def is_urgent(
     positive: bool | None,
     operator_urgent: bool,
     urgent_aets: Collection[str],
+    mode: str | None = None,
 ) -> str | None:
     """Why this outbox message goes to the urgent queue, or None for the routine queue.
 
     In this order: the operator asked for it (``requeue --urgent``); the study came from a
     scanner named in ``HRCT_URGENT_AETS`` (emergency department, ICU: their patients are
     waiting for the answer); or it is the delivery of a positive result (the SR that puts the
-    study at the top of the radiologist's list must not wait behind routine analyses).
+    study at the top of the radiologist's list must not wait behind routine analyses), unless
+    the result was reached in shadow mode (its SR puts nothing at the top of any list).
     """
     if operator_urgent:
         return "operator"
     if calling_ae is not None and calling_ae.strip() in urgent_aets:
         return f"scanner {calling_ae.strip()}"
-    if task == "deliver" and positive:
+    if task == "deliver" and positive and mode != "shadow":
         return "positive result"
     return None

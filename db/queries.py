@@ -82,6 +82,8 @@ def _row(study: Study, instances: int) -> dict[str, Any]:
         "reason": study.reason,
         "probability": study.probability,
         "positive": study.positive,
+        # "shadow": reached in shadow mode, sent to no clinical destination, never prioritised.
+        "mode": study.mode,
         "threshold": study.threshold,
         "trim_fraction": study.trim_fraction,
         "priority": study.priority,

@@ -18,6 +18,16 @@ def _status_style(status: str) -> str:
     }.get(status, "white")
 
 
+def result_text(row: dict[str, Any]) -> str:
+    """POSITIVE / negative, with "(shadow)" after a result reached in shadow mode, which went to
+    no clinical destination and does not order the worklist."""
+    if row["positive"] is None:
+        return ""
+    if row.get("mode") == "shadow":
+        return f"{'POSITIVE' if row['positive'] else 'negative'} [magenta](shadow)[/]"
+    return "[bold red]POSITIVE[/]" if row["positive"] else "negative"
+
+
 def render_worklist(rows: list[dict[str, Any]]) -> Table:
     table = Table(title="Worklist (urgent first)")
     for column in (
@@ -26,6 +36,7 @@ def render_worklist(rows: list[dict[str, Any]]) -> Table:
         "status",
         "probability",
         "result",
+        "mode",
         "instances",
         "model",
         "reason",
@@ -33,19 +44,13 @@ def render_worklist(rows: list[dict[str, Any]]) -> Table:
         table.add_column(column, overflow="fold")
     for row in rows:
         probability = row["probability"]
-        result = (
-            ""
-            if row["positive"] is None
-            else "[bold red]POSITIVE[/]"
-            if row["positive"]
-            else "negative"
-        )
         table.add_row(
             str(row["priority"]),
             row["study_uid"],
             f"[{_status_style(row['status'])}]{row['status']}[/]",
             "" if probability is None else f"{probability:.3f}",
-            result,
+            result_text(row),
+            row.get("mode") or "",
             str(row["instances"]),
             row["model_version"] or "",
             row["reason"] or "",

@@ -8,8 +8,10 @@ already records every stage time and every delivery attempt, for every worker, d
 collector served by the listener gives the same figures for the whole installation, and they are
 right after any restart.
 
-Each scrape runs three aggregate queries (one GROUP BY on an indexed column, two single-row
-aggregates with the histogram buckets computed in SQL); no row is loaded into Python.
+Each scrape runs a few aggregate queries (GROUP BYs over the study states and results,
+single-row aggregates with the histogram buckets computed in SQL); no row is loaded into Python.
+Results reached in shadow mode are counted apart (``hrct_results{mode="shadow"}``) and left out
+of the time to notification, which is the clinical PACS's clock.
 The histograms and counters are cumulative over the studies the worklist keeps: a purge makes
 them drop, which Prometheus' ``rate()`` treats like a counter reset.
 """
@@ -27,7 +29,7 @@ from prometheus_client.core import (
     Metric,
 )
 from prometheus_client.registry import Collector
-from sqlalchemy import ColumnElement, Float, case, cast, func, select
+from sqlalchemy import ColumnElement, Float, case, cast, func, or_, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from hrct_triage.db.models import Delivery, DeliveryState, Study, StudyStatus
@@ -39,6 +41,8 @@ log = logging.getLogger("hrct.metrics")
 ANALYSIS_BUCKETS = (1.0, 2.0, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1200.0)
 # Last instance to results at the PACS: the 15 min target (HRCT_NOTIFICATION_TARGET_SECONDS
 # default) sits on a bucket edge; the tail covers PACS outages of hours.
+# ``Study.mode`` of a result reached in shadow mode.
+SHADOW = "shadow"
 NOTIFICATION_BUCKETS = (30.0, 60.0, 120.0, 300.0, 600.0, 900.0, 1800.0, 3600.0, 7200.0, 21600.0)
 
 
@@ -127,13 +131,15 @@ class WorklistCollector(Collector):
                 session,
                 "hrct_time_to_notification_seconds",
                 "Last instance received to every output acknowledged by every destination, "
-                "per study delivered (state done).",
+                "per study delivered (state done) with a live result.",
                 # The last instance analysed: a late wave that changed nothing restarts nothing.
                 func.coalesce(Study.input_received_at, Study.last_instance_at),
                 Study.delivered_at,
                 NOTIFICATION_BUCKETS,
                 Study.status == StudyStatus.DONE,
+                or_(Study.mode.is_(None), Study.mode != SHADOW),
             )
+            results = _results(session)
             attempts, sent, given_up = session.execute(
                 select(
                     func.coalesce(func.sum(Delivery.attempts), 0),
@@ -151,4 +157,28 @@ class WorklistCollector(Collector):
             "Deliveries abandoned after HRCT_DELIVERY_ATTEMPTS failed tries.",
         )
         abandoned.add_metric([], float(given_up))
-        yield from (studies, depth, analysis, notification, failures, abandoned)
+        yield from (studies, depth, results, analysis, notification, failures, abandoned)
+
+
+def _results(session: Session) -> GaugeMetricFamily:
+    """Analysed studies by the mode their result was reached in and by that result."""
+    mode = func.coalesce(Study.mode, "live")
+    counts = {
+        (str(m), bool(p)): int(n)
+        for m, p, n in session.execute(
+            select(mode, Study.positive, func.count())
+            .where(Study.positive.is_not(None))
+            .group_by(mode, Study.positive)
+        ).all()
+    }
+    gauge = GaugeMetricFamily(
+        "hrct_results",
+        "Studies with an AI result, by mode (live, or shadow: sent to no clinical destination, "
+        "never prioritised) and result.",
+        labels=["mode", "result"],
+    )
+    for name in ("live", SHADOW):
+        for positive in (True, False):
+            value = counts.get((name, positive), 0)
+            gauge.add_metric([name, "positive" if positive else "negative"], float(value))
+    return gauge

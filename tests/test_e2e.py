@@ -90,7 +90,11 @@ class Gateway:
 
 
 def _start_gateway(
-    tmp_path: Path, pacs: StoreSCP, database_url: str | None, broker_url: str | None
+    tmp_path: Path,
+    pacs: StoreSCP,
+    database_url: str | None,
+    broker_url: str | None,
+    extra_env: dict[str, str] | None = None,
 ) -> Gateway:
     env = {k: v for k, v in os.environ.items() if not k.startswith("HRCT_")}
     port = free_port()
@@ -106,6 +110,7 @@ def _start_gateway(
             "HRCT_METRICS_PORT": "0",
         }
     )
+    env.update(extra_env or {})
     if database_url:
         env["HRCT_DATABASE_URL"] = database_url
     if broker_url:
@@ -140,6 +145,10 @@ def gateway(request: pytest.FixtureRequest, tmp_path: Path, pacs: StoreSCP) -> I
         redis.Redis.from_url(f"{REDIS_URL}/{db_index}").flushdb()
         gw = _start_gateway(tmp_path, pacs, database_url, f"{REDIS_URL}/{db_index}")
     yield gw
+    _stop_gateway(gw)
+
+
+def _stop_gateway(gw: Gateway) -> None:
     gw.process.terminate()
     try:
         gw.process.wait(timeout=30)

@@ -55,7 +55,11 @@ def deliver_round(
     """Send ``pending``, one association per destination, and record every answer as it
     comes. Returns the most attempts any delivery still pending has had (0: none is), which
     sets the backoff; a permanent failure is final and sets none."""
-    configured = {str(d): d for d in settings.delivery.destination_list}
+    # A delivery row names its peer; the settings add its ``?sr=`` pin, clinical or shadow.
+    configured = {
+        str(d): d
+        for d in (*settings.delivery.shadow_destination_list, *settings.delivery.destination_list)
+    }
     by_destination: dict[str, list[Pending]] = defaultdict(list)
     for item in pending:
         by_destination[item.destination].append(item)

@@ -4,6 +4,11 @@ Tasks take a study id and load everything else from the worklist, so a message n
 state that the worklist may since have changed. They are safe to run twice: the claim lets one
 worker analyse a study at a time, and every recording checks the claim, so a redelivered or
 overtaken message records nothing.
+
+Where the outputs go follows the mode the result is reached in (``HRCT_MODE``): a shadow
+result only to the QA destinations, a live one only to the clinical ones. A study keeps the mode
+of its first result through late waves, requeues and resends, so switching modes never sends
+a shadow study to the PACS (``DeliverySettings.mode_for``).
 """
 
 from __future__ import annotations
@@ -263,7 +268,9 @@ def _analyse_and_record(ctx: WorkerContext, claim: worklist.Claim) -> str:
             claim,
             analysis=record,
             outputs=outputs,
-            destinations=[str(d) for d in settings.delivery.destination_list],
+            destinations=[
+                str(d) for d in settings.delivery.destinations_for(record.mode or "live")
+            ],
             now=_now(),
             delivery_grace_seconds=DELIVERY_GRACE_SECONDS,
         )
@@ -277,10 +284,11 @@ def _analyse_and_record(ctx: WorkerContext, claim: worklist.Claim) -> str:
         status = session.get(Study, claim.study_id)
         assert status is not None
         log.info(
-            "study %d analysed: p=%.3f %s",
+            "study %d analysed: p=%.3f %s%s",
             claim.study_id,
             record.probability,
             "POSITIVE" if record.positive else "negative",
+            " (shadow mode)" if record.mode == "shadow" else "",
             extra=_context(claim),
         )
         return status.status
@@ -305,6 +313,7 @@ def _analyse(
         assert study is not None
         content_datetime = study.queued_at or _now()
         predecessor = _previous_sr_path(session, claim)
+        mode = settings.delivery.mode_for(_recorded_mode(study))
     model = ctx.model()
     analysis, headers = analyse_study(
         claim.study_uid,
@@ -322,7 +331,7 @@ def _analyse(
         content_datetime=content_datetime,
         predecessor=dcmread(predecessor) if predecessor else None,
         out_dir=settings.outputs_dir / claim.study_uid,
-        labels=SeriesLabels.from_settings(settings),
+        labels=SeriesLabels.from_settings(settings).for_mode(mode),
     )
     record = worklist.AnalysisRecord(
         probability=analysis.probability,
@@ -338,6 +347,7 @@ def _analyse(
             "input": round(looked, 4),
             **{k: round(v, 4) for k, v in analysis.timings.items()},
         },
+        mode=mode,
     )
     notes = substitutions(headers)
     for note in notes:
@@ -374,11 +384,12 @@ def _record_not_applicable(
     input the verdict was reached on, recorded unless instances arrived that change it.
     """
     settings = ctx.settings
-    destinations = [str(d) for d in settings.delivery.destination_list]
+    mode = _mode_of(ctx, claim.study_id)
+    destinations = [str(d) for d in settings.delivery.destinations_for(mode)]
     outputs: list[worklist.OutputRecord] = []
     if settings.outputs.not_analysed_sr and destinations:
         try:
-            outputs = _not_analysed_outputs(ctx, claim, reason)
+            outputs = _not_analysed_outputs(ctx, claim, reason, mode)
         except Exception:
             log.exception(
                 "study %d: not-analysed SR could not be built",
@@ -396,6 +407,7 @@ def _record_not_applicable(
             destinations=destinations,
             delivery_grace_seconds=DELIVERY_GRACE_SECONDS,
             input_digest=view.digest if view is not None else None,
+            mode=mode,
         )
         return StudyStatus.NOT_APPLICABLE if recorded else "ignored"
 
@@ -413,8 +425,23 @@ def _record_not_applicable(
     return status
 
 
+def _recorded_mode(study: Study) -> str | None:
+    """The mode of the study's verdicts so far; one recorded before modes were (no ``mode``,
+    an ``analysed_at``) was live, the only mode there was."""
+    if study.mode is None and study.analysed_at is not None:
+        return "live"
+    return study.mode
+
+
+def _mode_of(ctx: WorkerContext, study_id: int) -> str:
+    """The mode the study's next verdict is reached in (``DeliverySettings.mode_for``)."""
+    with _transaction(ctx) as session:
+        study = session.get(Study, study_id)
+        return ctx.settings.delivery.mode_for(_recorded_mode(study) if study else None)
+
+
 def _not_analysed_outputs(
-    ctx: WorkerContext, claim: worklist.Claim, reason: str
+    ctx: WorkerContext, claim: worklist.Claim, reason: str, mode: str
 ) -> list[worklist.OutputRecord]:
     """Build and file the not-analysed SR, dated like an analysis' outputs (queue time)."""
     from hrct_triage.worker.outputs import NotAnalysed, SeriesLabels, write_outputs
@@ -431,7 +458,7 @@ def _not_analysed_outputs(
         content_datetime=content_datetime,
         predecessor=dcmread(predecessor) if predecessor else None,
         out_dir=ctx.settings.outputs_dir / claim.study_uid,
-        labels=SeriesLabels.from_settings(ctx.settings),
+        labels=SeriesLabels.from_settings(ctx.settings).for_mode(mode),
     )
 
 

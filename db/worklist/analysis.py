@@ -367,14 +367,17 @@ def finish_analysis(
     _settle_input(study, analysis.input_digest)
     _record_outputs(session, study, claim.generation, outputs, destinations, now)
     _retire_outbox(session, study.id, TRIAGE)
+    shadow = analysis.mode == "shadow"
     if destinations:
         _owe_delivery(session, study, claim.generation, now, delivery_grace_seconds)
+        where = "the shadow destinations only" if shadow else "deliver"
         _transition(
             session,
             study,
             StudyStatus.DELIVERING,
             now,
-            f"p={analysis.probability:.3f}; {len(outputs)} outputs to deliver",
+            f"p={analysis.probability:.3f}; {'shadow mode: ' if shadow else ''}"
+            f"{len(outputs)} outputs to {where}",
         )
     else:
         study.delivered_at = now
@@ -383,7 +386,12 @@ def finish_analysis(
             study,
             StudyStatus.DONE,
             now,
-            f"p={analysis.probability:.3f}; no destinations configured",
+            f"p={analysis.probability:.3f}; "
+            + (
+                "shadow mode: result recorded, sent nowhere (no shadow destinations configured)"
+                if shadow
+                else "no destinations configured"
+            ),
         )
     return True
 
@@ -465,10 +473,12 @@ def mark_not_applicable(
     destinations: Sequence[str] = (),
     delivery_grace_seconds: float = 60.0,
     input_digest: str | None = None,
+    mode: str | None = None,
 ) -> bool:
     """End the analysis ``not_applicable`` with ``reason``; False if the claim was overtaken.
 
-    ``input_digest`` is what the verdict was reached on, as for ``finish_analysis``.
+    ``input_digest`` is what the verdict was reached on, as for ``finish_analysis``; ``mode``
+    the mode it was reached in (kept as it was when None).
     ``outputs`` (a not-analysed SR) are recorded and owed to ``destinations`` like an
     analysis' outputs, but the study stays ``not_applicable`` while they travel: that is the
     verdict the reading worklist needs at once. Delivery shows in the outputs' states and in
@@ -480,6 +490,8 @@ def mark_not_applicable(
     study.reason = reason
     study.lease_until = None
     study.analysed_at = now
+    if mode is not None:
+        study.mode = mode
     _settle_input(study, input_digest)
     _retire_outbox(session, study.id, TRIAGE)
     if outputs and destinations:

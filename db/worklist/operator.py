@@ -44,7 +44,9 @@ _RESENDABLE = (
 
 
 def resend(session: Session, study: Study, *, now: datetime) -> int:
-    """Send the stored outputs of the latest analysis again, to every destination.
+    """Send the stored outputs of the latest analysis again, to every destination they were
+    owed to when it was recorded (a shadow result's: the shadow destinations, never the clinical
+    ones, whatever the mode is now).
 
     A not_applicable study stays so (its not-analysed SR is sent again); any other goes back
     to ``delivering``. Returns how many deliveries were reset (0: nothing to send).
@@ -117,6 +119,7 @@ def urgent_publications(
             positive=study.positive,
             operator_urgent=study.id in operator_urgent,
             urgent_aets=wanted,
+            mode=study.mode,
         )
         if reason is not None:
             reasons[publication.outbox_id] = reason

@@ -44,7 +44,8 @@ def _sessions(settings: Settings) -> sessionmaker[Session]:
 
 
 def echo_all(settings: Settings, timeout: float | None) -> list[EchoResult]:
-    """C-ECHO each destination, with the calling AE and timeout a delivery would use."""
+    """C-ECHO each destination, clinical and shadow, with the calling AE and timeout a
+    delivery would use."""
     from hrct_triage.worker.delivery.dimse import echo as c_echo
 
     return [
@@ -55,7 +56,7 @@ def echo_all(settings: Settings, timeout: float | None) -> list[EchoResult]:
             dicomweb_token=settings.delivery.dicomweb_token,
             dicomweb_ca=settings.delivery.dicomweb_ca,
         )
-        for d in settings.delivery.destination_list
+        for d in settings.delivery.every_destination_list
     ]
 
 
@@ -261,16 +262,30 @@ def _check_workers(settings: Settings, timeout: float) -> Check:
 
 
 def _check_destinations(settings: Settings, timeout: float | None) -> list[Check]:
-    if not settings.delivery.destination_list:
+    if not settings.delivery.every_destination_list:
         return [Check("destinations", None, "none configured (HRCT_DESTINATIONS)")]
     return [
         Check(
+            f"{'shadow ' if settings.delivery.is_shadow_only(result.destination) else ''}"
             f"destination {result.destination}",
             result.ok,
             f"C-ECHO {result.detail} in {result.seconds:.2f} s",
         )
         for result in echo_all(settings, timeout)
     ]
+
+
+def _check_mode(settings: Settings) -> Check:
+    """Which mode new studies are analysed in, and where their results go."""
+    if settings.delivery.mode == "live":
+        return Check("mode", True, "live: results go to HRCT_DESTINATIONS and order the worklist")
+    qa = ", ".join(str(d) for d in settings.delivery.shadow_destination_list) or "nowhere"
+    return Check(
+        "mode",
+        True,
+        f"shadow: results go to {qa} (HRCT_SHADOW_DESTINATIONS) only, none to "
+        "HRCT_DESTINATIONS; nothing is prioritised",
+    )
 
 
 def _check_disk(settings: Settings) -> Check:
@@ -320,6 +335,7 @@ def doctor_command(
         _check_database(settings),
         _check_broker(settings, timeout),
         _check_workers(settings, timeout),
+        _check_mode(settings),
         *_check_destinations(settings, timeout),
         _check_disk(settings),
     ]

@@ -280,14 +280,29 @@ def _select_studies(
 
 @app.command()
 def resend(study_uids: list[str]) -> None:
-    """Deliver the stored outputs of the latest analysis again."""
+    """Deliver the stored outputs of the latest analysis again, where they were owed.
+
+    A shadow result goes to the shadow destinations it was owed to, never to HRCT_DESTINATIONS,
+    even after HRCT_MODE became live.
+    """
     with transaction(_sessions(get_settings())) as session:
         studies = _select_studies(session, study_uids, None, None)
         if not studies:
             raise typer.Exit(NOTHING_MATCHED)
         for study in studies:
             count = worklist.resend(session, study, now=datetime.now(UTC))
-            console.print(f"{study.study_uid}: {count} deliveries to send again")
+            console.print(f"{study.study_uid}: {_resend_words(study, count)}")
+
+
+def _resend_words(study: Study, count: int) -> str:
+    if study.mode != "shadow":
+        return f"{count} deliveries to send again"
+    if count:
+        return f"shadow result: {count} deliveries to the shadow destinations to send again"
+    return (
+        "shadow result with no shadow destination (HRCT_SHADOW_DESTINATIONS was empty when it "
+        "was analysed): nothing to send; shadow results never go to HRCT_DESTINATIONS"
+    )
 
 
 @app.command()
@@ -304,14 +319,15 @@ def echo(
     ] = False,
     as_json: Annotated[bool, typer.Option("--json", help="with --capabilities: JSON")] = False,
 ) -> None:
-    """C-ECHO every destination in HRCT_DESTINATIONS; exit 1 if any does not answer.
+    """C-ECHO every destination in HRCT_DESTINATIONS and HRCT_SHADOW_DESTINATIONS; exit 1 if
+    any does not answer.
 
     With --capabilities: what each accepts of our SR classes and Secondary Capture, and so
     which class the SR would go as; exit 1 if a destination would refuse an output.
     """
     settings = get_settings()
-    if not settings.delivery.destination_list:
-        console.print("no destinations configured (HRCT_DESTINATIONS)")
+    if not settings.delivery.every_destination_list:
+        console.print("no destinations configured (HRCT_DESTINATIONS, HRCT_SHADOW_DESTINATIONS)")
         raise typer.Exit(NOTHING_MATCHED)
     if capabilities:
         from hrct_triage.cli.capabilities import capabilities_command
@@ -323,8 +339,9 @@ def echo(
     for column in ("destination", "result", "status", "seconds"):
         table.add_column(column, overflow="fold")
     for result in results:
+        shadow = settings.delivery.is_shadow_only(result.destination)
         table.add_row(
-            str(result.destination),
+            f"{result.destination}{' (shadow)' if shadow else ''}",
             "[green]ok[/]" if result.ok else "[red]FAILED[/]",
             result.detail,
             f"{result.seconds:.2f}",

@@ -39,7 +39,7 @@ def capabilities_command(
             calling_ae=settings.listener.ae_title,
             timeout=timeout or settings.delivery.delivery_timeout_seconds,
         )
-        for destination in settings.delivery.destination_list
+        for destination in settings.delivery.every_destination_list
     ]
     kept = _keep(settings, reports)
     if as_json:

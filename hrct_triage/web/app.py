@@ -499,10 +499,12 @@ def _check_status(status: str | None) -> None:
 
 
 def _counts(view: list[dict[str, Any]]) -> dict[str, int]:
-    """The header line: how many positive, waiting and over-target studies are listed."""
+    """The header line: how many positive (live), shadow, waiting and over-target studies are
+    listed; a shadow positive is counted as a shadow result, not as a positive."""
     return {
         "studies": len(view),
-        "positive": sum(1 for r in view if r["positive"]),
+        "positive": sum(1 for r in view if r["positive"] and r.get("mode") != "shadow"),
+        "shadow": sum(1 for r in view if r.get("mode") == "shadow"),
         "open": sum(
             1
             for r in view

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -116,3 +117,29 @@ def deliveries_of(sessions: sessionmaker[Session], study_id: int) -> list[Delive
 
 def sop_classes_of(paths: list[Path]) -> list[str]:
     return sorted(str(pydicom.dcmread(p, stop_before_pixels=True).SOPClassUID) for p in paths)
+
+
+def queued_from_files(sessions: sessionmaker[Session], paths: list[Path]) -> int:
+    """Store-side bookkeeping of real DICOM files as the listener does it, then completion: the
+    id of the queued study."""
+    for path in paths:
+        ds = pydicom.dcmread(path, stop_before_pixels=True)
+        data = path.read_bytes()
+        facts = worklist.InstanceFacts(
+            study_uid=str(ds.StudyInstanceUID),
+            series_uid=str(ds.SeriesInstanceUID),
+            sop_instance_uid=str(ds.SOPInstanceUID),
+            sop_class_uid=str(ds.SOPClassUID),
+            transfer_syntax_uid=str(ds.file_meta.TransferSyntaxUID),
+            path=str(path),
+            size_bytes=len(data),
+            sha256=hashlib.sha256(data).hexdigest(),
+            modality=ds.get("Modality"),
+        )
+        with transaction(sessions) as session:
+            worklist.record_instance(session, facts, association_id=None, now=T0)
+    with transaction(sessions) as session:
+        (study_id,) = worklist.complete_ready_studies(
+            session, quiet_seconds=0, now=T0 + timedelta(seconds=1)
+        )
+    return study_id

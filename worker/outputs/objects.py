@@ -18,7 +18,7 @@ Contract, written once:
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 from io import BytesIO
 
@@ -66,6 +66,26 @@ class SeriesLabels:
             sc_number=settings.outputs.sc_series_number,
             sc_description=settings.outputs.sc_series_description,
         )
+
+    def for_mode(self, mode: str) -> SeriesLabels:
+        """These labels, with each description starting "SHADOW " for a result reached in shadow
+        mode, so an object that strays from the QA archive says so; a description with no room
+        for the word (64 characters) stays as configured."""
+        if mode != "shadow":
+            return self
+        return replace(
+            self,
+            sr_description=_shadow(self.sr_description),
+            sc_description=_shadow(self.sc_description),
+        )
+
+
+SHADOW_PREFIX = "SHADOW "
+
+
+def _shadow(description: str) -> str:
+    marked = f"{SHADOW_PREFIX}{description}"
+    return marked if len(marked) <= 64 else description
 
 
 @dataclass(frozen=True)
