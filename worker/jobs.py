@@ -338,6 +338,10 @@ def _analyse(
             "input": round(looked, 4),
             **{k: round(v, 4) for k, v in analysis.timings.items()},
         },
+        input_stats=analysis.input_stats,
+        station_name=analysis.station_name,
+        convolution_kernel=(analysis.convolution_kernel or "")[:64] or None,
+        slice_thickness=analysis.slice_thickness,
     )
     notes = substitutions(headers)
     for note in notes:
