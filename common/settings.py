@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from datetime import date
 from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -404,6 +405,32 @@ class WorklistSettings(BaseSettings):
     # band unless this is set: the model was not shown such input, so its "positive" is no
     # reason to jump the queue.
     trust_out_of_domain: bool = False
+    # Drift watch (db/drift.py, docs/operations.md "Drift watch"). The site's validation window,
+    # UTC days, both inclusive: per scanner and protocol, the studies analysed in it are the
+    # baseline; unset (or a group with too few studies in it), the checkpoint's reference is.
+    drift_baseline_start: date | None = None
+    drift_baseline_end: date | None = None
+    # The recent studies compared with the baseline: those analysed in the last this many days.
+    drift_window_days: int = Field(7, ge=1, le=366)
+    # Fewer recent (or baseline) studies than this in a group: statistics shown, no alarm.
+    drift_min_studies: int = Field(10, ge=2)
+    # An alarm needs both: the two-sample Kolmogorov-Smirnov statistic D above this (an effect
+    # large enough to matter) and its p-value below HRCT_DRIFT_ALPHA (not chance).
+    drift_threshold: float = Field(0.3, gt=0.0, le=1.0)
+    drift_alpha: float = Field(0.001, gt=0.0, lt=1.0)
+    # How often the listener checks for drift (log line, Prometheus gauges); 0: never.
+    drift_check_seconds: float = Field(3600.0, ge=0.0)
+
+    @model_validator(mode="after")
+    def _check_drift_window(self) -> WorklistSettings:
+        start, end = self.drift_baseline_start, self.drift_baseline_end
+        if (start is None) != (end is None):
+            raise ValueError("HRCT_DRIFT_BASELINE_START and HRCT_DRIFT_BASELINE_END go together")
+        if start is not None and end is not None and end < start:
+            raise ValueError(
+                f"HRCT_DRIFT_BASELINE_END {end} is before HRCT_DRIFT_BASELINE_START {start}"
+            )
+        return self
 
     @field_validator("priority_bands", "urgent_aets", mode="before")
     @classmethod

@@ -26,6 +26,7 @@ from hrct_triage.db.session import make_engine, make_sessionmaker, transaction
 from hrct_triage.listener import handlers, spool
 from hrct_triage.listener.access import AccessPolicy
 from hrct_triage.listener.dispatch import Dispatcher
+from hrct_triage.listener.drift_watch import DriftCollector, DriftWatch
 from hrct_triage.listener.metrics import MetricsServer
 from hrct_triage.listener.multiprocess import DataFolderLock, Followers
 from hrct_triage.listener.reconcile import reconcile
@@ -151,8 +152,10 @@ class Listener:
         self.dispatcher = Dispatcher(settings, self.sessions)
         metrics = self.state.metrics
         metrics.track_open_associations(lambda: len(self.state.associations))
+        self.drift_watch = DriftWatch(settings, self.sessions)
         if self.primary:  # worklist figures are the same from every process: served once
             metrics.registry.register(WorklistCollector(self.sessions))
+            metrics.registry.register(DriftCollector(self.drift_watch))
         self.metrics_server = (
             MetricsServer(
                 metrics.registry,
@@ -167,6 +170,7 @@ class Listener:
         self._stop = threading.Event()
         self._server: Any = None
         self._thread: threading.Thread | None = None
+        self._drift_thread: threading.Thread | None = None
         self._lock: DataFolderLock | None = None
         self._followers: Followers | None = None
 
@@ -200,6 +204,14 @@ class Listener:
                 daemon=True,
             )
             self._thread.start()
+            if self.settings.worklist.drift_check_seconds > 0:
+                self._drift_thread = threading.Thread(
+                    target=self.drift_watch.run_forever,
+                    args=(self._stop,),
+                    name="hrct-drift",
+                    daemon=True,
+                )
+                self._drift_thread.start()
         if self.primary and self.shared_port:
             self._followers = Followers(
                 self.settings,
@@ -268,8 +280,9 @@ class Listener:
             self._server = None
         if self.metrics_server is not None:
             self.metrics_server.stop()
-        if self._thread is not None:
-            self._thread.join(timeout=10)
+        for thread in (self._thread, self._drift_thread):
+            if thread is not None:
+                thread.join(timeout=10)
         self.state.commits.close()
         spool.close_spares(self.state.spool_dir)
         if self._lock is not None:

@@ -348,6 +348,10 @@ def _analyse(
             **{k: round(v, 4) for k, v in analysis.timings.items()},
         },
         mode=mode,
+        input_stats=analysis.input_stats,
+        station_name=analysis.station_name,
+        convolution_kernel=(analysis.convolution_kernel or "")[:64] or None,
+        slice_thickness=analysis.slice_thickness,
     )
     notes = substitutions(headers)
     for note in notes:

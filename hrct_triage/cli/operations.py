@@ -16,6 +16,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
+from hrct_triage.cli.drift import print_drift
 from hrct_triage.common.settings import Settings, get_settings
 from hrct_triage.db import stats
 from hrct_triage.db.refusal_summary import ScannerRefusals, refusals_by_scanner
@@ -128,11 +129,21 @@ def stats_command(
         ),
     ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="one JSON document")] = False,
+    show_drift: Annotated[
+        bool,
+        typer.Option(
+            "--drift", help="drift of inputs and results per scanner and protocol instead"
+        ),
+    ] = False,
 ) -> None:
     """Time to notification (last image -> SR acknowledged by the PACS) and per-stage
     durations: p50/p95 per day and per scanner, the studies over the target, and the instances
-    each scanner sent that the listener refused."""
+    each scanner sent that the listener refused. With --drift: per scanner and protocol, the
+    recent studies against the baseline, and the drift alarms."""
     settings = get_settings()
+    if show_drift:
+        print_drift(settings, as_json=as_json, console=console)
+        return
     target = _target_seconds(target_seconds, settings)
     moment = _aware(since)
     engine = make_engine(settings.resolved_database_url)

@@ -1,10 +1,10 @@
 """A small read-only web worklist and JSON API, served by ``hrct-triage web``.
 
 Pages: the worklist, urgent first, with the instances each scanner sent that the listener
-refused, one page per study with its heat-map thumbnails and the per-slice probability plot, and
-``/validation`` (``web.validation``). JSON: ``/api/worklist`` and ``/api/studies/{uid}``, the
-same documents as ``hrct-triage worklist --json`` and ``show --json`` (less server file paths),
-``/api/refusals`` and ``/api/validation``.
+refused, one page per study with its heat-map thumbnails and the per-slice probability plot,
+``/validation`` (``web.validation``) and ``/drift`` (``web.drift_panel``). JSON: ``/api/worklist``
+and ``/api/studies/{uid}``, the same documents as ``hrct-triage worklist --json`` and ``show
+--json`` (less server file paths), ``/api/refusals``, ``/api/validation`` and ``/api/drift``.
 ``/healthz`` answers without a token, for container health checks.
 
 Every other path needs the token of ``HRCT_WEB_TOKEN``: as ``Authorization: Bearer <token>``
@@ -36,9 +36,11 @@ from sqlalchemy import select, text
 from sqlalchemy.orm import Session, sessionmaker
 
 from hrct_triage.common.errors import ConfigurationError
+from hrct_triage.common.settings import Settings
 from hrct_triage.db import queries, stats
 from hrct_triage.db.models import Output, Study, StudyStatus
 from hrct_triage.db.refusal_summary import ScannerRefusals, refusals_by_scanner
+from hrct_triage.web import drift_panel
 from hrct_triage.web.validation import register_validation
 
 log = logging.getLogger(__name__)
@@ -341,8 +343,10 @@ def create_app(
     token: str,
     target_seconds: float = stats.DEFAULT_TARGET_SECONDS,
     clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+    settings: Settings | None = None,
 ) -> FastAPI:
-    """The web worklist over ``sessions``; every page but ``/healthz`` needs ``token``."""
+    """The web worklist over ``sessions``; every page but ``/healthz`` needs ``token``;
+    ``settings`` configure the drift panel (None: the process's)."""
     if not token:
         raise WebConfigError(f"{TOKEN_ENV} is empty")
     app = FastAPI(title="hrct-triage worklist", docs_url=None, redoc_url=None, openapi_url=None)
@@ -407,6 +411,8 @@ def create_app(
         with read() as session:
             found = refusals_by_scanner(session, since=since)
         return {"since": since.isoformat(), "by_scanner": [s.as_dict() for s in found]}
+
+    drift_panel.register(app, templates, read, settings=settings, clock=clock)
 
     @app.get("/", response_class=HTMLResponse)
     def worklist_page(

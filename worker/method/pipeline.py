@@ -33,6 +33,7 @@ from hrct_triage.worker.method.inference import (
     study_probability,
     top_slices,
 )
+from hrct_triage.worker.method.input_statistics import input_statistics
 from hrct_triage.worker.method.model import LoadedModel
 from hrct_triage.worker.method.preprocess import (
     LungSettings,
@@ -85,6 +86,10 @@ def analyse_study(
     )
     lung, scores, score = scored.lung, scored.scores, scored.study
     probabilities = [float(p) for p in scores.probabilities]
+    with _timed(timings, "statistics"):
+        stats = input_statistics(
+            volume.hu, lung, pixel_spacing=volume.pixel_spacing, settings=lung_settings
+        )
     with _timed(timings, "cam"):
         maps = _heatmaps(
             volume, lung, scores, score.kept, count=heatmaps, model=model, settings=lung_settings
@@ -102,6 +107,10 @@ def analyse_study(
         model=model.info,
         trim_fraction=rule.trim_fraction,
         timings=timings,
+        input_stats=stats,
+        station_name=_text(volume.headers[0].get("StationName")),
+        convolution_kernel=series.kernel or None,
+        slice_thickness=series.slice_thickness,
     )
     log.info(
         "study %s series %s: %d/%d lung slices, %d kept, probability %.4f (%s), %.1f s",
@@ -183,6 +192,12 @@ def _timed(timings: dict[str, float], stage: str) -> Iterator[None]:
         yield
     finally:
         timings[stage] = time.perf_counter() - start
+
+
+def _text(value: object) -> str | None:
+    """A header string as the worklist stores it (64 characters at most), None when empty."""
+    text = str(value).strip() if value is not None else ""
+    return text[:64] or None
 
 
 def _lung_indices(volume: CTVolume, settings: LungSettings) -> npt.NDArray[np.intp]:

@@ -6,6 +6,7 @@ Kept free of torch so that output building and recording can be tested and typed
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -86,3 +87,9 @@ class StudyAnalysis:
     # Which analysis of the study this is (the worklist's generation): part of the output UIDs,
     # so a requeued study gets new objects that supersede the old ones.
     analysis_id: str = ""
+    # Statistics of the analysed input (``worker.method.input_statistics``) and the acquisition
+    # of the analysed series, recorded for drift watch and the domain guard.
+    input_stats: dict[str, Any] | None = None
+    station_name: str | None = None  # (0008,1010)
+    convolution_kernel: str | None = None  # (0018,1210), values joined with "\\"
+    slice_thickness: float | None = None  # (0018,0050), mm
