@@ -7,8 +7,9 @@ in) of at most ``MAX_SLICES`` lung slices spread evenly over the lung. The resul
 * ``lung_hu_mean``, ``lung_hu_sd``, ``lung_hu_p10``, ``lung_hu_p50``, ``lung_hu_p90``: HU of
   the lung-field voxels;
 * ``noise_hu``: the image noise in HU, as the robust standard deviation (1.4826 x median absolute
-  deviation) of the residual after a 3 x 3 mean, over aerated lung (below -700 HU after a 5 x 5 mean, so
-  that the noise itself does not choose the pixels; eroded by two pixels so edges stay out), divided by sqrt(8/9) so that white noise of SD s gives s.
+  deviation) of the residual after a 3 x 3 mean, over aerated lung (below -700 HU after a 5 x 5
+  mean, so that the noise itself does not choose the pixels; eroded by two pixels so edges stay
+  out), divided by sqrt(8/9) so that white noise of SD s gives s.
   Aerated lung is the one homogeneous region every lung slice has (air outside the body may be
   cut off by the field of view or padded); texture left in it counts as noise, and noise that a
   smooth kernel correlates between pixels reads lower: it is an estimate to compare studies by,
