@@ -75,6 +75,18 @@ def _sent_as(output: Output, delivery: Delivery) -> dict[str, str] | None:
     }
 
 
+OUT_OF_DOMAIN = "outside validated domain"
+
+
+def result_text(positive: bool | None, in_domain: bool | None) -> str | None:
+    """``POSITIVE``/``negative``, with "(outside validated domain)" where the domain guard said
+    the input lies outside it; None when there is no result."""
+    if positive is None:
+        return None
+    text = "POSITIVE" if positive else "negative"
+    return f"{text} ({OUT_OF_DOMAIN})" if in_domain is False else text
+
+
 def _row(study: Study, instances: int) -> dict[str, Any]:
     return {
         "study_uid": study.study_uid,
@@ -82,6 +94,11 @@ def _row(study: Study, instances: int) -> dict[str, Any]:
         "reason": study.reason,
         "probability": study.probability,
         "positive": study.positive,
+        # How far the input lies from the model's training inputs (1.0 = cut-off) and whether it
+        # lies inside the validated domain; None when the checkpoint has no domain reference.
+        "domain_score": study.domain_score,
+        "in_domain": study.in_domain,
+        "result": result_text(study.positive, study.in_domain),
         "threshold": study.threshold,
         "trim_fraction": study.trim_fraction,
         "priority": study.priority,

@@ -40,6 +40,8 @@ def render_worklist(rows: list[dict[str, Any]]) -> Table:
             if row["positive"]
             else "negative"
         )
+        if row.get("in_domain") is False and row["positive"] is not None:
+            result += " [yellow](outside validated domain)[/]"
         table.add_row(
             str(row["priority"]),
             row["study_uid"],

@@ -20,6 +20,7 @@ from rich.console import Console
 from rich.table import Table
 
 from hrct_triage.cli import admin as ops_admin
+from hrct_triage.cli import domain_reference as domain_cli
 from hrct_triage.cli import hybrids as hybrids_cli
 from hrct_triage.cli import operations as ops_cli
 from hrct_triage.cli import realism as realism_cli
@@ -660,6 +661,8 @@ app.command("stats")(ops_cli.stats_command)
 app.command("web")(ops_cli.web_command)
 app.command("realism")(realism_cli.realism_command)
 app.command("hybrids")(hybrids_cli.hybrids_command)
+app.command("domain-reference")(domain_cli.domain_reference_command)
+app.command("domain-score")(domain_cli.domain_score_command)
 
 
 def main() -> None:
