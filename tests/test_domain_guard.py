@@ -38,6 +38,7 @@ def _stats(rng: np.random.Generator) -> dict[str, float]:
         "lung_hu_p90": -700.0,
         "noise_hu": 40.0,
         "lung_fraction": 0.4,
+        "lung_slice_share": 0.8,
     }
     return {k: v + rng.normal(0.0, max(abs(v) * 0.03, 0.01)) for k, v in centre.items()}
 

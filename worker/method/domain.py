@@ -8,7 +8,7 @@ A checkpoint's reference (``<checkpoint without suffix>.domain.json``, written b
   DenseNet-121 features (1024-d), projected onto the reference's first ``k`` principal axes, plus
   the length of the part those axes leave out;
 * the scanner's view: the input statistics ``INPUT_KEYS`` (lung HU percentiles, noise, lung
-  share of the body; ``worker.method.input_statistics``).
+  share of the body and of the slices; ``worker.method.input_statistics``).
 
 Each gets a Mahalanobis distance to the reference studies, with a Ledoit-Wolf shrinkage
 covariance (few studies, many dimensions). Each distance is divided by its cut-off, the 99th
@@ -48,7 +48,14 @@ log = logging.getLogger(__name__)
 
 FORMAT = "hrct-triage-domain-reference/1"
 CUTOFF_QUANTILE = 0.99
-INPUT_KEYS = ("lung_hu_p10", "lung_hu_p50", "lung_hu_p90", "noise_hu", "lung_fraction")
+INPUT_KEYS = (
+    "lung_hu_p10",
+    "lung_hu_p50",
+    "lung_hu_p90",
+    "noise_hu",
+    "lung_fraction",
+    "lung_slice_share",
+)
 DEFAULT_COMPONENTS = 8
 
 

@@ -15,6 +15,8 @@ in) of at most ``MAX_SLICES`` lung slices spread evenly over the lung. The resul
   smooth kernel correlates between pixels reads lower: it is an estimate to compare studies by,
   not a physical measurement (None when no sampled slice has aerated lung);
 * ``lung_slices``: how many slices held lung (all of them, not only those sampled);
+* ``lung_slice_share``: ``lung_slices`` over the slices of the series (a chest CT covers the
+  lungs and a little more; a scan of the lung bases or the abdomen much less);
 * ``lung_fraction``: lung-field area over body area on the sampled slices (a chest gives 0.3 to
   0.6; a series that only grazes the lung bases much less);
 * ``lung_hu_histogram``: fractions of the lung-field voxels in the ``HISTOGRAM_EDGES`` bins (HU
@@ -91,6 +93,7 @@ def input_statistics(
         "lung_hu_p90": round(p90, 3),
         "noise_hu": None if noise is None else round(noise, 3),
         "lung_slices": int(lung.size),
+        "lung_slice_share": round(lung.size / hu.shape[0], 4),
         "lung_fraction": round(lung_area / body_area, 4) if body_area else 0.0,
         "lung_hu_histogram": [round(float(c) / voxels.size, 5) for c in counts],
     }
