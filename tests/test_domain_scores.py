@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pydicom
 import pytest
+from pydicom import Dataset
 
 from hrct_triage.worker.method.checkpoints import DEMO_CHECKPOINT
 from hrct_triage.worker.method.domain import reference_path
@@ -119,8 +120,8 @@ def test_real_series_get_a_score_and_the_sr_states_it(model: LoadedModel) -> Non
         assert said == [(YES if analysis.in_domain else NO).value]
 
 
-def _items(item: object) -> list:  # type: ignore[type-arg]
+def _items(item: Dataset) -> list[Dataset]:
     found = [item]
-    for child in getattr(item, "ContentSequence", []):
+    for child in item.get("ContentSequence", []):
         found.extend(_items(child))
     return found
