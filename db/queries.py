@@ -75,6 +75,23 @@ def _sent_as(output: Output, delivery: Delivery) -> dict[str, str] | None:
     }
 
 
+OUT_OF_DOMAIN = "outside validated domain"
+
+
+def result_text(
+    positive: bool | None, in_domain: bool | None, mode: str | None = None
+) -> str | None:
+    """``POSITIVE``/``negative``, with "(shadow)" after a result reached in shadow mode and
+    "(outside validated domain)" where the domain guard said the input lies outside it; None
+    when there is no result."""
+    if positive is None:
+        return None
+    text = "POSITIVE" if positive else "negative"
+    if mode == "shadow":
+        text += " (shadow)"
+    return f"{text} ({OUT_OF_DOMAIN})" if in_domain is False else text
+
+
 def _row(study: Study, instances: int) -> dict[str, Any]:
     return {
         "study_uid": study.study_uid,
@@ -84,6 +101,11 @@ def _row(study: Study, instances: int) -> dict[str, Any]:
         "positive": study.positive,
         # "shadow": reached in shadow mode, sent to no clinical destination, never prioritised.
         "mode": study.mode,
+        # How far the input lies from the model's training inputs (1.0 = cut-off) and whether it
+        # lies inside the validated domain; None when the checkpoint has no domain reference.
+        "domain_score": study.domain_score,
+        "in_domain": study.in_domain,
+        "result": result_text(study.positive, study.in_domain, study.mode),
         "threshold": study.threshold,
         "trim_fraction": study.trim_fraction,
         "priority": study.priority,

@@ -19,13 +19,22 @@ def _status_style(status: str) -> str:
 
 
 def result_text(row: dict[str, Any]) -> str:
-    """POSITIVE / negative, with "(shadow)" after a result reached in shadow mode, which went to
-    no clinical destination and does not order the worklist."""
+    """POSITIVE / negative, with "(shadow)" after a result reached in shadow mode (it went to no
+    clinical destination and does not order the worklist) and "(outside validated domain)" where
+    the domain guard said the input lies outside the model's training inputs."""
     if row["positive"] is None:
         return ""
-    if row.get("mode") == "shadow":
-        return f"{'POSITIVE' if row['positive'] else 'negative'} [magenta](shadow)[/]"
-    return "[bold red]POSITIVE[/]" if row["positive"] else "negative"
+    shadow = row.get("mode") == "shadow"
+    text = (
+        "[bold red]POSITIVE[/]"
+        if row["positive"] and not shadow
+        else ("POSITIVE" if row["positive"] else "negative")
+    )
+    if shadow:
+        text += " [magenta](shadow)[/]"
+    if row.get("in_domain") is False:
+        text += " [yellow](outside validated domain)[/]"
+    return text
 
 
 def render_worklist(rows: list[dict[str, Any]]) -> Table:

@@ -13,7 +13,6 @@ import pytest
 
 from hrct_triage.common.settings import Settings, get_settings
 from hrct_triage.db import worklist
-from hrct_triage.db.migrate import upgrade
 from hrct_triage.db.models import Study, StudyStatus
 from hrct_triage.db.session import make_engine, make_sessionmaker, transaction
 from hrct_triage.listener import spool
@@ -89,14 +88,13 @@ def test_statistics_refuse_an_input_without_lung_slices(phantom: Path) -> None:
 
 
 def test_the_worker_records_statistics_and_acquisition(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, phantom: Path
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, phantom: Path, database_url: str
 ) -> None:
     # given a queued phantom study and seeded weights
     monkeypatch.chdir(tmp_path)
     for name in ("HRCT_DESTINATIONS", "HRCT_MODEL_PATH", "HRCT_MODE"):
         monkeypatch.delenv(name, raising=False)
-    url = f"sqlite:///{tmp_path / 'worklist.sqlite'}"
-    upgrade(url)
+    url = database_url  # migrated, SQLite or PostgreSQL
     monkeypatch.setenv("HRCT_DATA_DIR", str(tmp_path / "var"))
     monkeypatch.setenv("HRCT_DATABASE_URL", url)
     get_settings.cache_clear()

@@ -352,6 +352,8 @@ def _analyse(
         station_name=analysis.station_name,
         convolution_kernel=(analysis.convolution_kernel or "")[:64] or None,
         slice_thickness=analysis.slice_thickness,
+        domain_score=analysis.domain_score,
+        in_domain=analysis.in_domain,
     )
     notes = substitutions(headers)
     for note in notes:

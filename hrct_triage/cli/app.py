@@ -20,6 +20,7 @@ from rich.console import Console
 from rich.table import Table
 
 from hrct_triage.cli import admin as ops_admin
+from hrct_triage.cli import domain_reference as domain_cli
 from hrct_triage.cli import hybrids as hybrids_cli
 from hrct_triage.cli import labels as labels_cli
 from hrct_triage.cli import operations as ops_cli
@@ -681,6 +682,8 @@ app.command("realism")(realism_cli.realism_command)
 app.command("hybrids")(hybrids_cli.hybrids_command)
 app.add_typer(labels_cli.app, name="labels")
 app.command("validate")(validate_cli.validate_command)
+app.command("domain-reference")(domain_cli.domain_reference_command)
+app.command("domain-score")(domain_cli.domain_score_command)
 
 
 def main() -> None:

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import cast
 
 import numpy as np
@@ -48,6 +48,11 @@ class SliceScores:
 
     probabilities: npt.NDArray[np.float64]  # (n,), softmax of the COVID class
     cams: npt.NDArray[np.float32]  # (n, 7, 7) for 224 input: sum_k w[COVID, k] * relu(F_k)
+    # (n, 1024): the globally average-pooled features the classifier reads (the domain guard's
+    # view of the input; already computed for the logits, so keeping them is free)
+    features: npt.NDArray[np.float32] = field(
+        default_factory=lambda: np.zeros((0, 0), dtype=np.float32)
+    )
 
 
 @dataclass(frozen=True)
@@ -70,6 +75,7 @@ def forward(
     covid_row = network.classifier.weight[COVID_CLASS].detach().float()
     probabilities: list[torch.Tensor] = []
     cams: list[torch.Tensor] = []
+    pooled_features: list[torch.Tensor] = []
     with (
         torch.inference_mode(),
         torch.autocast(model.device.type, dtype=torch.bfloat16, enabled=model.bf16),
@@ -80,6 +86,7 @@ def forward(
             pooled = torch.flatten(F.adaptive_avg_pool2d(features, (1, 1)), 1)
             logits = network.classifier(pooled).float()
             probabilities.append(torch.softmax(logits, dim=1)[:, COVID_CLASS].cpu())
+            pooled_features.append(pooled.float().cpu())
             with torch.autocast(model.device.type, enabled=False):  # einsum would go bf16
                 cams.append(torch.einsum("k,nkhw->nhw", covid_row, features.float()).cpu())
     if not probabilities:
@@ -87,6 +94,7 @@ def forward(
     return SliceScores(
         probabilities=torch.cat(probabilities).double().numpy(),
         cams=torch.cat(cams).numpy().astype(np.float32, copy=False),
+        features=torch.cat(pooled_features).numpy().astype(np.float32, copy=False),
     )
 
 

@@ -7,13 +7,16 @@ in) of at most ``MAX_SLICES`` lung slices spread evenly over the lung. The resul
 * ``lung_hu_mean``, ``lung_hu_sd``, ``lung_hu_p10``, ``lung_hu_p50``, ``lung_hu_p90``: HU of
   the lung-field voxels;
 * ``noise_hu``: the image noise in HU, as the robust standard deviation (1.4826 x median absolute
-  deviation) of the residual after a 3 x 3 mean, over aerated lung (below -700 HU after a 5 x 5 mean, so
-  that the noise itself does not choose the pixels; eroded by two pixels so edges stay out), divided by sqrt(8/9) so that white noise of SD s gives s.
+  deviation) of the residual after a 3 x 3 mean, over aerated lung (below -700 HU after a 5 x 5
+  mean, so that the noise itself does not choose the pixels; eroded by two pixels so edges stay
+  out), divided by sqrt(8/9) so that white noise of SD s gives s.
   Aerated lung is the one homogeneous region every lung slice has (air outside the body may be
   cut off by the field of view or padded); texture left in it counts as noise, and noise that a
   smooth kernel correlates between pixels reads lower: it is an estimate to compare studies by,
   not a physical measurement (None when no sampled slice has aerated lung);
 * ``lung_slices``: how many slices held lung (all of them, not only those sampled);
+* ``lung_slice_share``: ``lung_slices`` over the slices of the series (a chest CT covers the
+  lungs and a little more; a scan of the lung bases or the abdomen much less);
 * ``lung_fraction``: lung-field area over body area on the sampled slices (a chest gives 0.3 to
   0.6; a series that only grazes the lung bases much less);
 * ``lung_hu_histogram``: fractions of the lung-field voxels in the ``HISTOGRAM_EDGES`` bins (HU
@@ -90,6 +93,7 @@ def input_statistics(
         "lung_hu_p90": round(p90, 3),
         "noise_hu": None if noise is None else round(noise, 3),
         "lung_slices": int(lung.size),
+        "lung_slice_share": round(lung.size / hu.shape[0], 4),
         "lung_fraction": round(lung_area / body_area, 4) if body_area else 0.0,
         "lung_hu_histogram": [round(float(c) / voxels.size, 5) for c in counts],
     }

@@ -31,6 +31,7 @@ from torchvision.models import DenseNet, densenet121
 
 from hrct_triage.common import paper
 from hrct_triage.common.errors import AnalysisError
+from hrct_triage.worker.method.domain import DomainReference, load_reference
 from hrct_triage.worker.method.results import ModelInfo
 
 __all__ = [
@@ -121,6 +122,9 @@ class LoadedModel:
     bf16: bool  # run the forward under bf16 autocast
     # NHWC tensors: faster on CUDA, and measured ~1.5x faster than NCHW on this AVX2 CPU too.
     channels_last: bool = True
+    # The reference of the checkpoint's training inputs (``worker.method.domain``); None: no
+    # domain scores (no reference beside the checkpoint, or one for other weights).
+    domain: DomainReference | None = None
 
 
 def build_densenet121(*, num_classes: int = NUM_CLASSES, seed: int | None = None) -> nn.Module:
@@ -173,10 +177,13 @@ def load_model(
     :class:`CheckpointError` (both :class:`ModelError`).
     """
     target = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    domain: DomainReference | None = None
     if path is None or not path.exists():
         module, metadata, info = _untrained(path, allow_untrained=allow_untrained)
+        log.info("untrained weights have no domain reference: domain scores are not computed")
     else:
         module, metadata, info = _from_checkpoint(path)
+        domain = load_reference(path, info.sha256)
     use_bf16 = native_bf16(target) if bf16 is None else bf16
     module = module.to(target).to(memory_format=torch.channels_last)
     module.eval()
@@ -187,7 +194,7 @@ def load_model(
         "model %s %s on %s (bf16=%s, channels_last, compiled=%s)",
         info.name, info.version, target, use_bf16, compile_features,
     )  # fmt: skip
-    return LoadedModel(module, info, metadata, target, use_bf16, channels_last=True)
+    return LoadedModel(module, info, metadata, target, use_bf16, channels_last=True, domain=domain)
 
 
 def _untrained(

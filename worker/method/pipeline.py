@@ -18,6 +18,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -46,7 +47,13 @@ from hrct_triage.worker.method.results import HeatMap, NotApplicable, SliceResul
 from hrct_triage.worker.method.series import select_series
 from hrct_triage.worker.method.volume import CTVolume, load_volume
 
-__all__ = ["VolumeScores", "analyse_study", "score_volume", "slice_heat_map"]
+__all__ = [
+    "VolumeScores",
+    "analyse_study",
+    "score_volume",
+    "slice_heat_map",
+    "study_domain_score",
+]
 
 log = logging.getLogger(__name__)
 
@@ -90,6 +97,7 @@ def analyse_study(
         stats = input_statistics(
             volume.hu, lung, pixel_spacing=volume.pixel_spacing, settings=lung_settings
         )
+        domain_score = study_domain_score(model, scored, stats)
     with _timed(timings, "cam"):
         maps = _heatmaps(
             volume, lung, scores, score.kept, count=heatmaps, model=model, settings=lung_settings
@@ -111,9 +119,12 @@ def analyse_study(
         station_name=_text(volume.headers[0].get("StationName")),
         convolution_kernel=series.kernel or None,
         slice_thickness=series.slice_thickness,
+        domain_score=domain_score,
+        in_domain=None if domain_score is None else domain_score <= 1.0,
     )
     log.info(
-        "study %s series %s: %d/%d lung slices, %d kept, probability %.4f (%s), %.1f s",
+        "study %s series %s: %d/%d lung slices, %d kept, probability %.4f (%s), domain score %s, "
+        "%.1f s",
         study_uid,
         volume.series_uid,
         len(lung),
@@ -121,6 +132,7 @@ def analyse_study(
         len(score.kept),
         score.probability,
         "positive" if analysis.positive else "negative",
+        "none" if domain_score is None else f"{domain_score:.2f}",
         timings["total"],
     )
     return analysis, [volume.headers[i] for i in lung]
@@ -165,6 +177,17 @@ def score_volume(
         scores = forward(model, inputs, batch_size=batch_size)
     probabilities = [float(p) for p in scores.probabilities]
     return VolumeScores(lung, scores, study_probability(probabilities, trim_fraction=trim_fraction))
+
+
+def study_domain_score(
+    model: LoadedModel, scored: VolumeScores, input_stats: dict[str, Any]
+) -> float | None:
+    """The study's domain score against the checkpoint's reference (``worker.method.domain``):
+    the mean pooled feature of the kept lung slices and the input statistics; None without one."""
+    if model.domain is None or scored.scores.features.shape[0] == 0:
+        return None
+    kept = scored.scores.features[list(scored.study.kept)]
+    return model.domain.score(kept.mean(axis=0).tolist(), input_stats)
 
 
 def slice_heat_map(

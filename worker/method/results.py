@@ -93,3 +93,7 @@ class StudyAnalysis:
     station_name: str | None = None  # (0008,1010)
     convolution_kernel: str | None = None  # (0018,1210), values joined with "\\"
     slice_thickness: float | None = None  # (0018,0050), mm
+    # How far the input lies from the checkpoint's training inputs (``worker.method.domain``:
+    # 1.0 is the cut-off) and whether it lies inside; None when the checkpoint has no reference.
+    domain_score: float | None = None
+    in_domain: bool | None = None

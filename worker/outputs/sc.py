@@ -57,6 +57,10 @@ _FONT = "DejaVu Sans"  # shipped with matplotlib, so rendering needs no system f
 _RANGE_TOLERANCE = 1e-3  # lung window and CAM should be in [0, 1]; allow float round-off
 
 
+#: The legend's warning line on a study outside the model's validated domain.
+OUT_OF_DOMAIN_NOTE = "outside the model's validated domain"
+
+
 def build_heatmap_scs(
     analysis: StudyAnalysis,
     headers_by_uid: Mapping[str, Dataset],
@@ -80,6 +84,7 @@ def build_heatmap_scs(
             headers_by_uid[heatmap.sop_instance_uid],
             model=analysis.model,
             decision=decision,
+            out_of_domain=analysis.in_domain is False,
             sop_instance_uid=key.uid("sc", index),
             series_instance_uid=key.uid("sc-series"),
             instance_number=index + 1,
@@ -92,10 +97,15 @@ def build_heatmap_scs(
 
 
 def render_heatmap(
-    heatmap: HeatMap, model: ModelInfo | None = None, *, decision: str | None = None
+    heatmap: HeatMap,
+    model: ModelInfo | None = None,
+    *,
+    decision: str | None = None,
+    out_of_domain: bool = False,
 ) -> RGBImage:
     """The SC picture of ``heatmap``: grey slice, CAM overlay, legend strip below it, with the
-    line ``decision`` (:func:`decision_text`) when given.
+    line ``decision`` (:func:`decision_text`) when given, and ``OUT_OF_DOMAIN_NOTE`` as its
+    warning line when ``out_of_domain``.
 
     Public so that the worker's preview, the docs and the tests can look at the same pixels
     that go into the DICOM object.
@@ -103,7 +113,9 @@ def render_heatmap(
     _check_heatmap(heatmap, "heatmap")
     scale = _scale_factor(heatmap.lung_window.shape)
     image = _overlay(_enlarge(heatmap.lung_window, scale), _enlarge(heatmap.cam, scale))
-    legend = _legend_strip(image.shape[1], heatmap.probability, model, decision)
+    legend = _legend_strip(
+        image.shape[1], heatmap.probability, model, decision, out_of_domain=out_of_domain
+    )
     return np.ascontiguousarray(np.concatenate([image, legend], axis=0))
 
 
@@ -191,7 +203,12 @@ def _overlay(lung_window: npt.NDArray[np.float32], cam: npt.NDArray[np.float32])
 
 
 def _legend_strip(
-    width: int, probability: float, model: ModelInfo | None, decision: str | None
+    width: int,
+    probability: float,
+    model: ModelInfo | None,
+    decision: str | None,
+    *,
+    out_of_domain: bool = False,
 ) -> RGBImage:
     """A black strip under the image: what the colours mean, "low .. high", the slice's
     probability, the study's decision rule and warnings.
@@ -203,7 +220,7 @@ def _legend_strip(
     other, the union is exactly the strip drawn at once (tests/test_outputs.py compares them);
     otherwise the strip is drawn at once.
     """
-    note = _demo_note(model)
+    note = OUT_OF_DOMAIN_NOTE if out_of_domain else _demo_note(model)
     fixed = _fixed_legend(width, note, decision)
     line = _draw_legend(width, probability=probability, note=None, decision=None, fixed=False)
     if np.any(fixed[np.any(line != 0, axis=2)]):
@@ -325,6 +342,7 @@ def _build_one(
     *,
     model: ModelInfo,
     decision: str,
+    out_of_domain: bool,
     sop_instance_uid: str,
     series_instance_uid: str,
     instance_number: int,
@@ -333,7 +351,7 @@ def _build_one(
     when: datetime,
 ) -> Dataset:
     """One SC from ``header`` (patient, study, equipment) and the rendered heat map."""
-    pixels = render_heatmap(heatmap, model, decision=decision)
+    pixels = render_heatmap(heatmap, model, decision=decision, out_of_domain=out_of_domain)
     source = decoded_source(header)
     sc = hd.sc.SCImage.from_ref_dataset(
         ref_dataset=source,

@@ -60,6 +60,11 @@ CT_CHEST_WO_CONTRAST = Code("29252-4", "LN", "CT Chest WO contrast")
 ARTIFICIAL_INTELLIGENCE = Code("123110", "DCM", "Artificial Intelligence")
 QUALITATIVE_EVALUATIONS = Code("C0034375", "UMLS", "Qualitative Evaluations")
 NOT_ANALYSED_REASON = Code("121106", "DCM", "Comment")
+# The domain guard's verdict (``worker.method.domain``), in the project's private scheme: no
+# standard code says "the input lies inside the model's validated domain". Yes/No from SNOMED CT.
+WITHIN_VALIDATED_DOMAIN = Code("DOMAIN-001", "99HRCT", "Input within the model's validated domain")
+YES = Code("373066001", "SCT", "Yes")
+NO = Code("373067005", "SCT", "No")
 
 
 DEFAULT_SR_SERIES_DESCRIPTION = "AI COVID-19 triage SR - not for diagnostic use"
@@ -413,9 +418,18 @@ def _measurement_group(
             _unitless(THRESHOLD_VALUE, analysis.threshold),
         ],
         qualitative_evaluations=[
-            hd.sr.QualitativeEvaluation(COVID_19, PRESENT if analysis.positive else ABSENT)
+            hd.sr.QualitativeEvaluation(COVID_19, PRESENT if analysis.positive else ABSENT),
+            *_domain_evaluation(analysis),
         ],
     )
+
+
+def _domain_evaluation(analysis: StudyAnalysis) -> list[hd.sr.QualitativeEvaluation]:
+    """Whether the input lies inside the model's validated domain; nothing when not judged
+    (the checkpoint has no domain reference)."""
+    if analysis.in_domain is None:
+        return []
+    return [hd.sr.QualitativeEvaluation(WITHIN_VALIDATED_DOMAIN, YES if analysis.in_domain else NO)]
 
 
 def _add_image_references(
