@@ -138,6 +138,7 @@ def recommend_threshold(
     sensitivity_ci = _interval(table.tp, table.positives)
     return {
         "threshold": threshold,
+        "threshold_ci": threshold_interval(positive_scores, needed),
         "target_sensitivity": target_sensitivity,
         "sensitivity": table.sensitivity,
         "sensitivity_ci": sensitivity_ci,
@@ -153,3 +154,26 @@ def recommend_threshold(
         # met with 95% confidence rather than only on these studies.
         "target_within_ci": bool(sensitivity_ci and sensitivity_ci[0] >= target_sensitivity),
     }
+
+
+# Resamples of the threshold's bootstrap interval; seeded, so a report is reproducible.
+THRESHOLD_RESAMPLES = 2000
+
+
+def threshold_interval(positive_scores: np.ndarray, needed: int) -> list[float]:
+    """95% percentile-bootstrap interval of the recommended threshold: the positives are drawn
+    again with replacement and the same order statistic (the ``needed``-th highest) is taken.
+
+    Only the positives decide the threshold, so only they are resampled; the interval shows how
+    far the threshold could move with another sample of the site's COVID-19 studies.
+    """
+    generator = np.random.default_rng(0)
+    draws = generator.choice(
+        positive_scores, size=(THRESHOLD_RESAMPLES, positive_scores.size), replace=True
+    )
+    # The needed-th highest of each resample is its (size - needed)-th lowest.
+    taken = np.partition(draws, positive_scores.size - needed, axis=1)[
+        :, positive_scores.size - needed
+    ]
+    low, high = np.quantile(taken, [(1 - CONFIDENCE) / 2, 1 - (1 - CONFIDENCE) / 2])
+    return [float(low), float(high)]

@@ -20,7 +20,12 @@ from typer.testing import CliRunner
 from hrct_triage.cli.app import app
 from hrct_triage.db.models import ReferenceLabel, Study, StudyStatus
 from hrct_triage.db.session import transaction
-from hrct_triage.db.validation import ValidationOptions, recommend_threshold, validation_figures
+from hrct_triage.db.validation import (
+    THRESHOLD_RESAMPLES,
+    ValidationOptions,
+    recommend_threshold,
+    validation_figures,
+)
 from hrct_triage.db.validation_cases import CaseFilter, labelled_cases
 
 T0 = datetime(2026, 4, 1, 8, 0, tzinfo=UTC)
@@ -167,6 +172,27 @@ def test_recommendation_on_tied_scores() -> None:
     # 3 of 4 positives needed for 0.75: the tie at 0.6 gives them
     assert recommend_threshold(truth, scores, 0.75)["threshold"] == 0.6
     assert recommend_threshold(truth, scores, 0.76)["threshold"] == 0.2
+
+
+def test_threshold_interval_is_the_bootstrap_of_the_positives() -> None:
+    generator = np.random.default_rng(5)
+    truth = np.array([True] * 40 + [False] * 60)
+    scores = np.concatenate([generator.beta(5, 2, 40), generator.beta(2, 5, 60)])
+    recommendation = recommend_threshold(truth, scores, 0.9)
+    low, high = recommendation["threshold_ci"]
+    # The same resamples, drawn one by one, each giving the highest threshold that keeps 36 of
+    # its 40 positives: an independent reading of the same bootstrap.
+    positives = np.sort(scores[truth])[::-1]
+    resampler = np.random.default_rng(0)
+    draws = resampler.choice(positives, size=(THRESHOLD_RESAMPLES, 40), replace=True)
+    taken = [float(np.sort(row)[::-1][35]) for row in draws]
+    assert (low, high) == pytest.approx(tuple(np.quantile(taken, [0.025, 0.975])))
+    assert low <= recommendation["threshold"] <= high
+    assert low < high  # 40 positives leave room: the interval is not a point
+    # More positives from the same population narrow it.
+    many = np.concatenate([generator.beta(5, 2, 400), generator.beta(2, 5, 60)])
+    wide = recommend_threshold(np.array([True] * 400 + [False] * 60), many, 0.9)
+    assert wide["threshold_ci"][1] - wide["threshold_ci"][0] < high - low
 
 
 def test_too_few_studies_are_refused(sessions: sessionmaker[Session]) -> None:

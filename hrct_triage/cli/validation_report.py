@@ -87,7 +87,9 @@ def validation_markdown(document: Mapping[str, Any], pngs: Sequence[str]) -> str
         r = recommendation
         lines += [
             f"Recommended threshold **{r['threshold']:.4f}**: the highest at which the "
-            f"sensitivity on these studies reaches the target.",
+            f"sensitivity on these studies reaches the target (95% bootstrap interval "
+            f"{r['threshold_ci'][0]:.4f} to {r['threshold_ci'][1]:.4f}, from "
+            f"{r['positives']} COVID-19 and {r['negatives']} non-COVID studies).",
             "",
             f"- Sensitivity {_rate(r['sensitivity'], r['sensitivity_ci'])} % "
             f"({r['tp']}/{r['positives']} COVID-19 studies)",
