@@ -39,6 +39,7 @@ def _stats(rng: np.random.Generator) -> dict[str, float]:
         "noise_hu": 40.0,
         "lung_fraction": 0.4,
         "lung_slice_share": 0.8,
+        "lung_extent_mm": 240.0,
     }
     return {k: v + rng.normal(0.0, max(abs(v) * 0.03, 0.01)) for k, v in centre.items()}
 

@@ -62,10 +62,6 @@ def test_extreme_noise_falls_outside(
     assert score is not None and score > 1.0
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="known miss: the lung bases of a held-out phantom scored 0.94, inside (model card)",
-)
 def test_lung_bases_alone_fall_outside(
     model: LoadedModel, training_like: Path, tmp_path: Path
 ) -> None:

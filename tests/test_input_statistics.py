@@ -63,10 +63,16 @@ def test_statistics_describe_the_lung_field_and_follow_the_noise(phantom: Path) 
     volume = _volume(phantom)
     lung = _lung(volume)
     # when its statistics are computed
-    stats = input_statistics(volume.hu, lung, pixel_spacing=volume.pixel_spacing)
+    stats = input_statistics(
+        volume.hu, lung, pixel_spacing=volume.pixel_spacing, slice_spacing=volume.slice_spacing
+    )
     # then every scalar of the contract is there, and the lung looks like aerated lung
     assert all(isinstance(stats[key], int | float) for key in SCALARS)
     assert stats["lung_slices"] == lung.size
+    # the lung's head-to-foot extent counts from the first to the last lung slice, in mm
+    extent = (lung.max() - lung.min() + 1) * volume.slice_spacing
+    assert stats["lung_extent_mm"] == pytest.approx(extent, abs=0.05)
+    assert input_statistics(volume.hu, lung[:5])["lung_extent_mm"] is None  # spacing unknown
     assert -1024 < stats["lung_hu_p10"] < stats["lung_hu_p50"] < stats["lung_hu_p90"]
     assert -950 < stats["lung_hu_p50"] < -600
     assert len(stats["lung_hu_histogram"]) == len(HISTOGRAM_EDGES) - 1

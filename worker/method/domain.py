@@ -8,7 +8,8 @@ A checkpoint's reference (``<checkpoint without suffix>.domain.json``, written b
   DenseNet-121 features (1024-d), projected onto the reference's first ``k`` principal axes, plus
   the length of the part those axes leave out;
 * the scanner's view: the input statistics ``INPUT_KEYS`` (lung HU percentiles, noise, lung
-  share of the body and of the slices; ``worker.method.input_statistics``).
+  share of the body and of the slices, head-to-foot lung extent;
+  ``worker.method.input_statistics``).
 
 Each gets a Mahalanobis distance to the reference studies, with a Ledoit-Wolf shrinkage
 covariance (few studies, many dimensions). Each distance is divided by its cut-off, the 99th
@@ -55,6 +56,7 @@ INPUT_KEYS = (
     "noise_hu",
     "lung_fraction",
     "lung_slice_share",
+    "lung_extent_mm",
 )
 DEFAULT_COMPONENTS = 8
 

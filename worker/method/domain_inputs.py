@@ -38,7 +38,12 @@ def read_study_inputs(folder: Path, model: LoadedModel, *, min_slices: int = 20)
     series = select_series(sorted(folder.rglob("*.dcm")), min_slices=min_slices)
     volume = load_volume(series)
     scored = score_volume(volume, model, trim_fraction=rule.trim_fraction)
-    stats = input_statistics(volume.hu, scored.lung, pixel_spacing=volume.pixel_spacing)
+    stats = input_statistics(
+        volume.hu,
+        scored.lung,
+        pixel_spacing=volume.pixel_spacing,
+        slice_spacing=volume.slice_spacing,
+    )
     kept = scored.scores.features[list(scored.study.kept)]
     return StudyInputs(
         name=folder.name,

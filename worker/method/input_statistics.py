@@ -17,6 +17,9 @@ in) of at most ``MAX_SLICES`` lung slices spread evenly over the lung. The resul
 * ``lung_slices``: how many slices held lung (all of them, not only those sampled);
 * ``lung_slice_share``: ``lung_slices`` over the slices of the series (a chest CT covers the
   lungs and a little more; a scan of the lung bases or the abdomen much less);
+* ``lung_extent_mm``: head-to-foot extent of the lung slices in mm, first to last lung slice
+  (a chest CT covers 200 to 300 mm of lung whatever its slice thickness; a scan of the lung
+  bases or the upper abdomen much less; None without the slice spacing);
 * ``lung_fraction``: lung-field area over body area on the sampled slices (a chest gives 0.3 to
   0.6; a series that only grazes the lung bases much less);
 * ``lung_hu_histogram``: fractions of the lung-field voxels in the ``HISTOGRAM_EDGES`` bins (HU
@@ -50,6 +53,7 @@ def input_statistics(
     lung_indices: Sequence[int] | npt.NDArray[np.integer],
     *,
     pixel_spacing: Sequence[float] = (1.0, 1.0),
+    slice_spacing: float | None = None,
     settings: LungSettings = LungSettings(),
 ) -> dict[str, Any]:
     """The statistics above for a (slices, rows, columns) HU stack and its lung slices."""
@@ -94,6 +98,11 @@ def input_statistics(
         "noise_hu": None if noise is None else round(noise, 3),
         "lung_slices": int(lung.size),
         "lung_slice_share": round(lung.size / hu.shape[0], 4),
+        "lung_extent_mm": (
+            None
+            if slice_spacing is None
+            else round(float(lung.max() - lung.min() + 1) * slice_spacing, 1)
+        ),
         "lung_fraction": round(lung_area / body_area, 4) if body_area else 0.0,
         "lung_hu_histogram": [round(float(c) / voxels.size, 5) for c in counts],
     }

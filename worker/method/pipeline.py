@@ -95,7 +95,11 @@ def analyse_study(
     probabilities = [float(p) for p in scores.probabilities]
     with _timed(timings, "statistics"):
         stats = input_statistics(
-            volume.hu, lung, pixel_spacing=volume.pixel_spacing, settings=lung_settings
+            volume.hu,
+            lung,
+            pixel_spacing=volume.pixel_spacing,
+            slice_spacing=volume.slice_spacing,
+            settings=lung_settings,
         )
         domain_score = study_domain_score(model, scored, stats)
     with _timed(timings, "cam"):
