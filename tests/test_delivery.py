@@ -8,7 +8,6 @@ function as the worker would. Nothing here waits on a clock.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import random
 import subprocess
@@ -35,6 +34,7 @@ from hrct_triage.worker.jobs import run_delivery, run_triage
 from tests.helpers.deliveries import (
     analysed_study,
     deliveries_of,
+    queued_from_files,
     sessions_for,
     settings_for,
     worker_context,
@@ -47,31 +47,6 @@ SR_CLASS = "1.2.840.10008.5.1.4.1.1.88.34"
 
 
 # ---------------------------------------------------------------- worklist and worker
-
-
-def _record_files(sessions: sessionmaker[Session], paths: list[Path]) -> int:
-    """Store-side bookkeeping as the listener does it, then completion: a queued study."""
-    for path in paths:
-        ds = pydicom.dcmread(path, stop_before_pixels=True)
-        data = path.read_bytes()
-        facts = worklist.InstanceFacts(
-            study_uid=str(ds.StudyInstanceUID),
-            series_uid=str(ds.SeriesInstanceUID),
-            sop_instance_uid=str(ds.SOPInstanceUID),
-            sop_class_uid=str(ds.SOPClassUID),
-            transfer_syntax_uid=str(ds.file_meta.TransferSyntaxUID),
-            path=str(path),
-            size_bytes=len(data),
-            sha256=hashlib.sha256(data).hexdigest(),
-            modality=ds.get("Modality"),
-        )
-        with transaction(sessions) as session:
-            worklist.record_instance(session, facts, association_id=None, now=T0)
-    with transaction(sessions) as session:
-        (study_id,) = worklist.complete_ready_studies(
-            session, quiet_seconds=0, now=T0 + timedelta(seconds=1)
-        )
-    return study_id
 
 
 def _next_round(sessions: sessionmaker[Session], study_id: int) -> datetime:
@@ -162,7 +137,7 @@ def test_analysis_is_delivered_to_storescp_and_orthanc(
     # given a complete phantom study in the worklist and two PACS, DCMTK and Orthanc
     url = f"sqlite:///{tmp_path / 'worklist.sqlite'}"
     sessions = sessions_for(url)
-    study_id = _record_files(sessions, phantom_study)
+    study_id = queued_from_files(sessions, phantom_study)
     settings = settings_for(tmp_path, url, destinations=[pacs.destination, orthanc.destination])
     # when a worker runs the triage task
     outcome = run_triage(worker_context(settings, _model), study_id)
@@ -199,7 +174,7 @@ def test_not_analysed_sr_is_delivered_and_the_study_stays_not_applicable(
     folder = write_non_ct_study(tmp_path / "non_ct", seed=3)
     url = f"sqlite:///{tmp_path / 'worklist.sqlite'}"
     sessions = sessions_for(url)
-    study_id = _record_files(sessions, sorted(folder.rglob("*.dcm")))
+    study_id = queued_from_files(sessions, sorted(folder.rglob("*.dcm")))
     settings = settings_for(tmp_path, url, destinations=[pacs.destination], not_analysed_sr=True)
     # when a worker runs the triage task
     outcome = run_triage(worker_context(settings, _model), study_id)
@@ -224,7 +199,7 @@ def test_not_applicable_study_gets_no_sr_unless_asked(tmp_path: Path) -> None:
     folder = write_non_ct_study(tmp_path / "non_ct", seed=3)
     url = f"sqlite:///{tmp_path / 'worklist.sqlite'}"
     sessions = sessions_for(url)
-    study_id = _record_files(sessions, sorted(folder.rglob("*.dcm")))
+    study_id = queued_from_files(sessions, sorted(folder.rglob("*.dcm")))
     settings = settings_for(tmp_path, url, destinations=["PACS@127.0.0.1:9"])
     # when it is triaged / then it ends not_applicable with nothing to deliver
     assert run_triage(worker_context(settings, _model), study_id) == StudyStatus.NOT_APPLICABLE

@@ -38,6 +38,7 @@ from hrct_triage.worker.outputs.uids import sr_uid_for_class
 from tests.helpers.deliveries import (
     analysed_study,
     delivery_rows,
+    queued_from_files,
     sessions_for,
     settings_for,
     sop_classes_of,
@@ -63,34 +64,6 @@ def _model() -> Any:
     from hrct_triage.worker.method.model import load_model
 
     return load_model(None, allow_untrained=True, device="cpu")
-
-
-def _queued(sessions: Any, paths: list[Path]) -> int:
-    """The listener's bookkeeping for ``paths``, then completion: a queued study."""
-    import hashlib
-    from datetime import timedelta
-
-    for path in paths:
-        ds = pydicom.dcmread(path, stop_before_pixels=True)
-        data = path.read_bytes()
-        facts = worklist.InstanceFacts(
-            study_uid=str(ds.StudyInstanceUID),
-            series_uid=str(ds.SeriesInstanceUID),
-            sop_instance_uid=str(ds.SOPInstanceUID),
-            sop_class_uid=str(ds.SOPClassUID),
-            transfer_syntax_uid=str(ds.file_meta.TransferSyntaxUID),
-            path=str(path),
-            size_bytes=len(data),
-            sha256=hashlib.sha256(data).hexdigest(),
-            modality=ds.get("Modality"),
-        )
-        with transaction(sessions) as session:
-            worklist.record_instance(session, facts, association_id=None, now=T0)
-    with transaction(sessions) as session:
-        (study_id,) = worklist.complete_ready_studies(
-            session, quiet_seconds=0, now=T0 + timedelta(seconds=1)
-        )
-    return study_id
 
 
 def _sr_output(sessions: Any, study_id: int) -> Output:
@@ -136,7 +109,7 @@ def test_pacs_without_comprehensive_3d_sr_gets_the_analysis_as_comprehensive_sr(
     # Comprehensive 3D SR (storescp -xf, profile NoComprehensive3D)
     url = f"sqlite:///{tmp_path / 'worklist.sqlite'}"
     sessions = sessions_for(url)
-    study_id = _queued(sessions, phantom_study)
+    study_id = queued_from_files(sessions, phantom_study)
     settings = settings_for(tmp_path, url, destinations=[no_3d_pacs.destination])
     # when a worker analyses and delivers it
     outcome = run_triage(worker_context(settings, _model), study_id)
