@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file
 from torchvision.models import densenet121
 
 from hrct_triage.worker.method.model import (
@@ -296,6 +297,49 @@ def test_resume_refuses_a_changed_recipe(trained_run: TrainedRun, tmp_path: Path
     # When resumed, Then it is refused, naming what changed
     with pytest.raises(ValueError, match="learning_rate changed"):
         train(config)
+
+
+def test_fine_tuning_with_frozen_stages_moves_only_the_later_ones(
+    trained_run: TrainedRun, tmp_path: Path
+) -> None:
+    # Given the weights of a finished run as the starting point
+    start = trained_run.result.checkpoint
+    before = dict(load_file(str(start)))
+    config = tiny_config(
+        trained_run.config.data_dir,
+        tmp_path / "frozen",
+        pretrained=start,
+        freeze_through="denseblock2",
+        cache_dir=trained_run.config.output_dir / "cache",
+    )
+
+    # When one epoch fine-tunes it with the stem and the first two dense blocks frozen
+    result = train(config)
+
+    # Then those stages, batch-norm statistics included, are exactly the starting weights, the
+    # later blocks moved, and the recipe in the checkpoint says what was frozen
+    after = dict(load_file(str(result.checkpoint)))
+    frozen = [k for k in after if k.startswith(FROZEN_THROUGH_BLOCK2)]
+    later = [k for k in after if k.startswith("features.denseblock4.") and k.endswith("weight")]
+    assert frozen and later
+    assert all(torch.equal(after[k], before[k]) for k in frozen)
+    assert any(not torch.equal(after[k], before[k]) for k in later)
+    metrics = json.loads(load_model(result.checkpoint, allow_untrained=False).metadata.metrics)
+    assert metrics["recipe"]["freeze_through"] == "denseblock2"
+
+
+def test_freezing_needs_weights_to_keep_and_a_known_stage(tmp_path: Path) -> None:
+    # Given no starting weights, or an unknown stage, When configured, Then refused
+    with pytest.raises(ValueError, match="needs --pretrained"):
+        tiny_config(tmp_path, tmp_path, freeze_through="denseblock1")
+    with pytest.raises(ValueError, match="freeze_through must be one of"):
+        tiny_config(tmp_path, tmp_path, freeze_through="denseblock3", pretrained=tmp_path)
+
+
+FROZEN_THROUGH_BLOCK2 = tuple(
+    f"features.{name}."
+    for name in ("conv0", "norm0", "denseblock1", "transition1", "denseblock2", "transition2")
+)
 
 
 def test_pretrained_imagenet_weights_load_from_a_local_torchvision_file(tmp_path: Path) -> None:

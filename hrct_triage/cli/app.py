@@ -532,6 +532,13 @@ def train(
     pretrained: Annotated[
         Path | None, typer.Option(help="local ImageNet DenseNet-121 weights (no download)")
     ] = None,
+    freeze_through: Annotated[
+        str,
+        typer.Option(
+            help="none, denseblock1 or denseblock2: keep those first stages of the --pretrained "
+            "weights (CPU fine-tuning, 2-3x faster steps)"
+        ),
+    ] = "none",
     resume: Annotated[Path | None, typer.Option(help="a state.pt to continue from")] = None,
     model_version: Annotated[str | None, typer.Option(help="[DATE][-phantom]")] = None,
     trained_on: Annotated[str | None, typer.Option(help="data description for the card")] = None,
@@ -580,6 +587,7 @@ def train(
             trim_fraction=trim_fraction,
             min_slices=min_slices,
             pretrained=pretrained,
+            freeze_through=freeze_through,
             resume=resume,
             model_version=model_version,
             trained_on=trained_on,

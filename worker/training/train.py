@@ -74,6 +74,7 @@ from hrct_triage.worker.training.dataset import (
     cache_study,
     random_flips,
 )
+from hrct_triage.worker.training.freezing import FREEZE_POINTS, freeze_stages, set_training_mode
 from hrct_triage.worker.training.labels import (
     PAPER_TEST_FRACTION,
     PAPER_VALIDATION_FRACTION,
@@ -105,6 +106,7 @@ _RECIPE_FIELDS = (
     "window_level",
     "validation_fraction",
     "test_fraction",
+    "freeze_through",
 )
 # torchvision's released DenseNet weights use old names such as "norm.1.weight" for "norm1.weight".
 _LEGACY_KEY = re.compile(
@@ -141,6 +143,7 @@ class TrainConfig:
     trim_fraction: float = paper.TRIM_FRACTION
     min_slices: int = 20
     pretrained: Path | None = None
+    freeze_through: str = "none"  # "denseblock1"/"denseblock2": those stages keep their weights
     resume: Path | None = None
     model_version: str | None = None  # default: <date>[-phantom]
     trained_on: str | None = None  # default: a description of the data and the split
@@ -168,6 +171,13 @@ class TrainConfig:
             raise ValueError(f"threshold must be in [0, 1], got {self.threshold}")
         if self.workers < 0:
             raise ValueError(f"workers must be >= 0, got {self.workers}")
+        if self.freeze_through not in FREEZE_POINTS:
+            raise ValueError(
+                f"freeze_through must be one of {', '.join(FREEZE_POINTS)}, "
+                f"got {self.freeze_through!r}"
+            )
+        if self.freeze_through != "none" and self.pretrained is None and self.resume is None:
+            raise ValueError("freezing stages needs --pretrained weights to keep")
 
     @property
     def labels_path(self) -> Path:
@@ -333,6 +343,7 @@ def _model(config: TrainConfig, rank: _Rank) -> tuple[nn.Module, nn.Module]:
     module = build_densenet121(seed=config.seed)
     if config.pretrained is not None:
         load_pretrained(module, config.pretrained)
+    freeze_stages(module, config.freeze_through)
     module = module.to(rank.device).to(memory_format=torch.channels_last)
     if rank.world == 1:
         return module, module
@@ -372,7 +383,7 @@ def _optimisation(
 ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.StepLR]:
     """The paper's SGD with momentum and a step learning rate."""
     optimizer = torch.optim.SGD(
-        module.parameters(),
+        [p for p in module.parameters() if p.requires_grad],
         lr=config.learning_rate,
         momentum=config.momentum,
         weight_decay=config.weight_decay,
@@ -538,7 +549,7 @@ def _train_epoch(
     running loss stays on the device and is read only every few steps, so the host keeps
     queueing work instead of waiting for each step to finish.
     """
-    model.train()
+    set_training_mode(model, config.freeze_through)
     flips = torch.Generator().manual_seed(config.seed * 1_000_003 + epoch * 1009 + rank.rank)
     loss_sum = torch.zeros((), dtype=torch.float64, device=rank.device)
     correct = torch.zeros((), dtype=torch.int64, device=rank.device)
@@ -601,7 +612,7 @@ def _validate(
             mine.append((index, probability))
         bars.advance(task, rank.world)
     bars.remove_task(task)
-    module.train()
+    set_training_mode(module, config.freeze_through)
     gathered = _gather(mine, rank)
     truth = np.asarray([studies[i].study.positive for i, _ in gathered])
     probabilities = np.asarray([p for _, p in gathered])
