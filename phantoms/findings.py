@@ -291,16 +291,17 @@ def _covid(rng: np.random.Generator, atlas: Atlas, severity: str) -> list[Findin
 
 def _confounder(rng: np.random.Generator, atlas: Atlas, kind: str) -> list[Finding]:
     seed = int(rng.integers(1 << 30))
-    if kind in ("nodule", "mass"):
-        n = int(rng.integers(1, 4)) if kind == "nodule" else 1
+    if kind == "mass":
+        return [_mass(rng, atlas)]
+    if kind == "nodule":
+        n = int(rng.integers(1, 4))
         out = []
         for _ in range(n):
             i = _pick(rng, np.ones(len(atlas.lobe)) * (atlas.pleura > 4))
             x, y, d = atlas.points[i]
-            r = float(rng.uniform(3.0, 10.0)) if kind == "nodule" else float(rng.uniform(15, 35))
-            calcified = kind == "nodule" and rng.random() < 0.2
+            r = float(rng.uniform(3.0, 10.0))
+            calcified = rng.random() < 0.2
             level = float(rng.uniform(350, 700)) if calcified else float(rng.uniform(15, 55))
-            tubes = _spicules(rng, (x, y, d), r) if kind == "mass" else None
             out.append(
                 Finding(
                     kind,
@@ -311,7 +312,6 @@ def _confounder(rng: np.random.Generator, atlas: Atlas, kind: str) -> list[Findi
                     level,
                     0.0,
                     int(rng.integers(1 << 30)),
-                    tubes=tubes,
                 )
             )
         return out
@@ -460,6 +460,33 @@ def _confounder(rng: np.random.Generator, atlas: Atlas, kind: str) -> list[Findi
             )
         ]
     raise ValueError(f"unknown finding {kind!r}")
+
+
+def _mass(rng: np.random.Generator, atlas: Atlas) -> Finding:
+    """A lung cancer: lobulated and spiculated, abutting the pleura or mediastinum about half the
+    time, and in about half of cases wrapped in ground glass or obstructive change (``level2``
+    its HU, ``extra`` how far beyond the solid edge it reaches, as a fraction of the radius).
+
+    Real masses carry exactly the hazy, irregular margins a COVID-19 model might mistake for
+    ground glass, so the negatives must show them."""
+    attached = rng.random() < 0.5
+    near = np.exp(-atlas.pleura / 5.0) if attached else (atlas.pleura > 4).astype(np.float64)
+    i = _pick(rng, near)
+    x, y, d = atlas.points[i]
+    r = float(rng.uniform(12.0, 35.0))
+    halo = rng.random() < 0.5
+    return Finding(
+        "mass",
+        False,
+        (float(x), float(y), float(d)),
+        (r * float(rng.uniform(0.85, 1.3)), r, r * float(rng.uniform(0.8, 1.1))),
+        float(rng.uniform(0.0, math.pi)),
+        float(rng.uniform(15, 55)),
+        float(rng.uniform(-650.0, -350.0)) if halo else 0.0,
+        int(rng.integers(1 << 30)),
+        tubes=_spicules(rng, (x, y, d), r),
+        extra=float(rng.uniform(0.15, 0.4)) if halo else 0.0,
+    )
 
 
 def _spicules(rng: np.random.Generator, c: tuple[float, float, float], r: float) -> Tubes:

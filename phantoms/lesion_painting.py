@@ -264,10 +264,23 @@ def _blob(ctx: SliceContext, f: Finding, les: F32, fnd: NDArray[np.uint8], perip
     box, q = env
     rough = _coarse(ctx, f, box)
     if f.kind in ("nodule", "mass"):
-        lumpy = (0.25 if f.kind == "mass" else 0.1) * rough
-        solid = np.clip((1.0 - q + lumpy) * 6.0, 0.0, 1.0) * np.maximum(ctx.lung[box], 0.3)
+        lumpy = (0.4 if f.kind == "mass" else 0.1) * rough
+        if f.kind == "mass" and f.level2 < 0:
+            # ground glass round the tumour: irregular, by lobules, fading outward
+            reach = (1.0 + f.extra) ** 2
+            lobule = _lobular(ctx, f, box)
+            halo = np.clip((reach - q + 0.5 * rough + 0.4 * (lobule - 0.5)) * 2.5, 0.0, 1.0)
+            halo = halo * ctx.lung[box]
+            if halo.any():
+                texture = 14.0 * _fine(ctx, f, box) + 40.0 * (lobule - 0.5)
+                ctx.apply(box, halo, f.level2 + texture, "raise", f, les, fnd)
+        # a tumour's edge is blurred by its infiltration, its inside uneven (necrosis, vessels)
+        slope = 3.0 if f.kind == "mass" else 6.0
+        solid = np.clip((1.0 - q + lumpy) * slope, 0.0, 1.0) * np.maximum(ctx.lung[box], 0.3)
         if solid.any():
             grain = 6.0 * _fine(ctx, f, box)
+            if f.kind == "mass":
+                grain = 3.0 * grain + 25.0 * rough
             ctx.apply(box, solid, f.level + grain, "replace", f, les, fnd)
         return
     # disease fills whole secondary lobules or spares them: geographic, polygonal margins

@@ -1,8 +1,10 @@
 """Seconds per training step and per validation slice on this machine, for the model card.
 
-``python -m worker.training.bench [--input-size 224] [--batch-size 32] [--steps 3]`` times the
-training loop's own step (flips, channels_last, forward, cross-entropy, backward, SGD) on random
-inputs after one warm-up step, and the inference forward used by validation. Random inputs are
+``python -m worker.training.bench [--input-size 224] [--batch-size 32] [--steps 3] [--freeze]``
+times the training loop's own step (flips, channels_last, forward, cross-entropy, backward, SGD)
+on random inputs after one warm-up step, and the inference forward used by validation; with
+``--freeze`` also the step with each ``--freeze-through`` choice, as a ratio to the full step of
+the same run. Random inputs are
 enough: DenseNet-121's cost does not depend on the pixel values.
 """
 
@@ -21,6 +23,7 @@ from hrct_triage.common import paper
 from hrct_triage.worker.method.inference import forward
 from hrct_triage.worker.method.model import build_densenet121, native_bf16
 from hrct_triage.worker.training.dataset import random_flips
+from hrct_triage.worker.training.freezing import FREEZE_POINTS, freeze_stages, set_training_mode
 from hrct_triage.worker.training.train import TrainConfig, _as_loaded
 
 __all__ = ["time_training_step", "time_validation_slice"]
@@ -34,17 +37,23 @@ def time_training_step(
     steps: int,
     device: torch.device,
     bf16: bool = False,
+    freeze_through: str = "none",
 ) -> list[float]:
     """Wall seconds of each of ``steps`` SGD steps, after one untimed warm-up step.
 
-    ``bf16`` runs the forward under bf16 autocast, as training does where the hardware has it.
+    ``bf16`` runs the forward under bf16 autocast, as training does where the hardware has it;
+    ``freeze_through`` trains only the stages after it, as ``hrct-triage train`` does.
     """
-    optimizer = torch.optim.SGD(module.parameters(), lr=0.01, momentum=0.9)
+    for parameter in module.parameters():
+        parameter.requires_grad_(True)
+    freeze_stages(module, freeze_through)
+    trainable = [p for p in module.parameters() if p.requires_grad]
+    optimizer = torch.optim.SGD(trainable, lr=0.01, momentum=0.9)
     loss_fn = nn.CrossEntropyLoss()
     generator = torch.Generator().manual_seed(0)
     pixels = torch.rand(batch_size, 1, input_size, input_size, generator=generator)
     labels = torch.randint(0, 2, (batch_size,), generator=generator)
-    module.train()
+    set_training_mode(module, freeze_through)
     times: list[float] = []
     for step in range(steps + 1):
         started = time.perf_counter()
@@ -83,6 +92,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--freeze", action="store_true", help="also time each --freeze-through")
     args = parser.parse_args()
     device = torch.device(args.device)
     module = build_densenet121(seed=0).to(device).to(memory_format=torch.channels_last)
@@ -115,6 +125,25 @@ def main() -> None:
         ),
         "validation_seconds_per_slice": round(per_slice, 4),
     }
+    if args.freeze:
+        precision = "bf16" if "bf16" in timed else "fp32"
+        frozen = {
+            point: statistics.median(
+                time_training_step(
+                    module,
+                    input_size=args.input_size,
+                    batch_size=args.batch_size,
+                    steps=args.steps,
+                    device=device,
+                    bf16=precision == "bf16",
+                    freeze_through=point,
+                )
+            )
+            for point in FREEZE_POINTS
+        }
+        result["freeze_precision"] = precision
+        result["freeze_step_seconds_median"] = {k: round(v, 3) for k, v in frozen.items()}
+        result["freeze_speedup"] = {k: round(frozen["none"] / v, 2) for k, v in frozen.items()}
     print(json.dumps(result))
 
 
