@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pydicom
 import pytest
 from typer.testing import CliRunner
 
@@ -180,6 +181,16 @@ def test_hybrids_command_scores_the_series_and_its_hybrids(
     above = sum(s.probability >= 0.8 for s in analysis.slices)
     assert plain["slices_above_threshold"] == above
     assert plain["fraction_above_threshold"] == pytest.approx(above / len(analysis.slices))
+    # and each lung slice is listed with the worker's own probability for it, so a reader can
+    # open the flagged ones
+    listed = [(s["sop_instance_uid"], s["probability"]) for s in plain["slices"]]
+    worker = [(s.sop_instance_uid, s.probability) for s in analysis.slices]
+    assert [uid for uid, _ in listed] == [uid for uid, _ in worker]
+    assert [p for _, p in listed] == pytest.approx([p for _, p in worker], abs=1e-9)
+    headers = [pydicom.dcmread(f, stop_before_pixels=True) for f in study_paths(background)]
+    numbers = {str(ds.SOPInstanceUID): int(ds.InstanceNumber) for ds in headers}
+    assert all(numbers[s["sop_instance_uid"]] == s["instance_number"] for s in plain["slices"])
+    assert ("InstanceNumber of those slices" in result.output) == (above > 0)
     # and each hybrid has lesions, its seed, its severity in turn, and figures in range
     hybrids = document["hybrids"]
     assert [(h["seed"], h["severity"]) for h in hybrids] == [(5, "moderate"), (6, "severe")]

@@ -86,6 +86,7 @@ def hybrids_command(
         read_volume,
         report,
         score_hybrid,
+        slice_readings,
     )
 
     severities = [s.strip() for s in severity.split(",") if s.strip()]
@@ -109,7 +110,7 @@ def hybrids_command(
             if trim_fraction is None
             else trim_fraction,
         )
-        plain, _ = read_volume(background.volume, model, rule, batch_size=batch_size)
+        plain, plain_scores = read_volume(background.volume, model, rule, batch_size=batch_size)
     except (NotApplicable, ModelError, ValueError, FileNotFoundError) as exc:
         console.print(f"hybrids: {exc}", style="red")
         raise typer.Exit(1) from exc
@@ -160,11 +161,16 @@ def hybrids_command(
         tolerance_mm=pointing_tolerance_mm,
         seconds=time.perf_counter() - started,
     )
+    document["plain"]["slices"] = slice_readings(background.volume, plain_scores)
     _print(document)
     if json_path is not None:
         json_path.parent.mkdir(parents=True, exist_ok=True)
         json_path.write_text(json.dumps(document, indent=2) + "\n", encoding="utf-8")
         console.print(f"figures: {json_path}")
+
+
+def _numbers(values: list[int]) -> str:
+    return ", ".join(str(v) for v in values)
 
 
 def _percent(value: float | None) -> str:
@@ -187,6 +193,9 @@ def _print(document: dict[str, Any]) -> None:
         f"{plain['slices_above_threshold']} of {plain['lung_slices']} lung slices "
         f"({_percent(plain['fraction_above_threshold'])}) at or above {threshold:g}"
     )
+    flagged = [s["instance_number"] for s in plain["slices"] if s["probability"] >= threshold]
+    if flagged:
+        console.print(f"plain series: InstanceNumber of those slices: {_numbers(flagged)}")
     table = Table(title="Hybrids: the real series with synthetic COVID-19 lesions")
     for name in ("#", "seed", "severity", "lesion slices", "probability", "result"):
         table.add_column(name, justify="left" if name in ("severity", "result") else "right")

@@ -43,7 +43,7 @@ from hrct_triage.worker.method.pipeline import VolumeScores, score_volume
 from hrct_triage.worker.method.results import NotApplicable
 from hrct_triage.worker.method.series import read_headers, select_from_headers
 from hrct_triage.worker.method.volume import CTVolume, load_volume
-from hrct_triage.worker.training.dataset import study_paths
+from hrct_triage.worker.training.dataset import slice_numbers, study_paths
 from hrct_triage.worker.training.pointing import DEFAULT_POINTING_TOLERANCE_MM, pointing_game
 from hrct_triage.worker.training.realism import filled_lung
 
@@ -190,6 +190,21 @@ def read_volume(
         slices_above=int(np.count_nonzero(scored.scores.probabilities >= rule.threshold)),
     )
     return reading, scored
+
+
+def slice_readings(volume: CTVolume, scored: VolumeScores) -> list[dict[str, Any]]:
+    """Each lung slice of a scored volume, in table order: its SOP Instance UID, InstanceNumber
+    (frame number for Enhanced CT) and probability, so that a reader can open the slices the
+    weights flag on a real series."""
+    numbers = slice_numbers(volume)
+    return [
+        {
+            "sop_instance_uid": volume.sop_instance_uids[int(index)],
+            "instance_number": int(numbers[int(index)]),
+            "probability": float(probability),
+        }
+        for index, probability in zip(scored.lung, scored.scores.probabilities, strict=True)
+    ]
 
 
 @dataclass(frozen=True)
