@@ -96,15 +96,20 @@ def main() -> None:
     args = parser.parse_args()
     device = torch.device(args.device)
     module = build_densenet121(seed=0).to(device).to(memory_format=torch.channels_last)
-    timed = {
-        precision: time_training_step(
+
+    def step_times(precision: str, freeze_through: str = "none") -> list[float]:
+        return time_training_step(
             module,
             input_size=args.input_size,
             batch_size=args.batch_size,
             steps=args.steps,
             device=device,
             bf16=precision == "bf16",
+            freeze_through=freeze_through,
         )
+
+    timed = {
+        precision: step_times(precision)
         for precision in (["fp32", "bf16"] if native_bf16(device) else ["fp32"])
     }
     steps = timed["bf16" if "bf16" in timed else "fp32"]  # what training uses here
@@ -127,20 +132,7 @@ def main() -> None:
     }
     if args.freeze:
         precision = "bf16" if "bf16" in timed else "fp32"
-        frozen = {
-            point: statistics.median(
-                time_training_step(
-                    module,
-                    input_size=args.input_size,
-                    batch_size=args.batch_size,
-                    steps=args.steps,
-                    device=device,
-                    bf16=precision == "bf16",
-                    freeze_through=point,
-                )
-            )
-            for point in FREEZE_POINTS
-        }
+        frozen = {point: statistics.median(step_times(precision, point)) for point in FREEZE_POINTS}
         result["freeze_precision"] = precision
         result["freeze_step_seconds_median"] = {k: round(v, 3) for k, v in frozen.items()}
         result["freeze_speedup"] = {k: round(frozen["none"] / v, 2) for k, v in frozen.items()}
