@@ -11,21 +11,28 @@ from __future__ import annotations
 
 from torch import nn
 
-__all__ = ["FREEZE_POINTS", "freeze_stages", "set_training_mode"]
+__all__ = ["FREEZE_POINTS", "check_freeze_point", "freeze_stages", "set_training_mode"]
 
-# What each --freeze-through value leaves untrained, in torchvision's DenseNet naming (features.*)
+# The first stages in torchvision's DenseNet naming (features.*), in forward order
+_STAGES = ("conv0", "norm0", "denseblock1", "transition1", "denseblock2", "transition2")
+# What each --freeze-through value leaves untrained
 FREEZE_POINTS: dict[str, tuple[str, ...]] = {
     "none": (),
-    "denseblock1": ("conv0", "norm0", "denseblock1", "transition1"),
-    "denseblock2": ("conv0", "norm0", "denseblock1", "transition1", "denseblock2", "transition2"),
+    "denseblock1": _STAGES[:4],
+    "denseblock2": _STAGES,
 }
 
 
-def _frozen_parts(module: nn.Module, through: str) -> list[nn.Module]:
+def check_freeze_point(through: str) -> None:
+    """Refuse a ``--freeze-through`` value that names no stage."""
     if through not in FREEZE_POINTS:
         raise ValueError(
             f"freeze_through must be one of {', '.join(FREEZE_POINTS)}, got {through!r}"
         )
+
+
+def _frozen_parts(module: nn.Module, through: str) -> list[nn.Module]:
+    check_freeze_point(through)
     features = getattr(module, "module", module).features
     return [getattr(features, name) for name in FREEZE_POINTS[through]]
 

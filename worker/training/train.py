@@ -74,7 +74,11 @@ from hrct_triage.worker.training.dataset import (
     cache_study,
     random_flips,
 )
-from hrct_triage.worker.training.freezing import FREEZE_POINTS, freeze_stages, set_training_mode
+from hrct_triage.worker.training.freezing import (
+    check_freeze_point,
+    freeze_stages,
+    set_training_mode,
+)
 from hrct_triage.worker.training.labels import (
     PAPER_TEST_FRACTION,
     PAPER_VALIDATION_FRACTION,
@@ -171,11 +175,7 @@ class TrainConfig:
             raise ValueError(f"threshold must be in [0, 1], got {self.threshold}")
         if self.workers < 0:
             raise ValueError(f"workers must be >= 0, got {self.workers}")
-        if self.freeze_through not in FREEZE_POINTS:
-            raise ValueError(
-                f"freeze_through must be one of {', '.join(FREEZE_POINTS)}, "
-                f"got {self.freeze_through!r}"
-            )
+        check_freeze_point(self.freeze_through)
         if self.freeze_through != "none" and self.pretrained is None and self.resume is None:
             raise ValueError("freezing stages needs --pretrained weights to keep")
 
